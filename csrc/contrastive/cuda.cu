@@ -1,0 +1,2 @@
+// contrastive CUDA kernels (filled in by the CUDA work).
+#include <ATen/ATen.h>

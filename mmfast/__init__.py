@@ -1,0 +1,38 @@
+"""mmfast: fused kernels for multimodal models (cross-attention, contrastive losses).
+
+Public API::
+
+    mmfast.cross_attention(query, key, value, *, key_padding_mask=None, attn_mask=None, ...)
+    mmfast.info_nce(image_features, text_features, logit_scale, *, labels=None, ...)
+    mmfast.siglip_loss(image_features, text_features, logit_scale, logit_bias, ...)
+    mmfast.backends()      # per op, each backend: available or not, and why
+    mmfast.build_info()    # how the extension was built
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401 - loads libtorch before the extension
+
+from mmfast._dispatch import backends
+from mmfast.ops import cross_attention, info_nce, siglip_loss
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """Version of the extension, whether CUDA kernels are in it and for which archs."""
+    from mmfast._dispatch import extension  # noqa: PLC0415
+
+    ext, why = extension()
+    if ext is None:
+        return {"extension": None, "reason": why}
+    return {
+        "version": ext.__version__,
+        "with_cuda": bool(ext.with_cuda),
+        "cuda_archs": ext.cuda_archs,
+        "compiler": ext.compiler,
+        "torch_version": ext.torch_version,
+    }
+
+
+__all__ = ["backends", "build_info", "cross_attention", "info_nce", "siglip_loss", "__version__"]

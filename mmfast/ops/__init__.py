@@ -1,0 +1,6 @@
+"""Public ops. Importing this registers every op's backends with ``mmfast._dispatch``."""
+
+from mmfast.ops.contrastive import info_nce, siglip_loss
+from mmfast.ops.cross_attention import cross_attention
+
+__all__ = ["cross_attention", "info_nce", "siglip_loss"]

@@ -1,0 +1,121 @@
+"""Pure-PyTorch cross-attention: the ground truth every kernel is tested against.
+
+For batch b, query head h (key/value head g = h // (Hq // Hkv)), query row i, key column j:
+
+    s[b,h,i,j]  = scale * <q[b,h,i,:], k[b,g,j,:]> + bias[b,h,i,j]       (float attn_mask)
+    allowed     = not key_padding_mask[b,j] and attn_mask[b,h,i,j] (bool) and (j <= i + Lk - Lq if causal)
+    lse[b,h,i]  = log sum_{j allowed} exp(s[b,h,i,j])                     (-inf if nothing allowed)
+    p[b,h,i,j]  = exp(s - lse) if allowed else 0
+    out[b,h,i]  = sum_j p[b,h,i,j] * keep[b,h,i,j] / (1 - dropout_p) * v[b,g,j,:]
+
+A row with no allowed key gives out = 0, lse = -inf and zero gradients (never NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["cross_attention", "attention_probs"]
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def attention_probs(
+    query: Tensor,
+    key: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Softmax probabilities (B, Hq, Lq, Lk) and natural-log LSE (B, Hq, Lq), in fp32 or fp64."""
+    B, Hq, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key heads ({Hkv})")
+    scale = D**-0.5 if scale is None else float(scale)
+    q, k = _upcast(query), _upcast(key)
+    k = k.repeat_interleave(Hq // Hkv, dim=1) if Hkv != Hq else k
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    allowed = torch.ones(B, 1, 1, Lk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask.to(torch.bool).view(B, 1, 1, Lk)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            s = s + attn_mask.to(s.dtype)
+    if is_causal:  # bottom-right aligned: query i sees keys j <= i + (Lk - Lq)
+        i = torch.arange(Lq, device=q.device).view(Lq, 1)
+        j = torch.arange(Lk, device=q.device).view(1, Lk)
+        allowed = allowed & (j <= i + (Lk - Lq))
+    allowed = allowed.expand_as(s)
+    s = torch.where(allowed, s, torch.full_like(s, float("-inf")))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    nonempty = denom > 0
+    p = e / torch.where(nonempty, denom, torch.ones_like(denom))
+    lse = torch.where(
+        nonempty,
+        m + torch.log(torch.where(nonempty, denom, torch.ones_like(denom))),
+        torch.full_like(denom, float("-inf")),
+    )
+    return p, lse.squeeze(-1)
+
+
+def cross_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    out: Tensor | None = None,
+    dropout_mask: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Multi-head (cross-)attention in plain PyTorch, differentiable and float64-capable.
+
+    Args:
+        query: (B, Hq, Lq, D).
+        key: (B, Hkv, Lk, D), Hq % Hkv == 0 (GQA/MQA).
+        value: (B, Hkv, Lk, Dv).
+        key_padding_mask: (B, Lk) bool, True = padding to ignore.
+        attn_mask: bool (True = take part) or additive float, broadcastable to (B, Hq, Lq, Lk).
+        is_causal: bottom-right aligned causal mask.
+        scale: defaults to 1/sqrt(D).
+        dropout_p: probability of dropping an attention weight (survivors scaled by 1/(1-p)).
+        return_lse: also return the log-sum-exp (B, Hq, Lq) in float32 (float64 for float64 input).
+        out: optional (B, Hq, Lq, Dv) tensor the result is copied into.
+        dropout_mask: (B, Hq, Lq, Lk) bool keep-mask to use instead of drawing one (for tests).
+
+    Returns:
+        out (B, Hq, Lq, Dv) in query's dtype [, lse].
+    """
+    B, Hq, Lq, _ = query.shape
+    Hkv = key.shape[1]
+    p, lse = attention_probs(
+        query, key, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal, scale=scale
+    )
+    if dropout_p > 0.0 or dropout_mask is not None:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(p) >= dropout_p
+        p = p * dropout_mask / (1.0 - dropout_p)
+    v = _upcast(value)
+    v = v.repeat_interleave(Hq // Hkv, dim=1) if Hkv != Hq else v
+    o = torch.matmul(p.to(v.dtype), v).to(query.dtype)
+    if out is not None:
+        out.copy_(o)
+        o = out
+    if return_lse:
+        return o, lse.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
+    return o

@@ -1,0 +1,102 @@
+"""Build mmfast._C: C++ CPU kernels always; CUDA kernels when a matching toolkit is present.
+
+Environment:
+  MMFAST_BUILD_CUDA=0|1   force a CPU-only build (quick iteration) or require CUDA (error if absent);
+                          unset: build CUDA kernels whenever a toolkit matching torch's CUDA is found.
+  TORCH_CUDA_ARCH_LIST    target archs; default with no GPU visible: "8.0;9.0+PTX".
+  MAX_JOBS                parallel compile jobs (ninja).
+  MMFAST_DEBUG=1          -O0 -g.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+import torch  # noqa: E402
+from find_cuda import find_cuda_home  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def read_sources() -> list[str]:
+    with open(os.path.join(ROOT, "csrc", "sources.txt")) as f:
+        lines = [ln.strip() for ln in f]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def want_cuda() -> tuple[bool, str | None]:
+    flag = os.environ.get("MMFAST_BUILD_CUDA", "").strip()
+    if flag == "0":
+        return False, None
+    home, why = find_cuda_home(torch.version.cuda)
+    if home is None:
+        if flag == "1":
+            raise SystemExit(f"MMFAST_BUILD_CUDA=1 but {why}")
+        print(f"mmfast: building without CUDA kernels: {why}")
+        return False, None
+    return True, home
+
+
+def arch_list() -> str:
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if archs:
+        return archs
+    if torch.cuda.is_available():
+        return ";".join(
+            f"{a}.{b}" for a, b in {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        )
+    return "8.0;9.0+PTX"
+
+
+with_cuda, cuda_home = want_cuda()
+if with_cuda:
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
+
+import torch.utils.cpp_extension as cpp_ext  # noqa: E402
+
+if with_cuda:
+    cpp_ext.CUDA_HOME = cuda_home  # torch guessed at import time; use the toolkit we verified
+
+sources = [s for s in read_sources() if with_cuda or not s.endswith(".cu")]
+debug = os.environ.get("MMFAST_DEBUG") == "1"
+opt = ["-O0", "-g"] if debug else ["-O3"]
+archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+defines = [
+    ("MMFAST_VERSION", f'"{VERSION}"'),
+    ("MMFAST_WITH_CUDA", "1" if with_cuda else "0"),
+    ("MMFAST_CUDA_ARCHS", f'"{archs}"'),
+]
+cxx_flags = opt + ["-fopenmp", "-march=native" if os.environ.get("MMFAST_NATIVE") == "1" else "-mavx2", "-mfma"]
+nvcc_flags = opt + [
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+    "-Xptxas=-v" if os.environ.get("MMFAST_PTXAS_VERBOSE") == "1" else "-Xptxas=-warn-spills",
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+]
+Extension = cpp_ext.CUDAExtension if with_cuda else cpp_ext.CppExtension
+ext = Extension(
+    name="mmfast._C",
+    sources=sources,
+    include_dirs=[os.path.join(ROOT, "csrc")],
+    define_macros=defines,
+    extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+    extra_link_args=["-fopenmp"],
+)
+
+setup(
+    name="mmfast",
+    version=VERSION,
+    packages=find_packages(include=["mmfast", "mmfast.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    entry_points={"console_scripts": ["mmfast-bench=mmfast.bench.__main__:main"]},
+)
