@@ -1,0 +1,1 @@
+"""Triton InfoNCE / SigLIP kernels (filled in by the contrastive Triton work)."""
