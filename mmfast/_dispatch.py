@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
+from mmfast import _tuning
+
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
-# Priority per device type, best first. On CUDA, cuda sits behind triton until the CUDA kernels
-# have been measured on hardware (see mmfast/_tuning.py and benchmarks/NOTES.md).
+# Priority per device type, best first. On CUDA tensors the order comes from the table of
+# measured results in mmfast/_tuning.py (triton first until a GPU run has measured cuda).
 DEFAULT_PRIORITY: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
-    "cuda": ("triton", "cuda", "reference"),
 }
 
 
@@ -86,9 +87,7 @@ def availability(name: str) -> str | None:
         why = _triton_import_error()
         if why:
             return why
-        if not torch.cuda.is_available() and not triton_interpreting():
-            return None  # importable; CPU tensors need TRITON_INTERPRET=1 (a per-input reason)
-        return None
+        return None  # importable; CPU tensors need TRITON_INTERPRET=1 (a per-input reason)
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
@@ -178,7 +177,10 @@ def select(op: str, backend: str, device: torch.device, args: dict[str, Any]) ->
         if reasons:
             raise RuntimeError(f"mmfast.{op}: backend {backend!r} cannot take these inputs: " + "; ".join(reasons))
         return b
-    order = entry.priority.get(device.type, ("reference",))
+    if device.type == "cuda" and "cuda" not in entry.priority:
+        order = _tuning.cuda_order(op, device)
+    else:
+        order = entry.priority.get(device.type, ("reference",))
     report = []
     for name in order:
         b = entry.backends.get(name)
@@ -201,7 +203,10 @@ def backends() -> dict[str, dict[str, dict[str, Any]]]:
         for name in BACKENDS:
             b = entry.backends.get(name)
             why = "not implemented for this op" if b is None else availability(name)
-            row[name] = {"available": why is None, "reason": why, "note": b.note if b else None}
+            note = b.note if b else None
+            if name == "cuda" and b is not None and not _tuning.cuda_verified(op_name):
+                note = "CUDA kernels not yet verified on hardware; auto prefers triton on CUDA tensors"
+            row[name] = {"available": why is None, "reason": why, "note": note}
         out[op_name] = row
     return out
 
