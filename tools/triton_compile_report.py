@@ -1,6 +1,9 @@
 """Compile every mmfast Triton kernel ahead of time for sm_80 and sm_90 (no GPU needed).
 
-Each kernel module exposes ``compile_specs() -> [(name, jit_fn, signature, constexprs), ...]``.
+Each kernel module exposes ``compile_specs() -> [(name, jit_fn, signature, constexprs), ...]`` and
+may expose ``compile_attrs(jit_fn, signature)``: the alignment hints the JIT gives real launches on
+16-byte aligned tensors (without them loads are not vectorized and ptxas reports spills that real
+launches do not have). Modules without it get hints on their pointer arguments.
 For each spec and target this compiles the kernel with ``triton.compile`` and reads the cubin's
 resource usage (registers, stack, local memory, static shared) with the cuobjdump that ships with
 Triton; Triton's own shared-memory figure (``metadata.shared``) is reported too.
@@ -36,6 +39,10 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
         m = re.search(rf"\b{key}:(\d+)", text)
         usage[key.lower()] = int(m.group(1)) if m else -1
     return usage
+
+
+def _pointer_attrs(fn, signature: dict[str, str]) -> dict:
+    return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in signature.items() if t.startswith("*")}
 
 
 def main() -> int:
