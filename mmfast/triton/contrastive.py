@@ -1,1 +1,342 @@
-"""Triton InfoNCE / SigLIP kernels (filled in by the contrastive Triton work)."""
+"""Triton backend of ``info_nce`` and ``siglip_loss``: launchers, custom ops, dispatch registration.
+
+The kernels (and the math) are in ``mmfast/triton/contrastive_kernels.py``. Forward: one pass over
+the (row block, column block) tiles of S = s·X Yᵀ gives the row and column log-sum-exp (fp32,
+online max); the backward recomputes the tiles and writes dX (row-parallel) and dY
+(column-parallel) without float atomics, so results are deterministic. Memory beyond the inputs
+and gradients: O(N + M) statistics plus a (N / BLOCK_N) x M buffer of column partials.
+
+Custom ops (fake + autograd registered, so ``torch.compile(fullgraph=True)`` traces through):
+
+    mmfast::triton_contrastive_forward(x, y, scale, bias, labels, loss, direction, reduction)
+        -> (loss, row_stat, col_stat)
+    mmfast::triton_contrastive_backward(grad, x, y, scale, bias, labels, row_stat, col_stat,
+        loss, direction, reduction) -> (dx, dy, dscale, dbias)
+
+with the integer codes of the C++ schema: loss 0 = InfoNCE, 1 = SigLIP; direction 0 = both,
+1 = image, 2 = text; reduction 0 = mean, 1 = sum, 2 = none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+from torch import Tensor
+
+from mmfast import _dispatch
+from mmfast.triton import contrastive_kernels as K
+
+INFO_NCE, SIGLIP = 0, 1
+DIRECTIONS = {"both": 0, "image": 1, "text": 2}
+REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRET = _dispatch.triton_interpreting()
+
+# --------------------------------------------------------------------------------------------
+# Tile configurations. The forward's BLOCK_N is chosen on the host (it sizes the column-partials
+# buffer); everything else is autotuned on GPU. Under the interpreter: one small config, no tuning.
+# --------------------------------------------------------------------------------------------
+
+
+def _capability() -> tuple[int, int]:
+    if INTERPRET or not torch.cuda.is_available():
+        return (0, 0)
+    return torch.cuda.get_device_capability()
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_K=32), num_warps=1, num_stages=1)]
+    stages = 4 if _capability() >= (9, 0) else 3
+    return [
+        triton.Config(dict(BLOCK_M=m, BLOCK_K=k), num_warps=w, num_stages=st)
+        for m, k, w, st in [(64, 64, 4, stages), (128, 64, 8, stages), (128, 32, 8, stages), (64, 32, 4, 2)]
+    ]
+
+
+def _bwd_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config(dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, BLOCK_DV=64), num_warps=1, num_stages=1)]
+    hopper = _capability() >= (9, 0)
+    shapes = [  # BLOCK_N (owner rows), BLOCK_M (swept), BLOCK_K, BLOCK_DV, warps, stages
+        (64, 64, 64, 128, 4, 3),
+        (128, 64, 64, 128, 8, 3 if hopper else 2),
+        (64, 64, 64, 256, 8, 2),
+        (128, 128, 32, 128, 8, 2),
+    ]
+    return [
+        triton.Config(dict(BLOCK_N=n, BLOCK_M=m, BLOCK_K=k, BLOCK_DV=dv), num_warps=w, num_stages=st)
+        for n, m, k, dv, w, st in shapes
+    ]
+
+
+def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
+    """Drop D chunks far wider than D (they only add masked work)."""
+    width = max(64, triton.next_power_of_2(int(named_args["D"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_DV"] <= width]
+    return kept or configs[:1]
+
+
+_fwd = triton.autotune(_fwd_configs(), key=["D", "LOSS", "COL_STATS"])(K._fwd_kernel)
+_bwd_dx = triton.autotune(
+    _bwd_configs(), key=["D", "LOSS", "COL_STATS"], prune_configs_by=dict(early_config_prune=_prune_bwd)
+)(K._bwd_dx_kernel)
+_bwd_dy = triton.autotune(
+    _bwd_configs(), key=["D", "LOSS", "COL_STATS"], prune_configs_by=dict(early_config_prune=_prune_bwd)
+)(K._bwd_dy_kernel)
+MERGE_BLOCK = 32 if INTERPRET else 256
+
+
+def _fwd_block_n(dtype: torch.dtype) -> int:
+    if INTERPRET:
+        return 16
+    return 64 if dtype == torch.float32 else 128
+
+
+def _num_splits(row_blocks: int, M: int, align: int) -> tuple[int, int]:
+    """(splits, columns per split): enough programs to fill the GPU; each split non-empty."""
+    if INTERPRET:
+        want = 3  # exercise the row-partial merge in tests
+    else:
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        want = max(1, -(-2 * sms // row_blocks))
+    per = -(-M // want)
+    per = -(-per // align) * align
+    return -(-M // per), per
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: exact fp32 products unless the user allowed TF32 for matmuls in torch."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _strides(x: Tensor, y: Tensor) -> tuple[int, int, int, int]:
+    return x.stride(0), x.stride(1), y.stride(0), y.stride(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+# --------------------------------------------------------------------------------------------
+
+
+def _partials(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None, loss: int, col_stats: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Launch the forward tile pass: (row partials, target partials) (SPLITS x N) and the column
+    partials (ROW_BLOCKS x M, None without col_stats)."""
+    (N, D), M = x.shape, y.shape[0]
+    block_n = _fwd_block_n(x.dtype)
+    row_blocks = triton.cdiv(N, block_n)
+    splits, per = _num_splits(row_blocks, M, 16 if INTERPRET else 128)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    row_part = torch.empty(splits, N, **f32)
+    tgt_part = torch.empty(splits, N, **f32)
+    col_part = torch.empty(row_blocks, M, **f32) if col_stats else row_part
+    _fwd[(row_blocks, splits)](
+        x, y, scale, bias, labels if labels is not None else x,
+        row_part, tgt_part, col_part,
+        N, M, D, per, *_strides(x, y),
+        LOSS=loss, HAS_LABELS=labels is not None, COL_STATS=col_stats, BLOCK_N=block_n,
+        PRECISION=_precision(x.dtype),
+    )  # fmt: skip
+    return row_part, tgt_part, col_part if col_stats else None
+
+
+def _lse_merge(part: Tensor) -> Tensor:
+    """log Σ_p exp part[p, :] (a P x L fp32 buffer) -> (L,)."""
+    P, L = part.shape
+    out = torch.empty(L, device=part.device, dtype=torch.float32)
+    K._lse_merge_kernel[(triton.cdiv(L, MERGE_BLOCK),)](part, out, P, L, BLOCK=MERGE_BLOCK)
+    return out
+
+
+def _reduce(rows: Tensor, reduction: int, divisor: int) -> Tensor:
+    if reduction == 0:
+        return rows.sum() / divisor
+    return rows.sum() if reduction == 1 else rows
+
+
+def _inverse(labels: Tensor) -> Tensor:
+    inv = torch.empty_like(labels)
+    inv[labels] = torch.arange(labels.numel(), device=labels.device, dtype=labels.dtype)
+    return inv
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def _oriented(x: Tensor, y: Tensor, direction: int) -> tuple[Tensor, Tensor]:
+    """direction "text" is direction "image" with the roles of the features swapped."""
+    return (y, x) if direction == 2 else (x, y)
+
+
+@torch.library.custom_op("mmfast::triton_contrastive_forward", mutates_args=())
+def contrastive_forward(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None, loss: int, direction: int, reduction: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x (N, D), y (M, D), scale and bias 0-dim fp32, labels (N,) int64 (direction text: (M,))
+    -> (loss: () or per-row fp32, row_stat, col_stat): InfoNCE row / column log-sum-exp (the
+    "text" direction's are those of the swapped problem), empty for SigLIP."""
+    a, c = _oriented(x, y, direction)
+    col_stats = loss == INFO_NCE and direction == 0
+    row_part, tgt_part, col_part = _partials(a, c, scale, bias, labels, loss, col_stats)
+    if loss == SIGLIP:
+        return _reduce(row_part.sum(0), reduction, a.shape[0]), _empty(a), _empty(a)
+    row_lse = _lse_merge(row_part)
+    tgt = tgt_part.sum(0)  # exactly one split holds each row's target logit, the rest hold 0
+    rows = row_lse - tgt
+    col_lse = _empty(a)
+    if col_stats:
+        col_lse = _lse_merge(col_part)
+        tgt_txt = tgt if labels is None else tgt[_inverse(labels)]
+        rows = 0.5 * (rows + (col_lse - tgt_txt))
+    return _reduce(rows, reduction, a.shape[0]), row_lse, col_lse
+
+
+@contrastive_forward.register_fake
+def _(x, y, scale, bias, labels, loss, direction, reduction):
+    a, _c = _oriented(x, y, direction)
+    n = a.shape[0]
+    out = x.new_empty(() if reduction != 2 else (n,), dtype=torch.float32)
+    stat = x.new_empty(n if loss == INFO_NCE else 0, dtype=torch.float32)
+    col = x.new_empty(n if loss == INFO_NCE and direction == 0 else 0, dtype=torch.float32)
+    return out, stat, col
+
+
+# --------------------------------------------------------------------------------------------
+# Backward.
+# --------------------------------------------------------------------------------------------
+
+
+def _weights(grad: Tensor, n: int, loss: int, direction: int, reduction: int) -> Tensor:
+    """∂L/∂(row loss i), fp32 contiguous (n,). For "both", output row i is (l_img_i + l_txt_i) / 2,
+    so the image-row weight g_i and the text-column weight h_i are the same: half of it."""
+    w = grad.float()
+    if reduction == 0:
+        w = w / n
+    w = w.expand(n).contiguous() if w.dim() == 0 else w.contiguous()
+    return 0.5 * w if loss == INFO_NCE and direction == 0 else w
+
+
+@torch.library.custom_op("mmfast::triton_contrastive_backward", mutates_args=())
+def contrastive_backward(
+    grad: Tensor,
+    x: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    labels: Tensor | None,
+    row_stat: Tensor,
+    col_stat: Tensor,
+    loss: int,
+    direction: int,
+    reduction: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """grad: () or per-row -> (dx (N, D) like x, dy (M, D) like y, dscale (), dbias ()) fp32 scalars."""
+    a, c = _oriented(x, y, direction)
+    (N, D), M = a.shape, c.shape[0]
+    col_stats = loss == INFO_NCE and direction == 0
+    g = _weights(grad, N, loss, direction, reduction)
+    da = torch.empty(N, D, device=a.device, dtype=a.dtype)
+    dc = torch.empty(M, D, device=a.device, dtype=a.dtype)
+    ds = torch.empty(N, device=a.device, dtype=torch.float32)
+    db = torch.empty_like(ds)
+    rlse = row_stat if loss == INFO_NCE else g
+    clse = col_stat if col_stats else g
+    lab = labels if labels is not None else a
+    meta = dict(LOSS=loss, HAS_LABELS=labels is not None, COL_STATS=col_stats, PRECISION=_precision(a.dtype))
+    common = (a, c, scale, bias, lab, g, g, rlse, clse)
+    _bwd_dx[lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(D, m["BLOCK_DV"]))](
+        *common, da, ds, db, N, M, D, *_strides(a, c), **meta
+    )
+    _bwd_dy[lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(D, m["BLOCK_DV"]))](
+        *common, dc, N, M, D, *_strides(a, c), **meta
+    )
+    dx, dy = _oriented(da, dc, direction)
+    return dx, dy, ds.sum(), db.sum()
+
+
+@contrastive_backward.register_fake
+def _(grad, x, y, scale, bias, labels, row_stat, col_stat, loss, direction, reduction):
+    f32 = dict(device=x.device, dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(y), torch.empty((), **f32), torch.empty((), **f32)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, y, scale, bias, labels, loss, direction, reduction = inputs
+    _loss, row_stat, col_stat = output
+    ctx.save_for_backward(x, y, scale, bias, labels, row_stat, col_stat)
+    ctx.codes = (loss, direction, reduction)
+
+
+def _backward(ctx: Any, grad: Tensor, _grad_row: Tensor, _grad_col: Tensor) -> tuple:
+    x, y, scale, bias, labels, row_stat, col_stat = ctx.saved_tensors
+    dx, dy, ds, db = contrastive_backward(grad, x, y, scale, bias, labels, row_stat, col_stat, *ctx.codes)
+    return dx, dy, ds, db, None, None, None, None
+
+
+contrastive_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Backend functions (called by mmfast.info_nce / mmfast.siglip_loss after validation).
+# --------------------------------------------------------------------------------------------
+
+
+def _scalar(v: Tensor | float, device: torch.device) -> Tensor:
+    if isinstance(v, Tensor):
+        return v.to(device=device, dtype=torch.float32).reshape(())
+    return torch.tensor(float(v), device=device, dtype=torch.float32)
+
+
+def info_nce(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    labels: Tensor | None,
+    direction: str,
+    reduction: str,
+) -> Tensor:
+    """InfoNCE / CLIP on (N, D) and (M, D) features; see ``mmfast.info_nce``."""
+    dev = image_features.device
+    scale, bias = _scalar(logit_scale, dev), torch.zeros((), device=dev, dtype=torch.float32)
+    labels = labels.long() if labels is not None else None
+    out, _, _ = contrastive_forward(
+        image_features, text_features, scale, bias, labels, INFO_NCE, DIRECTIONS[direction], REDUCTIONS[reduction]
+    )
+    return out
+
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float,
+    *,
+    reduction: str,
+) -> Tensor:
+    """SigLIP on (N, D) and (N, D) features; see ``mmfast.siglip_loss``."""
+    dev = image_features.device
+    scale, bias = _scalar(logit_scale, dev), _scalar(logit_bias, dev)
+    out, _, _ = contrastive_forward(image_features, text_features, scale, bias, None, SIGLIP, 0, REDUCTIONS[reduction])
+    return out
+
+
+def reasons(*, dtype: torch.dtype, N: int, M: int, D: int, direction: str, reduction: str) -> list[str]:
+    """Why the Triton kernels cannot take these inputs (empty: they can)."""
+    why = []
+    if dtype not in SUPPORTED_DTYPES:
+        why.append(f"triton contrastive kernels take float32, float16, bfloat16 (got {dtype})")
+    if max(N, M) * max(D, 1) >= 2**31:
+        why.append(f"N*D and M*D must be < 2^31 for 32-bit indexing (got N={N}, M={M}, D={D})")
+    return why
+
+
+_dispatch.register("info_nce", "triton", info_nce, reasons)
+_dispatch.register("siglip_loss", "triton", siglip_loss, reasons)
