@@ -48,7 +48,7 @@ def _capability() -> tuple[int, int]:
 
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_K=32), num_warps=1, num_stages=1)]
+        return [triton.Config(dict(BLOCK_M=32, BLOCK_K=64), num_warps=1, num_stages=1)]
     stages = 4 if _capability() >= (9, 0) else 3
     return [
         triton.Config(dict(BLOCK_M=m, BLOCK_K=k), num_warps=w, num_stages=st)
@@ -58,7 +58,7 @@ def _fwd_configs() -> list[triton.Config]:
 
 def _bwd_configs() -> list[triton.Config]:
     if INTERPRET:
-        return [triton.Config(dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, BLOCK_DV=64), num_warps=1, num_stages=1)]
+        return [triton.Config(dict(BLOCK_N=32, BLOCK_M=32, BLOCK_K=64, BLOCK_DV=64), num_warps=1, num_stages=1)]
     hopper = _capability() >= (9, 0)
     shapes = [  # BLOCK_N (owner rows), BLOCK_M (swept), BLOCK_K, BLOCK_DV, warps, stages
         (64, 64, 64, 128, 4, 3),
@@ -91,7 +91,7 @@ MERGE_BLOCK = 32 if INTERPRET else 256
 
 def _fwd_block_n(dtype: torch.dtype) -> int:
     if INTERPRET:
-        return 16
+        return 32
     return 64 if dtype == torch.float32 else 128
 
 
@@ -131,7 +131,7 @@ def _partials(
     (N, D), M = x.shape, y.shape[0]
     block_n = _fwd_block_n(x.dtype)
     row_blocks = triton.cdiv(N, block_n)
-    splits, per = _num_splits(row_blocks, M, 16 if INTERPRET else 128)
+    splits, per = _num_splits(row_blocks, M, 32 if INTERPRET else 128)
     f32 = dict(device=x.device, dtype=torch.float32)
     row_part = torch.empty(splits, N, **f32)
     tgt_part = torch.empty(splits, N, **f32)
@@ -333,9 +333,65 @@ def reasons(*, dtype: torch.dtype, N: int, M: int, D: int, direction: str, reduc
     why = []
     if dtype not in SUPPORTED_DTYPES:
         why.append(f"triton contrastive kernels take float32, float16, bfloat16 (got {dtype})")
+    if INTERPRET and dtype == torch.bfloat16:
+        why.append("the Triton interpreter (TRITON_INTERPRET=1) has no bf16 arithmetic")
     if max(N, M) * max(D, 1) >= 2**31:
         why.append(f"N*D and M*D must be < 2^31 for 32-bit indexing (got N={N}, M={M}, D={D})")
     return why
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (the compile-only test builds each for sm_80 and sm_90).
+# --------------------------------------------------------------------------------------------
+
+_TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
+    """(name, jit_fn, signature, constexprs) for every kernel, with realistic constexprs (fp32 and
+    bf16, InfoNCE both directions / one direction and SigLIP), contiguous features (unit inner
+    strides, as the JIT specializes them), for
+    ``triton.compile(ASTSource(jit_fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))``.
+    """
+    specs = []
+    variants = [  # (tag, dtype, LOSS, COL_STATS, HAS_LABELS)
+        ("clip_fp32", torch.float32, INFO_NCE, True, False),
+        ("clip_bf16", torch.bfloat16, INFO_NCE, True, True),
+        ("image_fp16", torch.float16, INFO_NCE, False, True),
+        ("siglip_bf16", torch.bfloat16, SIGLIP, False, False),
+    ]
+    for tag, dtype, loss, col_stats, has_labels in variants:
+        t = _TORCH_TO_TRITON[dtype]
+        flags = dict(LOSS=loss, HAS_LABELS=has_labels, COL_STATS=col_stats, sxd=1, syd=1)
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        fwd_sig = {
+            **dict.fromkeys(["x_ptr", "y_ptr"], f"*{t}"),
+            **dict.fromkeys(["scale_ptr", "bias_ptr", "row_part_ptr", "tgt_part_ptr", "col_part_ptr"], "*fp32"),
+            "labels_ptr": "*i64",
+            **dict.fromkeys(["N", "M", "D", "cols_per_split", "sxn", "syn"], "i32"),
+        }
+        fwd_const = dict(flags, BLOCK_N=_fwd_block_n(dtype), BLOCK_M=64, BLOCK_K=64, PRECISION=precision)
+        specs.append(_spec(f"fwd_{tag}", K._fwd_kernel, fwd_sig, fwd_const))
+        bwd_sig = {
+            **dict.fromkeys(["x_ptr", "y_ptr"], f"*{t}"),
+            **dict.fromkeys(["scale_ptr", "bias_ptr", "g_ptr", "h_ptr", "rlse_ptr", "clse_ptr"], "*fp32"),
+            "labels_ptr": "*i64",
+            **dict.fromkeys(["N", "M", "D", "sxn", "syn"], "i32"),
+        }
+        bwd_const = dict(flags, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, BLOCK_DV=128, PRECISION=precision)
+        dx_sig = dict(bwd_sig, dx_ptr=f"*{t}", ds_ptr="*fp32", db_ptr="*fp32")
+        specs.append(_spec(f"bwd_dx_{tag}", K._bwd_dx_kernel, dx_sig, bwd_const))
+        dy_sig = dict(bwd_sig, dy_ptr=f"*{t}")
+        specs.append(_spec(f"bwd_dy_{tag}", K._bwd_dy_kernel, dy_sig, bwd_const))
+    merge_sig = {"part_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "L": "i32"}
+    specs.append(_spec("lse_merge", K._lse_merge_kernel, merge_sig, {"BLOCK": 256}))
+    return specs
+
+
+def _spec(name: str, fn: Any, sig: dict[str, str], constexprs: dict[str, Any]) -> tuple:
+    """(name, fn, full signature in argument order with constexprs typed "constexpr", constexprs)."""
+    merged = {**sig, **dict.fromkeys(constexprs, "constexpr")}
+    return name, fn, {arg: merged[arg] for arg in fn.arg_names}, constexprs
 
 
 _dispatch.register("info_nce", "triton", info_nce, reasons)

@@ -60,6 +60,13 @@ def _softplus(v):
 
 
 @triton.jit
+def _sigmoid(v):
+    """σ(v) from t = e^-|v| (never overflows): 1 / (1 + t) for v >= 0, t / (1 + t) otherwise."""
+    t = tl.exp(-tl.abs(v))
+    return tl.where(v >= 0, 1.0, t) / (1.0 + t)
+
+
+@triton.jit
 def _grad_tile(
     S, rows, cols, N, M, lab, g, h, rlse, clse, bias,
     LOSS: tl.constexpr, COL_STATS: tl.constexpr,
@@ -78,7 +85,7 @@ def _grad_tile(
             G -= tl.where(hit, g[:, None], 0.0)
     else:
         z = tl.where(rows[:, None] == cols[None, :], 1.0, -1.0)
-        G = -g[:, None] * z * tl.sigmoid(-z * (S + bias))
+        G = -g[:, None] * z * _sigmoid(-z * (S + bias))
     valid = (rows[:, None] < N) & (cols[None, :] < M)
     return tl.where(valid, G, 0.0)
 
