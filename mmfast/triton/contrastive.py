@@ -36,7 +36,10 @@ INTERPRET = _dispatch.triton_interpreting()
 
 # --------------------------------------------------------------------------------------------
 # Tile configurations. The forward's BLOCK_N is chosen on the host (it sizes the column-partials
-# buffer); everything else is autotuned on GPU. Under the interpreter: one small config, no tuning.
+# buffer); everything else is autotuned on GPU among configs that ptxas compiles without (or with
+# only a few bytes of) register spills for sm_80 and sm_90 (16-byte aligned inputs; figures in the
+# lead's compile-only report). fp32 "ieee" dots run on FMA units and hold their operands in
+# registers, hence narrower K and D chunks. Under the interpreter: one small config, no tuning.
 # --------------------------------------------------------------------------------------------
 
 
@@ -46,46 +49,53 @@ def _capability() -> tuple[int, int]:
     return torch.cuda.get_device_capability()
 
 
+def _configs(shapes: list[tuple], names: tuple[str, ...], family: str) -> list[triton.Config]:
+    out = []
+    for *blocks, warps, stages in shapes:
+        cfg = triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
+        cfg.family = family  # read by _prune: "16" for fp16/bf16 inputs, "32" for fp32
+        out.append(cfg)
+    return out
+
+
 def _fwd_configs() -> list[triton.Config]:
+    names = ("BLOCK_M", "BLOCK_K")
     if INTERPRET:
-        return [triton.Config(dict(BLOCK_M=32, BLOCK_K=64), num_warps=1, num_stages=1)]
-    stages = 4 if _capability() >= (9, 0) else 3
-    return [
-        triton.Config(dict(BLOCK_M=m, BLOCK_K=k), num_warps=w, num_stages=st)
-        for m, k, w, st in [(64, 64, 4, stages), (128, 64, 8, stages), (128, 32, 8, stages), (64, 32, 4, 2)]
-    ]
+        return _configs([(32, 64, 1, 1)], names, "any")
+    if _capability() >= (9, 0):
+        half = [(64, 64, 4, 4), (128, 64, 8, 4), (128, 32, 8, 4)]
+    else:
+        half = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)]
+    single = [(64, 32, 4, 2), (128, 32, 8, 3), (64, 16, 4, 3)]
+    return _configs(half, names, "16") + _configs(single, names, "32")
 
 
 def _bwd_configs() -> list[triton.Config]:
+    names = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "BLOCK_DV")  # BLOCK_N: rows owned (dx) or swept (dy)
     if INTERPRET:
-        return [triton.Config(dict(BLOCK_N=32, BLOCK_M=32, BLOCK_K=64, BLOCK_DV=64), num_warps=1, num_stages=1)]
-    hopper = _capability() >= (9, 0)
-    shapes = [  # BLOCK_N (owner rows), BLOCK_M (swept), BLOCK_K, BLOCK_DV, warps, stages
-        (64, 64, 64, 128, 4, 3),
-        (128, 64, 64, 128, 8, 3 if hopper else 2),
-        (64, 64, 64, 256, 8, 2),
-        (128, 128, 32, 128, 8, 2),
-    ]
-    return [
-        triton.Config(dict(BLOCK_N=n, BLOCK_M=m, BLOCK_K=k, BLOCK_DV=dv), num_warps=w, num_stages=st)
-        for n, m, k, dv, w, st in shapes
-    ]
+        return _configs([(32, 32, 64, 64, 1, 1)], names, "any")
+    stages = 3 if _capability() >= (9, 0) else 2
+    half = [(64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, stages), (64, 64, 64, 256, 8, 2)]
+    single = [(64, 64, 32, 64, 4, 2), (64, 64, 16, 128, 8, 2), (32, 64, 32, 128, 4, 2)]
+    return _configs(half, names, "16") + _configs(single, names, "32")
 
 
-def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
-    """Drop D chunks far wider than D (they only add masked work)."""
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
+    """Keep the configs of the input dtype's family; drop D chunks far wider than D."""
+    family = "32" if named_args["x_ptr"].dtype == torch.float32 else "16"
     width = max(64, triton.next_power_of_2(int(named_args["D"])))
-    kept = [c for c in configs if c.kwargs["BLOCK_DV"] <= width]
-    return kept or configs[:1]
+    kept = [c for c in configs if c.family in (family, "any") and c.kwargs.get("BLOCK_DV", 0) <= width]
+    return kept or [c for c in configs if c.family in (family, "any")][:1]
 
 
-_fwd = triton.autotune(_fwd_configs(), key=["D", "LOSS", "COL_STATS"])(K._fwd_kernel)
-_bwd_dx = triton.autotune(
-    _bwd_configs(), key=["D", "LOSS", "COL_STATS"], prune_configs_by=dict(early_config_prune=_prune_bwd)
-)(K._bwd_dx_kernel)
-_bwd_dy = triton.autotune(
-    _bwd_configs(), key=["D", "LOSS", "COL_STATS"], prune_configs_by=dict(early_config_prune=_prune_bwd)
-)(K._bwd_dy_kernel)
+def _autotuned(kernel: Any, configs: list[triton.Config]) -> Any:
+    prune = dict(early_config_prune=_prune)
+    return triton.autotune(configs, key=["D", "LOSS", "COL_STATS"], prune_configs_by=prune)(kernel)
+
+
+_fwd = _autotuned(K._fwd_kernel, _fwd_configs())
+_bwd_dx = _autotuned(K._bwd_dx_kernel, _bwd_configs())
+_bwd_dy = _autotuned(K._bwd_dy_kernel, _bwd_configs())
 MERGE_BLOCK = 32 if INTERPRET else 256
 
 
@@ -363,14 +373,15 @@ def compile_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
     for tag, dtype, loss, col_stats, has_labels in variants:
         t = _TORCH_TO_TRITON[dtype]
         flags = dict(LOSS=loss, HAS_LABELS=has_labels, COL_STATS=col_stats, sxd=1, syd=1)
-        precision = "ieee" if dtype == torch.float32 else "tf32"
         fwd_sig = {
             **dict.fromkeys(["x_ptr", "y_ptr"], f"*{t}"),
             **dict.fromkeys(["scale_ptr", "bias_ptr", "row_part_ptr", "tgt_part_ptr", "col_part_ptr"], "*fp32"),
             "labels_ptr": "*i64",
             **dict.fromkeys(["N", "M", "D", "cols_per_split", "sxn", "syn"], "i32"),
         }
-        fwd_const = dict(flags, BLOCK_N=_fwd_block_n(dtype), BLOCK_M=64, BLOCK_K=64, PRECISION=precision)
+        single = dtype == torch.float32  # blocks: the first autotune config of the dtype's family
+        fwd_blocks = dict(BLOCK_M=64, BLOCK_K=32 if single else 64)
+        fwd_const = dict(flags, BLOCK_N=_fwd_block_n(dtype), **fwd_blocks, PRECISION="ieee")
         specs.append(_spec(f"fwd_{tag}", K._fwd_kernel, fwd_sig, fwd_const))
         bwd_sig = {
             **dict.fromkeys(["x_ptr", "y_ptr"], f"*{t}"),
@@ -378,7 +389,12 @@ def compile_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
             "labels_ptr": "*i64",
             **dict.fromkeys(["N", "M", "D", "sxn", "syn"], "i32"),
         }
-        bwd_const = dict(flags, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, BLOCK_DV=128, PRECISION=precision)
+        bwd_blocks = (
+            dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=32, BLOCK_DV=64)
+            if single
+            else dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, BLOCK_DV=128)
+        )
+        bwd_const = dict(flags, **bwd_blocks, PRECISION="ieee")
         dx_sig = dict(bwd_sig, dx_ptr=f"*{t}", ds_ptr="*fp32", db_ptr="*fp32")
         specs.append(_spec(f"bwd_dx_{tag}", K._bwd_dx_kernel, dx_sig, bwd_const))
         dy_sig = dict(bwd_sig, dy_ptr=f"*{t}")
