@@ -90,9 +90,17 @@ def test_info_nce_fp32(N, M, D, direction, with_labels, reduction):
     _check("info_nce", inputs, torch.float32, labels=labels, direction=direction, reduction=reduction)
 
 
-@pytest.mark.parametrize("N,D,reduction", [(1, 1, "mean"), (17, 64, "none"), (97, 100, "sum"), (97, 3, "mean")])
-def test_siglip_fp32(N, D, reduction):
-    inputs = contrastive_inputs(N, N, D, device=DEVICE, requires_grad=True)
+@pytest.mark.parametrize(
+    "N,D,reduction,scale,bias",  # open_clip's init (s = 10, b = -10) and a bias where both σ branches matter
+    [
+        (1, 1, "mean", 10.0, -10.0),
+        (17, 64, "none", 10.0, -10.0),
+        (97, 100, "sum", 14.3, -10.0),
+        (97, 3, "mean", 4.0, 0.5),
+    ],
+)
+def test_siglip_fp32(N, D, reduction, scale, bias):
+    inputs = contrastive_inputs(N, N, D, device=DEVICE, requires_grad=True, scale=scale, bias=bias)
     _check("siglip_loss", inputs, torch.float32, reduction=reduction)
 
 

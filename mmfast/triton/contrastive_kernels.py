@@ -17,6 +17,12 @@ Backward, with g_i = ∂L/∂l_img_i (or ∂L/∂l_i) and h_j = ∂L/∂l_txt_j 
          = -g_i z_ij σ(-z_ij (S_ij + b))                                          (SigLIP)
     dx = s·G y        dy = s·Gᵀ x        ds = Σ_ij G_ij T_ij        db = Σ_ij G_ij
 
+Cost, with c = ceil(D / BLOCK_DV) D chunks per backward program: the forward does one GEMM's worth
+of work (2NMD FLOPs), each backward kernel (c + 1) (c recomputations of S, one G·y or Gᵀ·x), so
+5 GEMM-equivalents in all when D <= BLOCK_DV (Inf-CL: ~10 for both directions). Extra memory:
+(splits + 1) x N and (N / BLOCK_N + 1) x M fp32 statistics; the column partials are 1/BLOCK_N of
+the N x M logits (N = M = 131072, BLOCK_N = 128: 512 MiB), the only term above O((N + M) D).
+
 Kernels:
   _fwd_kernel      grid (row blocks, column splits): per-split row partials (log-sum-exp and target
                    logit, or the SigLIP row sum) and per-row-block column log-sum-exp partials.
