@@ -188,6 +188,13 @@ def _oriented(x: Tensor, y: Tensor, direction: int) -> tuple[Tensor, Tensor]:
     return (y, x) if direction == 2 else (x, y)
 
 
+def _indexable(t: Tensor) -> Tensor:
+    """The kernels index in 32 bits: features whose last element lies 2^31 elements or more from the
+    first (wide row strides) are copied compactly (reasons() rejects N * D >= 2^31 itself)."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.contiguous() if last >= 2**31 else t
+
+
 @torch.library.custom_op("mmfast::triton_contrastive_forward", mutates_args=())
 def contrastive_forward(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None, loss: int, direction: int, reduction: int
@@ -195,7 +202,7 @@ def contrastive_forward(
     """x (N, D), y (M, D), scale and bias 0-dim fp32, labels (N,) int64 (direction text: (M,))
     -> (loss: () or per-row fp32, row_stat, col_stat): InfoNCE row / column log-sum-exp (the
     "text" direction's are those of the swapped problem), empty for SigLIP."""
-    a, c = _oriented(x, y, direction)
+    a, c = _oriented(_indexable(x), _indexable(y), direction)
     col_stats = loss == INFO_NCE and direction == 0
     row_part, tgt_part, col_part = _partials(a, c, scale, bias, labels, loss, col_stats)
     if loss == SIGLIP:
@@ -251,7 +258,7 @@ def contrastive_backward(
     reduction: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """grad: () or per-row -> (dx (N, D) like x, dy (M, D) like y, dscale (), dbias ()) fp32 scalars."""
-    a, c = _oriented(x, y, direction)
+    a, c = _oriented(_indexable(x), _indexable(y), direction)
     (N, D), M = a.shape, c.shape[0]
     col_stats = loss == INFO_NCE and direction == 0
     g = _weights(grad, N, loss, direction, reduction)
