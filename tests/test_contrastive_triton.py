@@ -143,6 +143,7 @@ def test_noncontiguous_and_python_scale():
     torch.testing.assert_close(got, ref.siglip_loss(x, y, 10.0, -5.0), **FWD_TOL[torch.float32])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
 def test_nan_input_gives_nan_loss():
     inputs = contrastive_inputs(20, 20, 8, device=DEVICE)
     inputs["image_features"][3, 2] = float("nan")
@@ -179,6 +180,11 @@ def test_opcheck_and_compile():
     for codes in [(0, 0, 2), (0, 2, 0), (1, 0, 1)]:
         labels = lab if codes[:2] == (0, 0) else None
         torch.library.opcheck(tc.contrastive_forward, (x, y, s, b, labels, *codes))
+
+    xt = x.detach().t().contiguous().t()  # column-major: the fake must match the kernel's strides
+    _, row_stat, col_stat = tc.contrastive_forward(xt, y.detach(), s.detach(), b.detach(), None, 0, 0, 0)
+    args = (torch.tensor(0.7, device=DEVICE), xt, y.detach(), s.detach(), b.detach(), None, row_stat, col_stat, 0, 0, 0)
+    torch.library.opcheck(tc.contrastive_backward, args)
 
     def loss(x, y, s, b):  # no labels: their range check in mmfast.ops is data-dependent (a graph break)
         return mmfast.info_nce(x, y, s, backend="triton") + mmfast.siglip_loss(x, y, s, b, backend="triton")

@@ -284,7 +284,8 @@ def contrastive_backward(
 @contrastive_backward.register_fake
 def _(grad, x, y, scale, bias, labels, row_stat, col_stat, loss, direction, reduction):
     f32 = dict(device=x.device, dtype=torch.float32)
-    return torch.empty_like(x), torch.empty_like(y), torch.empty((), **f32), torch.empty((), **f32)
+    dx, dy = x.new_empty(x.shape), y.new_empty(y.shape)  # contiguous, as the kernels write them
+    return dx, dy, torch.empty((), **f32), torch.empty((), **f32)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
