@@ -37,7 +37,7 @@ _KEY = ["Lq", "Lk", "BLOCK_D", "BLOCK_DV", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", 
 
 def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
@@ -300,8 +300,10 @@ def _reduce_mask_grad(dmask: Tensor, attn_mask: Tensor) -> Tensor:
     return dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
 
 
-def _grads(ctx, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _grads(ctx, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     q, k, v, out, lse, kpm, mask = ctx.saved_tensors
+    if dout is None:  # only the LSE was used: out drops out of delta = rowsum(dO out) - dlse
+        out = dout = q.new_zeros(*q.shape[:3], v.shape[3])
     mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_mask_grad
     dq, dk, dv, dmask = torch.ops.mmfast.triton_cross_attention_bwd(
         dout, q, k, v, out, lse, dlse, kpm, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.seed, mask_grad
@@ -330,22 +332,43 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _AttentionIntoOut(torch.autograd.Function):
-    """Differentiable ``out=`` path: the kernel writes into ``out`` (marked dirty), no copy."""
+    """Differentiable ``out=`` path: the kernel writes into ``out`` (marked dirty), no copy.
+
+    Autograd's view bookkeeping (CopySlices) wants the modified view as the first input and as the
+    only output, so ``out`` comes first and the LSE leaves through ``lse_box``, getting its own
+    gradient path (``_LseOfOut``).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, out, kpm, is_causal, scale, dropout_p, seed, num_splits):
+    def forward(ctx, out, q, k, v, mask, kpm, is_causal, scale, dropout_p, seed, num_splits, lse_box):
         lse = torch.ops.mmfast.triton_cross_attention_fwd_out(
             q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, num_splits, out
         )
         ctx.mark_dirty(out)
-        needs = mask is not None and ctx.needs_input_grad[3]
+        needs = mask is not None and ctx.needs_input_grad[4]
         _save(ctx, q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, out, lse, needs)
-        return out, lse
+        lse_box.append(lse)
+        return out
 
     @staticmethod
-    def backward(ctx, dout, dlse):
-        dq, dk, dv, dmask = _grads(ctx, dout, dlse)
-        return dq, dk, dv, dmask, None, None, None, None, None, None, None
+    def backward(ctx, dout):
+        dq, dk, dv, dmask = _grads(ctx, dout, None)
+        return None, dq, dk, dv, dmask, None, None, None, None, None, None, None
+
+
+class _LseOfOut(torch.autograd.Function):
+    """The LSE of the ``out=`` path as a differentiable output (backward: dO = 0, dlse given)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, lse, kpm, is_causal, scale, dropout_p, seed):
+        needs = mask is not None and ctx.needs_input_grad[3]
+        _save(ctx, q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, None, lse, needs)
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, dlse):
+        dq, dk, dv, dmask = _grads(ctx, None, dlse)
+        return dq, dk, dv, dmask, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +404,9 @@ def triton_cross_attention(
         float_mask = attn_mask is not None and attn_mask.is_floating_point()
         grads = [query, key, value] + ([attn_mask] if float_mask else [])
         if torch.is_grad_enabled() and any(t.requires_grad for t in grads):
-            o, lse = _AttentionIntoOut.apply(query, key, value, attn_mask, out, key_padding_mask, *args)
+            box: list[Tensor] = []
+            o = _AttentionIntoOut.apply(out, query, key, value, attn_mask, key_padding_mask, *args, box)
+            lse = _LseOfOut.apply(query, key, value, attn_mask, box[0], key_padding_mask, *args[:4]) if return_lse else None
         else:
             lse = torch.ops.mmfast.triton_cross_attention_fwd_out(
                 query, key, value, key_padding_mask, attn_mask, *args, out
@@ -405,3 +430,63 @@ def reasons(*, dtype: torch.dtype, D: int, Dv: int, **_) -> list[str]:
 
 
 _dispatch.register("cross_attention", "triton", triton_cross_attention, reasons)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (for the sm_80 / sm_90 compile-only check).
+# --------------------------------------------------------------------------------------------
+
+_FP32_ARGS = {"LSE", "LP", "OP", "DELTA", "DLSE", "DMASK"}
+_FLOAT_SCALARS = {"qk_scale", "scale", "drop_scale"}
+_DATA_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+
+
+def _signature(fn, dtype: str, constexprs: dict, mask_dtype: str = "u8") -> dict[str, str]:
+    """Triton signature of ``fn``: tensors by name, strides/sizes/seeds i32, scales fp32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _FP32_ARGS or (name == "O" and constexprs.get("NUM_SPLITS", 1) > 1):
+            sig[name] = "*fp32"
+        elif name == "KPM":
+            sig[name] = "*u8"
+        elif name == "MASK":
+            sig[name] = f"*{mask_dtype}"
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        elif name in _DATA_ARGS:
+            sig[name] = f"*{dtype}"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_specs() -> list[tuple[str, object, dict[str, str], dict]]:
+    """``(name, jit_fn, signature, constexprs)`` for every kernel at realistic settings.
+
+    Covers D = 64 and 128 in bf16 and fp32 (plus masks, causal, dropout, split-KV and the float
+    mask gradient), for ``triton.compile(ASTSource(fn, signature, constexprs), target=...)``.
+    """
+    specs = []
+    for dt, d in (("bf16", 64), ("bf16", 128), ("fp32", 64), ("fp32", 128)):
+        prec = "ieee" if dt == "fp32" else "tf32"
+        base = dict(BLOCK_D=d, BLOCK_DV=d, MASK_KIND=0, HAS_KPM=True, IS_CAUSAL=False, HAS_DROPOUT=False, DOT_PREC=prec)
+        fwd_m = 128 if d == 64 and dt == "bf16" else 64
+        variants = [
+            ("attn_fwd", kern.attn_fwd, dict(base, BLOCK_M=fwd_m, BLOCK_N=64, NUM_SPLITS=1), "u8"),
+            ("attn_bwd_dkdv", kern.attn_bwd_dkdv, dict(base, BLOCK_M=64, BLOCK_N=64), "u8"),
+            ("attn_bwd_dq", kern.attn_bwd_dq, dict(base, BLOCK_M=64, BLOCK_N=64, MASK_GRAD=False), "u8"),
+            ("attn_merge", kern.attn_merge, dict(BLOCK_M=64, BLOCK_DV=d, NUM_SPLITS=4), "u8"),
+            ("attn_bwd_preprocess", kern.attn_bwd_preprocess, dict(BLOCK_M=64, BLOCK_DV=d, HAS_DLSE=True), "u8"),
+        ]
+        if dt == "bf16":  # every feature on: float mask (+ its gradient), causal, dropout, split-KV
+            full = dict(base, MASK_KIND=2, IS_CAUSAL=True, HAS_DROPOUT=True, BLOCK_N=64)
+            variants += [
+                ("attn_fwd_all", kern.attn_fwd, dict(full, BLOCK_M=64, NUM_SPLITS=4), dt),
+                ("attn_bwd_dkdv_all", kern.attn_bwd_dkdv, dict(full, BLOCK_M=64), dt),
+                ("attn_bwd_dq_all", kern.attn_bwd_dq, dict(full, BLOCK_M=64, MASK_GRAD=True), dt),
+            ]
+        for name, fn, cx, mask_dt in variants:
+            specs.append((f"{name}_{dt}_d{d}", fn, _signature(fn, dt, cx, mask_dt), cx))
+    return specs
