@@ -44,8 +44,10 @@ def check(
     bwd_tol=None,
 ):
     """Run triton in ``dtype`` and the reference in float64 on the same values; compare all."""
-    q64, k64, v64 = (t.detach().to(F64) for t in (q, k, v))
+    q64, k64, v64 = (t.detach().to(dtype).to(F64) for t in (q, k, v))  # the values both sides see
     float_mask = attn_mask is not None and attn_mask.is_floating_point()
+    if float_mask:
+        attn_mask = attn_mask.to(dtype).to(F64)
     qt, kt, vt = _with_grad((q64, k64, v64), dtype)
     mt = _with_grad([attn_mask], dtype)[0] if float_mask else attn_mask
     torch.manual_seed(1234)  # the dropout seed the op draws
@@ -105,7 +107,9 @@ FP16_FWD = dict(atol=3e-3, rtol=3e-3)
 FP16_BWD = dict(atol=1e-2, rtol=1e-2)  # fp16 dS/p rounding over ~100 keys, vs a float64 reference
 
 
-@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3], SHAPES[5]], ids=lambda s: "Hq{}_Hkv{}_Lq{}_Lk{}_D{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [SHAPES[2], SHAPES[3], SHAPES[5]], ids=lambda s: "Hq{}_Hkv{}_Lq{}_Lk{}_D{}".format(*s)
+)
 def test_matches_reference_fp16(shape):
     Hq, Hkv, Lq, Lk, D = shape
     x = attention_inputs(B=2, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, dtype=F64, device=DEVICE, pad_frac=0.3)
@@ -114,6 +118,11 @@ def test_matches_reference_fp16(shape):
 
 def _qkv(x):
     return dict(q=x["query"], k=x["key"], v=x["value"])
+
+
+def test_head_dim_96_and_value_dim_differs():
+    x = attention_inputs(B=2, Hq=2, Hkv=1, Lq=7, Lk=49, D=96, Dv=24, dtype=F64, device=DEVICE)
+    check(**_qkv(x), is_causal=True)
 
 
 def test_key_padding_mask_with_all_padded_item():
@@ -228,7 +237,11 @@ def test_dispatch_reasons_and_errors():
 def test_custom_op_opcheck():
     x = attention_inputs(B=1, Hq=2, Hkv=1, Lq=5, Lk=20, D=16, device=DEVICE, requires_grad=True, pad_frac=0.3)
     args = (x["query"], x["key"], x["value"], x["key_padding_mask"], None, True, 0.25, 0.0, 0, 0)
-    torch.library.opcheck(torch.ops.mmfast.triton_cross_attention_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.mmfast.triton_cross_attention_fwd,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -237,7 +250,9 @@ def test_torch_compile_fullgraph():
     def f(q, k, v):
         return mmfast.cross_attention(q, k, v, is_causal=True, backend="triton").sum()
 
-    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x["query"], x["key"], x["value"]), x["query"])
+    got = torch.autograd.grad(
+        torch.compile(f, backend="aot_eager", fullgraph=True)(x["query"], x["key"], x["value"]), x["query"]
+    )
     want = torch.autograd.grad(f(x["query"], x["key"], x["value"]), x["query"])
     torch.testing.assert_close(got, want)
 
@@ -258,14 +273,32 @@ def test_compile_specs_cover_every_kernel_argument():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     "B,Hq,Hkv,Lq,Lk,D,causal",
-    [(32, 12, 12, 32, 577, 64, False), (4, 8, 8, 1024, 1024, 64, True), (2, 16, 2, 77, 197, 128, False), (2, 4, 4, 77, 1024, 256, False)],
+    [
+        (32, 12, 12, 32, 577, 64, False),
+        (4, 8, 8, 1024, 1024, 64, True),
+        (2, 16, 2, 77, 197, 128, False),
+        (2, 4, 4, 77, 1024, 256, False),
+    ],
 )
 def test_gpu_realistic(dtype, B, Hq, Hkv, Lq, Lk, D, causal):
     x = attention_inputs(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, dtype=F64, device="cuda", pad_frac=0.5)
     low = dtype != torch.float32
     tol_f = dict(atol=2e-2, rtol=2e-2) if low else FWD_TOL[dtype]
     tol_b = dict(atol=5e-2, rtol=5e-2) if low else dict(atol=5e-4, rtol=5e-4)
-    check(**_qkv(x), key_padding_mask=x["key_padding_mask"], is_causal=causal, dtype=dtype, fwd_tol=tol_f, bwd_tol=tol_b)
+    check(
+        **_qkv(x), key_padding_mask=x["key_padding_mask"], is_causal=causal, dtype=dtype, fwd_tol=tol_f, bwd_tol=tol_b
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_dropout_and_float_mask(dtype):
+    x = attention_inputs(B=2, Hq=8, Hkv=2, Lq=77, Lk=577, D=96, dtype=F64, device="cuda")
+    mask = torch.randn(1, 8, 77, 577, dtype=F64, device="cuda")
+    low = dtype != torch.float32
+    tol_f = dict(atol=2e-2, rtol=2e-2) if low else FWD_TOL[dtype]
+    tol_b = dict(atol=5e-2, rtol=5e-2) if low else dict(atol=5e-4, rtol=5e-4)
+    check(**_qkv(x), attn_mask=mask, dropout_p=0.1, dtype=dtype, fwd_tol=tol_f, bwd_tol=tol_b)
 
 
 @pytest.mark.gpu
@@ -273,5 +306,7 @@ def test_gpu_auto_split_kv_matches_unsplit():
     x = attention_inputs(B=1, Hq=4, Lq=16, Lk=4096, D=64, dtype=torch.bfloat16, device="cuda", pad_frac=0.3)
     assert tca.auto_splits(1, 4, 16, 4096, torch.device("cuda")) > 1
     a = tca.triton_cross_attention(x["query"], x["key"], x["value"], key_padding_mask=x["key_padding_mask"])
-    b = tca.triton_cross_attention(x["query"], x["key"], x["value"], key_padding_mask=x["key_padding_mask"], num_splits=1)
+    b = tca.triton_cross_attention(
+        x["query"], x["key"], x["value"], key_padding_mask=x["key_padding_mask"], num_splits=1
+    )
     torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)

@@ -41,9 +41,14 @@ def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
-    """Keep tiles whose q/k/v blocks fit comfortably for this head dim (256 needs small tiles)."""
-    d = max(named_args["BLOCK_D"], named_args["BLOCK_DV"])
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep tiles whose q/k/v blocks fit comfortably for this head dim (256 needs small tiles).
+
+    The autotuner passes positional arguments in ``named_args`` and keyword ones (the
+    constexprs, BLOCK_D among them) in ``kwargs``.
+    """
+    args = {**named_args, **kwargs}
+    d = max(args["BLOCK_D"], args["BLOCK_DV"])
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * d <= 128 * 256]
     return kept or configs[-1:]
 
@@ -279,12 +284,27 @@ def _bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dS): dS (B, Hq, Lq, Lk) fp32 when mask_grad, else an empty tensor."""
     return backward(
-        dout, query, key, value, out, lse, dlse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, mask_grad
+        dout,
+        query,
+        key,
+        value,
+        out,
+        lse,
+        dlse,
+        key_padding_mask,
+        attn_mask,
+        is_causal,
+        scale,
+        dropout_p,
+        seed,
+        mask_grad,
     )
 
 
 @_bwd_op.register_fake
-def _(dout, query, key, value, out, lse, dlse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, mask_grad):
+def _(
+    dout, query, key, value, out, lse, dlse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, mask_grad
+):
     B, Hq, Lq, _ = query.shape
     shape = (B, Hq, Lq, key.shape[2]) if mask_grad else (0,)
     dmask = query.new_empty(shape, dtype=torch.float32)
@@ -406,7 +426,11 @@ def triton_cross_attention(
         if torch.is_grad_enabled() and any(t.requires_grad for t in grads):
             box: list[Tensor] = []
             o = _AttentionIntoOut.apply(out, query, key, value, attn_mask, key_padding_mask, *args, box)
-            lse = _LseOfOut.apply(query, key, value, attn_mask, box[0], key_padding_mask, *args[:4]) if return_lse else None
+            lse = (
+                _LseOfOut.apply(query, key, value, attn_mask, box[0], key_padding_mask, *args[:4])
+                if return_lse
+                else None
+            )
         else:
             lse = torch.ops.mmfast.triton_cross_attention_fwd_out(
                 query, key, value, key_padding_mask, attn_mask, *args, out
@@ -462,31 +486,44 @@ def _signature(fn, dtype: str, constexprs: dict, mask_dtype: str = "u8") -> dict
     return sig
 
 
+def _unit_strides(fn, constexprs: dict) -> dict:
+    """Head-dim strides (and the padding mask's / a dense mask's key stride) set to 1, as the JIT
+    specializes them for contiguous last dims: without it the compiler sees gathers."""
+    unit = {a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")}
+    if "stride_kpn" in fn.arg_names:
+        unit["stride_kpn"] = 1
+    if constexprs.get("MASK_KIND", 0) and "stride_mn" in fn.arg_names:
+        unit["stride_mn"] = 1
+    return {**constexprs, **unit}
+
+
 def compile_specs() -> list[tuple[str, object, dict[str, str], dict]]:
     """``(name, jit_fn, signature, constexprs)`` for every kernel at realistic settings.
 
     Covers D = 64 and 128 in bf16 and fp32 (plus masks, causal, dropout, split-KV and the float
-    mask gradient), for ``triton.compile(ASTSource(fn, signature, constexprs), target=...)``.
+    mask gradient), for ``triton.compile(ASTSource(fn, signature, constexprs), target=...)`` with
+    the default 4 warps (tiles chosen to suit 4 warps); contiguous last dims, as at run time.
     """
     specs = []
     for dt, d in (("bf16", 64), ("bf16", 128), ("fp32", 64), ("fp32", 128)):
         prec = "ieee" if dt == "fp32" else "tf32"
         base = dict(BLOCK_D=d, BLOCK_DV=d, MASK_KIND=0, HAS_KPM=True, IS_CAUSAL=False, HAS_DROPOUT=False, DOT_PREC=prec)
-        fwd_m = 128 if d == 64 and dt == "bf16" else 64
+        bn = 64 if dt == "bf16" else 32
         variants = [
-            ("attn_fwd", kern.attn_fwd, dict(base, BLOCK_M=fwd_m, BLOCK_N=64, NUM_SPLITS=1), "u8"),
-            ("attn_bwd_dkdv", kern.attn_bwd_dkdv, dict(base, BLOCK_M=64, BLOCK_N=64), "u8"),
-            ("attn_bwd_dq", kern.attn_bwd_dq, dict(base, BLOCK_M=64, BLOCK_N=64, MASK_GRAD=False), "u8"),
+            ("attn_fwd", kern.attn_fwd, dict(base, BLOCK_M=64, BLOCK_N=bn, NUM_SPLITS=1), "u8"),
+            ("attn_bwd_dkdv", kern.attn_bwd_dkdv, dict(base, BLOCK_M=32, BLOCK_N=bn), "u8"),
+            ("attn_bwd_dq", kern.attn_bwd_dq, dict(base, BLOCK_M=64, BLOCK_N=32, MASK_GRAD=False), "u8"),
             ("attn_merge", kern.attn_merge, dict(BLOCK_M=64, BLOCK_DV=d, NUM_SPLITS=4), "u8"),
             ("attn_bwd_preprocess", kern.attn_bwd_preprocess, dict(BLOCK_M=64, BLOCK_DV=d, HAS_DLSE=True), "u8"),
         ]
         if dt == "bf16":  # every feature on: float mask (+ its gradient), causal, dropout, split-KV
-            full = dict(base, MASK_KIND=2, IS_CAUSAL=True, HAS_DROPOUT=True, BLOCK_N=64)
+            full = dict(base, MASK_KIND=2, IS_CAUSAL=True, HAS_DROPOUT=True)
             variants += [
-                ("attn_fwd_all", kern.attn_fwd, dict(full, BLOCK_M=64, NUM_SPLITS=4), dt),
-                ("attn_bwd_dkdv_all", kern.attn_bwd_dkdv, dict(full, BLOCK_M=64), dt),
-                ("attn_bwd_dq_all", kern.attn_bwd_dq, dict(full, BLOCK_M=64, MASK_GRAD=True), dt),
+                ("attn_fwd_all", kern.attn_fwd, dict(full, BLOCK_M=64, BLOCK_N=bn, NUM_SPLITS=4), dt),
+                ("attn_bwd_dkdv_all", kern.attn_bwd_dkdv, dict(full, BLOCK_M=32, BLOCK_N=bn), dt),
+                ("attn_bwd_dq_all", kern.attn_bwd_dq, dict(full, BLOCK_M=64, BLOCK_N=32, MASK_GRAD=True), dt),
             ]
         for name, fn, cx, mask_dt in variants:
+            cx = _unit_strides(fn, cx)
             specs.append((f"{name}_{dt}_d{d}", fn, _signature(fn, dt, cx, mask_dt), cx))
     return specs
