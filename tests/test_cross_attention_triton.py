@@ -236,24 +236,27 @@ def test_dispatch_reasons_and_errors():
 
 def test_custom_op_opcheck():
     x = attention_inputs(B=1, Hq=2, Hkv=1, Lq=5, Lk=20, D=16, device=DEVICE, requires_grad=True, pad_frac=0.3)
-    args = (x["query"], x["key"], x["value"], x["key_padding_mask"], None, True, 0.25, 0.0, 0, 0)
-    torch.library.opcheck(
-        torch.ops.mmfast.triton_cross_attention_fwd,
-        args,
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )
+    q, k, v, kpm = x["query"], x["key"], x["value"], x["key_padding_mask"]
+    torch.library.opcheck(torch.ops.mmfast.triton_cross_attention_fwd, (q, k, v, kpm, None, True, 0.25, 0.0, 0, 0))
+    mask = torch.randn(1, 2, 5, 20, device=DEVICE)
+    out, lse = torch.empty(1, 2, 5, 16, device=DEVICE), torch.empty(1, 2, 5, device=DEVICE)
+    args = (q.detach(), k.detach(), v.detach(), None, mask, False, 0.25, 0.1, 5, 2, out, lse)
+    torch.library.opcheck(torch.ops.mmfast.triton_cross_attention_fwd_out, args)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("into_out", [False, True], ids=["functional", "out="])
+def test_torch_compile_fullgraph(into_out):
     x = attention_inputs(B=1, Hq=2, Lq=5, Lk=20, D=16, device=DEVICE, requires_grad=True)
 
     def f(q, k, v):
-        return mmfast.cross_attention(q, k, v, is_causal=True, backend="triton").sum()
+        buf = torch.zeros(1, 2, 5, 24, device=q.device)
+        out = buf[..., 8:] if into_out else None
+        o, lse = mmfast.cross_attention(q, k, v, is_causal=True, out=out, return_lse=True, backend="triton")
+        return (buf if into_out else o).sum() + lse.sum()
 
-    got = torch.autograd.grad(
-        torch.compile(f, backend="aot_eager", fullgraph=True)(x["query"], x["key"], x["value"]), x["query"]
-    )
-    want = torch.autograd.grad(f(x["query"], x["key"], x["value"]), x["query"])
+    args = (x["query"], x["key"], x["value"])
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(*args), args)
+    want = torch.autograd.grad(f(*args), args)
     torch.testing.assert_close(got, want)
 
 

@@ -127,13 +127,15 @@ def forward(
     seed: int,
     num_splits: int = 0,
     out: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """out (B, Hq, Lq, Dv) (written into ``out`` when given) and LSE (B, Hq, Lq) fp32."""
+    """out (B, Hq, Lq, Dv) and LSE (B, Hq, Lq) fp32 (contiguous), written into ``out`` / ``lse`` when given."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if out is None:
         out = q.new_empty(B, Hq, Lq, Dv)
-    lse = q.new_empty(B, Hq, Lq, dtype=torch.float32)
+    if lse is None:
+        lse = q.new_empty(B, Hq, Lq, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     splits = num_splits or auto_splits(B, Hq, Lq, Lk, q.device)
@@ -240,7 +242,7 @@ def _(query, key, value, key_padding_mask, attn_mask, is_causal, scale, dropout_
     return query.new_empty(B, Hq, Lq, value.shape[3]), query.new_empty(B, Hq, Lq, dtype=torch.float32)
 
 
-@torch.library.custom_op("mmfast::triton_cross_attention_fwd_out", mutates_args=("out",))
+@torch.library.custom_op("mmfast::triton_cross_attention_fwd_out", mutates_args=("out", "lse"))
 def _fwd_out_op(
     query: Tensor,
     key: Tensor,
@@ -253,16 +255,17 @@ def _fwd_out_op(
     seed: int,
     num_splits: int,
     out: Tensor,
-) -> Tensor:
-    """Writes the attention output into ``out`` (B, Hq, Lq, Dv), any strides; returns lse."""
-    return forward(query, key, value, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, num_splits, out)[
-        1
-    ]
+    lse: Tensor,
+) -> None:
+    """Writes the output into ``out`` (B, Hq, Lq, Dv), any strides, and LSE into ``lse`` (B, Hq, Lq)
+    fp32, contiguous."""
+    args = (key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, num_splits)
+    forward(query, key, value, *args, out=out, lse=lse)
 
 
 @_fwd_out_op.register_fake
-def _(query, key, value, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, num_splits, out):
-    return query.new_empty(query.shape[:3], dtype=torch.float32)
+def _(query, key, value, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, num_splits, out, lse):
+    return None
 
 
 @torch.library.custom_op("mmfast::triton_cross_attention_bwd", mutates_args=())
@@ -355,19 +358,18 @@ class _AttentionIntoOut(torch.autograd.Function):
     """Differentiable ``out=`` path: the kernel writes into ``out`` (marked dirty), no copy.
 
     Autograd's view bookkeeping (CopySlices) wants the modified view as the first input and as the
-    only output, so ``out`` comes first and the LSE leaves through ``lse_box``, getting its own
-    gradient path (``_LseOfOut``).
+    only output, so ``out`` comes first and the LSE is written into the preallocated ``lse`` (no
+    grad of its own here); ``_LseOfOut`` then gives the LSE its gradient path.
     """
 
     @staticmethod
-    def forward(ctx, out, q, k, v, mask, kpm, is_causal, scale, dropout_p, seed, num_splits, lse_box):
-        lse = torch.ops.mmfast.triton_cross_attention_fwd_out(
-            q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, num_splits, out
+    def forward(ctx, out, q, k, v, mask, kpm, is_causal, scale, dropout_p, seed, num_splits, lse):
+        torch.ops.mmfast.triton_cross_attention_fwd_out(
+            q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, num_splits, out, lse
         )
         ctx.mark_dirty(out)
         needs = mask is not None and ctx.needs_input_grad[4]
         _save(ctx, q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, out, lse, needs)
-        lse_box.append(lse)
         return out
 
     @staticmethod
@@ -418,22 +420,25 @@ def triton_cross_attention(
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     seed = draw_seed() if dropout_p > 0 else 0
     args = (is_causal, scale, float(dropout_p), seed, int(num_splits))
-    if out is None:
+    if out is None or torch.compiler.is_compiling():
+        # Compiled graphs are functionalized (an in-place write into a graph input becomes a copy
+        # anyway), and the view-rebasing Function below trips an autograd assert under AOT
+        # autograd, so traced code takes the functional op and copies.
         o, lse = torch.ops.mmfast.triton_cross_attention_fwd(query, key, value, key_padding_mask, attn_mask, *args)
+        if out is not None:
+            o = out.copy_(o)
     else:
         float_mask = attn_mask is not None and attn_mask.is_floating_point()
         grads = [query, key, value] + ([attn_mask] if float_mask else [])
         if torch.is_grad_enabled() and any(t.requires_grad for t in grads):
-            box: list[Tensor] = []
-            o = _AttentionIntoOut.apply(out, query, key, value, attn_mask, key_padding_mask, *args, box)
-            lse = (
-                _LseOfOut.apply(query, key, value, attn_mask, box[0], key_padding_mask, *args[:4])
-                if return_lse
-                else None
-            )
+            lse_buf = query.new_empty(query.shape[:3], dtype=torch.float32)
+            o = _AttentionIntoOut.apply(out, query, key, value, attn_mask, key_padding_mask, *args, lse_buf)
+            if return_lse:
+                lse = _LseOfOut.apply(query, key, value, attn_mask, lse_buf, key_padding_mask, *args[:4])
         else:
-            lse = torch.ops.mmfast.triton_cross_attention_fwd_out(
-                query, key, value, key_padding_mask, attn_mask, *args, out
+            lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+            torch.ops.mmfast.triton_cross_attention_fwd_out(
+                query, key, value, key_padding_mask, attn_mask, *args, out, lse
             )
             o = out
     return (o, lse) if return_lse else o
