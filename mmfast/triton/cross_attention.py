@@ -21,7 +21,6 @@ from mmfast.triton import cross_attention_kernels as kern
 MAX_HEAD_DIM = 256
 _INTERPRET = _dispatch.triton_interpreting()
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # --------------------------------------------------------------------------------------------

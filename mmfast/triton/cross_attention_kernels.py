@@ -67,17 +67,20 @@ def _dropout_keep(seed_lo, seed_hi, thresh, rows, cols):
 
 @triton.jit
 def _scores(
-    q, kT, MASK, KPM, offs_m, cols, mask_base, stride_mm, stride_mn, kpm_base, stride_kpn, Lq, Lk, qk_scale,
+    q, kT, MASK, KPM, offs_m, start_n, mask_base, stride_mm, stride_mn, kpm_base, stride_kpn, Lq, Lk, qk_scale,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Base-2 scores of one [BM, BN] tile, -inf where not allowed; q [BM, BD], kT [BD, BN]."""
+    """Base-2 scores of the [BM, BN] tile of keys start_n.., -inf where not allowed; q [BM, BD], kT [BD, BN]."""
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = start_n + offs_n
     # s = scale * log2(e) * q kT (+ log2(e) * bias), then every mask applied as -inf.
     s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
     col_ok = cols < Lk
     allowed = (offs_m[:, None] < Lq) & col_ok[None, :]
     if MASK_KIND != 0:
-        mptr = MASK + mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
-        mval = tl.load(mptr, mask=allowed, other=0)
+        mtile = MASK + mask_base + start_n * stride_mn
+        mval = tl.load(mtile + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=allowed, other=0)
         if MASK_KIND == 1:
             allowed &= mval != 0
         else:
@@ -165,8 +168,8 @@ def attn_fwd(
                 mask=(offs_d[:, None] < D) & (cols[None, :] < Lk),
                 other=0.0,
             )
-            s = _scores(q, kT, MASK, KPM, offs_m, cols, mask_base, stride_mm, stride_mn, kpm_base, stride_kpn,
-                        Lq, Lk, qk_scale, MASK_KIND, HAS_KPM, IS_CAUSAL, DOT_PREC)  # fmt: skip
+            s = _scores(q, kT, MASK, KPM, offs_m, start_n, mask_base, stride_mm, stride_mn, kpm_base, stride_kpn,
+                        Lq, Lk, qk_scale, MASK_KIND, HAS_KPM, IS_CAUSAL, DOT_PREC, BLOCK_N)  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
             alpha = tl.exp2(m_i - m_safe)
@@ -371,8 +374,8 @@ def attn_bwd_dkdv(
                 lin = (b * Hq + h) * Lq + offs_m
                 lse2 = _load_lse2(LSE, lin, row_ok)
                 delta = tl.load(DELTA + lin, mask=row_ok, other=0.0)
-                s = _scores(q, kT, MASK, KPM, offs_m, cols, mask_base, stride_mm, stride_mn, kpm_base, stride_kpn,
-                            Lq, Lk, qk_scale, MASK_KIND, HAS_KPM, IS_CAUSAL, DOT_PREC)  # fmt: skip
+                s = _scores(q, kT, MASK, KPM, offs_m, start_n, mask_base, stride_mm, stride_mn, kpm_base, stride_kpn,
+                            Lq, Lk, qk_scale, MASK_KIND, HAS_KPM, IS_CAUSAL, DOT_PREC, BLOCK_N)  # fmt: skip
                 pz, ds = _bwd_tile(s, lse2, delta, do, vT, lin, cols, seed_lo, seed_hi, drop_thresh, drop_scale,
                                    HAS_DROPOUT, DOT_PREC)  # fmt: skip
                 dv += tl.dot(tl.trans(pz).to(do.dtype), do, input_precision=DOT_PREC)
@@ -449,8 +452,8 @@ def attn_bwd_dq(
                 mask=(offs_dv[:, None] < Dv) & col_ok[None, :],
                 other=0.0,
             )
-            s = _scores(q, tl.trans(k), MASK, KPM, offs_m, cols, mask_base, stride_mm, stride_mn, kpm_base,
-                        stride_kpn, Lq, Lk, qk_scale, MASK_KIND, HAS_KPM, IS_CAUSAL, DOT_PREC)  # fmt: skip
+            s = _scores(q, tl.trans(k), MASK, KPM, offs_m, start_n, mask_base, stride_mm, stride_mn, kpm_base,
+                        stride_kpn, Lq, Lk, qk_scale, MASK_KIND, HAS_KPM, IS_CAUSAL, DOT_PREC, BLOCK_N)  # fmt: skip
             pz, ds = _bwd_tile(s, lse2, delta, do, vT, lin, cols, seed_lo, seed_hi, drop_thresh, drop_scale,
                                HAS_DROPOUT, DOT_PREC)  # fmt: skip
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
