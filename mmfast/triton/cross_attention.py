@@ -78,8 +78,9 @@ def _block(d: int) -> int:
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (the contract is fp32 accuracy); 16-bit inputs ignore it.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs keep fp32 accuracy through 3xTF32 (tensor cores; "ieee" falls back to FMA dots,
+    # slow and spilling: 1348 B of spills vs 316 B for dkdv at D=64 on sm_90). 16-bit inputs ignore it.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _mask_args(q: Tensor, Lk: int, kpm: Tensor | None, mask: Tensor | None) -> tuple[list, dict]:
@@ -510,7 +511,7 @@ def compile_specs() -> list[tuple[str, object, dict[str, str], dict]]:
     """
     specs = []
     for dt, d in (("bf16", 64), ("bf16", 128), ("fp32", 64), ("fp32", 128)):
-        prec = "ieee" if dt == "fp32" else "tf32"
+        prec = "tf32x3" if dt == "fp32" else "tf32"
         base = dict(BLOCK_D=d, BLOCK_DV=d, MASK_KIND=0, HAS_KPM=True, IS_CAUSAL=False, HAS_DROPOUT=False, DOT_PREC=prec)
         bn = 64 if dt == "bf16" else 32
         variants = [
