@@ -265,6 +265,9 @@ def test_compile_specs_cover_every_kernel_argument():
     for name, fn, sig, cx in tca.compile_specs():
         assert list(sig) == list(fn.arg_names), name
         assert all(sig[c] == "constexpr" for c in cx), name
+        attrs = tca.compile_attrs(fn, sig)
+        assert (fn.arg_names.index("Q" if "Q" in sig else "O"),) in attrs, name  # data pointers get alignment
+        assert all(not sig[fn.arg_names[i]] == "constexpr" for (i,) in attrs), name
         names.add(fn.__name__)
     assert names == {"attn_fwd", "attn_merge", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"}
 
