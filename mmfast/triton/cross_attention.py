@@ -344,6 +344,7 @@ def _setup_context(ctx, inputs, output) -> None:
     q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, _ = inputs
     needs = mask is not None and mask.requires_grad
     _save(ctx, q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, *output, needs)
+    ctx.set_materialize_grads(False)  # an unused LSE arrives as None: no dlse pass in the kernels
 
 
 def _backward(ctx, dout: Tensor, dlse: Tensor | None):
