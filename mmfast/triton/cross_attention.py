@@ -417,6 +417,10 @@ def triton_cross_attention(
 
     query (B, Hq, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv)
     [, lse (B, Hq, Lq) fp32]. ``num_splits`` forces the split-KV factor (0: automatic).
+
+    With ``out=`` and gradients, ``out`` is saved for the backward (delta = rowsum(dO * out)), so
+    autograd raises if that buffer (or any view of its base) is written again before backward:
+    fill the other parts of a fusion buffer first.
     """
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     seed = draw_seed() if dropout_p > 0 else 0
