@@ -78,9 +78,12 @@ def _block(d: int) -> int:
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32 accuracy through 3xTF32 (tensor cores; "ieee" falls back to FMA dots,
-    # slow and spilling: 1348 B of spills vs 316 B for dkdv at D=64 on sm_90). 16-bit inputs ignore it.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    """fp32 inputs keep fp32 accuracy through 3xTF32 (tensor cores; "ieee" falls back to FMA dots,
+    slow and spilling: 1348 B of spills vs 316 B for dkdv at D=64 on sm_90), unless the user opted
+    into TF32 matmuls (torch.backends.cuda.matmul.allow_tf32). 16-bit inputs ignore it."""
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "tf32x3"
 
 
 def _mask_args(q: Tensor, Lk: int, kpm: Tensor | None, mask: Tensor | None) -> tuple[list, dict]:
