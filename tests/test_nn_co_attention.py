@@ -36,9 +36,11 @@ def _pad(B, L, n):
     return p
 
 
-@pytest.mark.parametrize("stack", [None, True, False])
-@pytest.mark.parametrize("B,Ll,Lv,padded", [(2, 20, 36, True), (3, 9, 9, True), (2, 7, 8, False), (1, 1, 5, True)])
-def test_equals_lxmert_xlayer(stack, B, Ll, Lv, padded):
+@pytest.mark.parametrize(
+    "B,Ll,Lv,padded,stack",
+    [(2, 20, 36, True, None), (2, 20, 36, True, True), (3, 9, 9, True, None), (2, 7, 8, False, False), (1, 1, 5, True, None)],
+)
+def test_equals_lxmert_xlayer(B, Ll, Lv, padded, stack):
     ref = _xlayer()
     layer = CoAttentionLayer(32, 4, 48)
     layer.load_state_dict(ref.state_dict())
