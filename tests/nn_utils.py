@@ -49,3 +49,19 @@ def train_together(
     assert new_params.keys() == dict(ref.named_parameters()).keys()
     for name, p_ref in ref.named_parameters():
         torch.testing.assert_close(new_params[name], p_ref, atol=atol, rtol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def load_open_clip_loss():
+    """open_clip's ``loss.py`` loaded on its own (it imports only torch): importing the open_clip
+    package pulls in timm and torchvision, tens of seconds on a loaded machine. None if absent."""
+    import importlib.util  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "loss.py")
+    loss_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    module = importlib.util.module_from_spec(loss_spec)
+    loss_spec.loader.exec_module(module)
+    return module

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from mmfast.nn import ClipLoss, SigLipLoss
+from tests.nn_utils import load_open_clip_loss
 from tests.utils import contrastive_inputs
 
-oc_loss = pytest.importorskip("open_clip.loss")
+oc_loss = load_open_clip_loss()
+pytestmark = pytest.mark.skipif(oc_loss is None, reason="open_clip not installed")
 
 
 def _grads(loss_fn, inp, with_bias):
