@@ -76,7 +76,7 @@ def _adopt(mha: nn.MultiheadAttention, backend: str) -> CrossAttention:
 
 
 def _parent_note(parent: nn.Module) -> str | None:
-    if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+    if isinstance(parent, nn.TransformerEncoderLayer):
         return (
             f"parent {type(parent).__name__} may take torch's fused inference fast path (eval mode, no grad), "
             "which reads the weights directly and bypasses the swapped module; results are unchanged"
