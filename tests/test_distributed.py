@@ -42,7 +42,9 @@ def _case(make_ref, make_new, rank: int, with_bias: bool, tag: str) -> None:
     names = ("loss", "grad image", "grad text", "grad logit_scale", "grad logit_bias")
     for name, got, want in zip(names, results[1], results[0]):
         if want is not None:
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, nm=name: f"{tag} rank {rank} {nm}: {m}")
+            torch.testing.assert_close(
+                got, want, atol=1e-5, rtol=1e-5, msg=lambda m, nm=name: f"{tag} rank {rank} {nm}: {m}"
+            )
 
 
 def _worker(rank: int, port: int) -> None:

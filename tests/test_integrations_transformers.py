@@ -30,7 +30,9 @@ def op_calls(monkeypatch):
     real = mt.cross_attention
 
     def spy(q, k, v, **kw):
-        calls.append((kw.get("is_causal", False), kw.get("key_padding_mask") is not None, kw.get("attn_mask") is not None))
+        calls.append(
+            (kw.get("is_causal", False), kw.get("key_padding_mask") is not None, kw.get("attn_mask") is not None)
+        )
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(mt, "cross_attention", spy)
@@ -118,7 +120,9 @@ def test_clip_trains_like_unpatched():
     model = mt.apply_mmfast_to_clip(copy.deepcopy(ref))
     ids, mask = _padded_ids()
     pixels = torch.randn(3, 3, 16, 16)
-    train_together(ref, model, lambda m: m(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss)
+    train_together(
+        ref, model, lambda m: m(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,7 +224,9 @@ def test_lxmert_matches(Lv, op_calls):
     with torch.no_grad():
         a = ref(**inputs, output_attentions=True)
         b = model(**inputs, output_attentions=True)
-    for x, y in zip(a.cross_encoder_attentions + a.language_attentions, b.cross_encoder_attentions + b.language_attentions):
+    for x, y in zip(
+        a.cross_encoder_attentions + a.language_attentions, b.cross_encoder_attentions + b.language_attentions
+    ):
         torch.testing.assert_close(y, x, **TOL)
 
 

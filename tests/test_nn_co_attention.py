@@ -38,7 +38,13 @@ def _pad(B, L, n):
 
 @pytest.mark.parametrize(
     "B,Ll,Lv,padded,stack",
-    [(2, 20, 36, True, None), (2, 20, 36, True, True), (3, 9, 9, True, None), (2, 7, 8, False, False), (1, 1, 5, True, None)],
+    [
+        (2, 20, 36, True, None),
+        (2, 20, 36, True, True),
+        (3, 9, 9, True, None),
+        (2, 7, 8, False, False),
+        (1, 1, 5, True, None),
+    ],
 )
 def test_equals_lxmert_xlayer(B, Ll, Lv, padded, stack):
     ref = _xlayer()

@@ -176,9 +176,17 @@ class _LxmertAttention(nn.Module):
         return x.view(B, L, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def forward(
-        self, hidden_states: Tensor, context: Tensor, attention_mask: Tensor | None = None, output_attentions: bool = False
+        self,
+        hidden_states: Tensor,
+        context: Tensor,
+        attention_mask: Tensor | None = None,
+        output_attentions: bool = False,
     ) -> tuple[Tensor, ...]:
-        q, k, v = self._heads(self.query(hidden_states)), self._heads(self.key(context)), self._heads(self.value(context))
+        q, k, v = (
+            self._heads(self.query(hidden_states)),
+            self._heads(self.key(context)),
+            self._heads(self.value(context)),
+        )
         kpm = _extended_to_padding(attention_mask)
         p = self.dropout.p if self.training else 0.0
         o = cross_attention(q, k, v, key_padding_mask=kpm, dropout_p=p, backend=self.backend)

@@ -38,7 +38,11 @@ class _Projections(nn.Module):
 
     def __init__(self, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.query, self.key, self.value = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.query, self.key, self.value = (
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, hidden),
+        )
         self.dropout = nn.Dropout(dropout)
 
 
@@ -217,8 +221,10 @@ class CoAttentionLayer(nn.Module):
                 f"{tuple(lang_feats.shape)} and {tuple(visual_feats.shape)}"
             )
         if lang_feats.shape[-1] != visual_feats.shape[-1]:
-            raise ValueError(f"lang_feats and visual_feats must have one width h, got {lang_feats.shape[-1]} and "
-                             f"{visual_feats.shape[-1]}")
+            raise ValueError(
+                f"lang_feats and visual_feats must have one width h, got {lang_feats.shape[-1]} and "
+                f"{visual_feats.shape[-1]}"
+            )
         x, y = self.cross_att(lang_feats, visual_feats, lang_padding_mask, visual_padding_mask, stack_directions)
         x = self.lang_self_att.output(self._attend(self.lang_self_att.self, x, x, lang_padding_mask), x)
         y = self.visn_self_att.output(self._attend(self.visn_self_att.self, y, y, visual_padding_mask), y)

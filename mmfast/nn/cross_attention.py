@@ -236,7 +236,14 @@ class CrossAttention(nn.Module):
             weights = weights if batched else weights.squeeze(0)
         else:
             o = cross_attention(
-                q, k, v, key_padding_mask=kpm, attn_mask=mask, is_causal=causal, dropout_p=dropout_p, backend=self.backend
+                q,
+                k,
+                v,
+                key_padding_mask=kpm,
+                attn_mask=mask,
+                is_causal=causal,
+                dropout_p=dropout_p,
+                backend=self.backend,
             )
         if batched and not self.batch_first:  # (N, H, L, hd) -> (L, N, E)
             o = o.permute(2, 0, 1, 3).reshape(L, N, self.embed_dim)

@@ -51,7 +51,9 @@ class AttentionFusion(nn.Module):
         super().__init__()
         if head_dim is None:
             if text_dim % num_heads:
-                raise ValueError(f"text_dim ({text_dim}) must be divisible by num_heads ({num_heads}), or pass head_dim")
+                raise ValueError(
+                    f"text_dim ({text_dim}) must be divisible by num_heads ({num_heads}), or pass head_dim"
+                )
             head_dim = text_dim // num_heads
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_kv_heads <= 0 or num_heads % num_kv_heads:
