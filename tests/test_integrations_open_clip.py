@@ -55,6 +55,7 @@ def test_swapped_open_clip_matches(tiny_clip):
     assert_grads_close(ref, model, atol=3e-5, rtol=3e-4)
 
 
+@pytest.mark.slow
 def test_swapped_open_clip_trains_like_unpatched(tiny_clip):
     ref = copy.deepcopy(tiny_clip)
     model = copy.deepcopy(tiny_clip)

@@ -154,8 +154,9 @@ def test_bert_cross_attention_matches(op_calls):
 
     _compare(ref, model, run, ["logits"])
     torch.testing.assert_close(encs[id(model)].grad, encs[id(ref)].grad, **TOL)
-    assert len(op_calls) == 4  # 2 layers x (causal self-attention with padding, cross-attention)
-    assert all(not causal for causal, _, _ in op_calls)  # padding makes the causal mask explicit
+    # 2 layers x (causal self-attention with padding: explicit mask; cross-attention with padded
+    # encoder: the padding-only mask goes to the op as key_padding_mask)
+    assert op_calls == [(False, False, True), (False, True, False)] * 2
     op_calls.clear()
     model(input_ids=ids, encoder_hidden_states=enc)
     assert op_calls == [(True, False, False), (False, False, False)] * 2  # no padding: op's is_causal

@@ -125,10 +125,29 @@ def mmfast_attention_forward(
 
 def mmfast_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     """The mask builder for "mmfast": SDPA's (4-D bool, True = take part; None where ``is_causal``
-    or no mask at all is exact), which ``mmfast_attention_forward`` consumes as SDPA would."""
-    from transformers.masking_utils import sdpa_mask  # noqa: PLC0415
+    or no mask at all is exact), which ``mmfast_attention_forward`` consumes as SDPA would.
 
-    return sdpa_mask(*args, **kwargs)
+    One shortcut: a plain bidirectional mask with padding (encoders, cross-attention) is returned
+    as the (B, 1, 1, Lk) padding row expanded over the queries (no copy), which the attention
+    function hands to the op as a key padding mask instead of a dense (B, 1, Lq, Lk) mask.
+    """
+    from transformers import masking_utils as mu  # noqa: PLC0415
+
+    attention_mask = kwargs.get("attention_mask")
+    plain_bidirectional = (
+        not args
+        and kwargs.get("mask_function") is mu.bidirectional_mask_function
+        and kwargs.get("local_size") is None
+        and attention_mask is not None
+        and attention_mask.dim() == 2
+        and hasattr(mu, "prepare_padding_mask")
+    )
+    if plain_bidirectional:
+        keep = mu.prepare_padding_mask(attention_mask, kwargs["kv_length"], kwargs.get("kv_offset", 0))
+        if not bool(keep.all()):  # all kept: let SDPA's builder decide between None and a full mask
+            B, Lq, Lk = kwargs["batch_size"], kwargs["q_length"], kwargs["kv_length"]
+            return keep.to(torch.bool)[:, None, None, :].expand(B, 1, Lq, Lk)
+    return mu.sdpa_mask(*args, **kwargs)
 
 
 def register() -> None:
