@@ -162,6 +162,22 @@ def test_bert_cross_attention_matches(op_calls):
     assert op_calls == [(True, False, False), (False, False, False)] * 2  # no padding: op's is_causal
 
 
+def test_bert_output_attentions(op_calls):
+    ref = _bert().eval()
+    model = copy.deepcopy(ref)
+    mt.register()
+    model.set_attn_implementation("mmfast")
+    ids, mask = _padded_ids()
+    enc = torch.randn(3, 11, 32)
+    enc_mask = torch.ones(3, 11, dtype=torch.long)
+    enc_mask[2, 4:] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc, encoder_attention_mask=enc_mask)
+    a, b = ref(**kw, output_attentions=True), model(**kw, output_attentions=True)
+    assert len(op_calls) == 4 and len(b.attentions) == 2 and len(b.cross_attentions) == 2
+    for x, y in zip(a.attentions + a.cross_attentions, b.attentions + b.cross_attentions):
+        torch.testing.assert_close(y, x, **TOL)
+
+
 def test_bert_trains_like_unpatched():
     ref = _bert()
     model = copy.deepcopy(ref)

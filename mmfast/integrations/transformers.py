@@ -84,7 +84,7 @@ def mmfast_attention_forward(
     scaling: float | None = None,
     is_causal: bool | None = None,
     **kwargs: Any,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Tensor | None]:
     """transformers' attention-function signature on ``mmfast.cross_attention``.
 
     Args:
@@ -97,7 +97,8 @@ def mmfast_attention_forward(
         is_causal: overrides ``module.is_causal``.
 
     Returns:
-        (output (B, Lq, Hq, Dv) contiguous, None): no attention weights, as SDPA.
+        (output (B, Lq, Hq, Dv) contiguous, weights): weights (B, Hq, Lq, Lk) only when the model
+        asks for ``output_attentions`` (computed by the slow reference path, before dropout), else None.
     """
     for unsupported in ("softcap", "sliding_window", "position_bias", "s_aux"):
         if kwargs.get(unsupported) is not None:
@@ -120,7 +121,13 @@ def mmfast_attention_forward(
     out = cross_attention(
         query, key, value, key_padding_mask=kpm, attn_mask=mask, is_causal=is_causal, scale=scaling, dropout_p=dropout
     )
-    return out.transpose(1, 2).contiguous(), None
+    weights = None
+    if kwargs.get("output_attentions"):  # slow path: the weights need the full (Lq, Lk) matrix
+        probs, _ = reference.attention_probs(
+            query, key, key_padding_mask=kpm, attn_mask=mask, is_causal=is_causal, scale=scaling
+        )
+        weights = probs.to(query.dtype)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def mmfast_mask(*args: Any, **kwargs: Any) -> Tensor | None:
