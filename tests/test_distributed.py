@@ -66,7 +66,7 @@ def _worker(rank: int, port: int) -> None:
                     with_bias=False,
                     tag=f"ClipLoss(local_loss={local}, gather_with_grad={with_grad})",
                 )
-        for impl in ("bidir", "gather"):
+        for impl in ("bidir", "shift", "reduce", "gather"):
             _case(
                 lambda r, impl=impl: oc.SigLipLoss(rank=r, world_size=WORLD, dist_impl=impl),
                 lambda r, impl=impl: SigLipLoss(rank=r, world_size=WORLD, dist_impl=impl),

@@ -262,6 +262,34 @@ def test_lxmert_rejects_other_models():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("case", ["padding_row", "dense_bool", "float", "causal", "decode", "static_prefill", "gqa"])
+def test_attention_function_matches_sdpa(case):
+    """mmfast_attention_forward against transformers' own SDPA function on the same arguments."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
+
+    B, H, Lq, Lk, D = 2, 4, 6, 6, 8
+    Hkv = 2 if case == "gqa" else H
+    Lq = 1 if case == "decode" else Lq
+    Lk = 10 if case in ("decode", "static_prefill") else Lk
+    module = torch.nn.Module()
+    module.is_causal = case in ("causal", "decode", "static_prefill", "gqa")
+    module.num_key_value_groups = H // Hkv
+    q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    mask = None
+    if case == "padding_row":
+        keep = torch.ones(B, Lk, dtype=torch.bool)
+        keep[1, 4:] = False
+        mask = keep[:, None, None, :].expand(B, 1, Lq, Lk)
+    elif case == "dense_bool":
+        mask = torch.rand(B, 1, Lq, Lk) < 0.7
+        mask[..., 0] = True
+    elif case == "float":
+        mask = torch.randn(B, 1, Lq, Lk)
+    a, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    b, _ = mt.mmfast_attention_forward(module, q, k, v, mask, scaling=0.3)
+    torch.testing.assert_close(b, a, **TOL)
+
+
 def test_registered_in_both_interfaces():
     from transformers import AttentionInterface  # noqa: PLC0415
     from transformers.masking_utils import AttentionMaskInterface  # noqa: PLC0415

@@ -100,7 +100,8 @@ def mmfast_attention_forward(
         (output (B, Lq, Hq, Dv) contiguous, weights): weights (B, Hq, Lq, Lk) only when the model
         asks for ``output_attentions`` (computed by the slow reference path, before dropout), else None.
     """
-    for unsupported in ("softcap", "sliding_window", "position_bias", "s_aux"):
+    # (a sliding window needs nothing here: the mask builder already encodes it)
+    for unsupported in ("softcap", "position_bias", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"attn_implementation='mmfast' does not support {unsupported}")
     Lq, Lk = query.shape[2], key.shape[2]
@@ -114,8 +115,9 @@ def mmfast_attention_forward(
         key, value = key[:, :, :Lq], value[:, :, :Lq]
     kpm, mask = None, attention_mask
     if attention_mask is not None:
+        attention_mask = attention_mask[..., : key.shape[2]]
         kpm = _padding_only(attention_mask, query.shape[0])
-        mask = None if kpm is not None else attention_mask[..., : key.shape[2]]
+        mask = None if kpm is not None else attention_mask
         if mask is not None and mask.is_floating_point():
             mask = mask.to(query.dtype)
     out = cross_attention(
