@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch  # noqa: F401 - loads libtorch before the extension
 
+from mmfast import nn as nn
 from mmfast._dispatch import backends
 from mmfast.ops import cross_attention, info_nce, siglip_loss
+from mmfast.swap import swap_modules as swap_modules
 
 __version__ = "0.1.0"
 

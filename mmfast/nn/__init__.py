@@ -1,0 +1,14 @@
+"""Drop-in modules built on mmfast's fused ops.
+
+* ``CrossAttention``: ``nn.MultiheadAttention``-compatible (plus GQA), ``.from_multihead_attention(mha)``.
+* ``AttentionFusion``: ``Concat(T, Attn(T -> V))`` written into one buffer.
+* ``CoAttentionLayer``: LXMERT's cross-modality layer, both cross directions in one op call.
+* ``ClipLoss``, ``SigLipLoss``: open_clip-compatible contrastive losses on the fused kernels.
+"""
+
+from mmfast.nn.co_attention import CoAttentionLayer
+from mmfast.nn.cross_attention import CrossAttention
+from mmfast.nn.fusion import AttentionFusion
+from mmfast.nn.losses import ClipLoss, SigLipLoss
+
+__all__ = ["AttentionFusion", "ClipLoss", "CoAttentionLayer", "CrossAttention", "SigLipLoss"]
