@@ -152,7 +152,7 @@ class Runner:
             return self.blank_row(case, provider.name, "skipped", f"time budget (needs ~{2 * t_pred:.0f} s)", fl)
         row = self.blank_row(case, provider.name, "ok", "", fl)
         try:
-            call = self._make_call(case, provider, data)
+            call = self.make_call(case, provider, data)
             if provider.warmup:
                 t0 = time.perf_counter()
                 call()  # compiles; the result is dropped
@@ -161,7 +161,7 @@ class Runner:
             result = call()
             measure.sync(self.device)
             t_check = time.perf_counter() - t0
-            row.max_err = self._agreement(case, data, result)
+            row.max_err = self.agreement(case, data, result)
             del result
         except Exception as e:  # noqa: BLE001 - any failure becomes the row's status, never a crash
             row.status = "unsupported" if _is_unsupported(e) else "error"
@@ -186,7 +186,7 @@ class Runner:
         self.time_hist.setdefault(key, []).append((fl, med))
         return row
 
-    def _make_call(self, case: Case, provider: Provider, data: Data) -> Callable[[], Any]:
+    def make_call(self, case: Case, provider: Provider, data: Data) -> Callable[[], Any]:
         inputs = leaves(data, case)
         fwd = provider.build(case, inputs)
         if case.mode == "fwd":
@@ -199,7 +199,7 @@ class Runner:
 
         return fwd_bwd
 
-    def _agreement(self, case: Case, data: Data, result: Any) -> float:
+    def agreement(self, case: Case, data: Data, result: Any) -> float:
         out, grads = (result, ()) if case.mode == "fwd" else result
         errs = [measure.rel_error(out, data.ref_out)]
         if data.ref_grads:
