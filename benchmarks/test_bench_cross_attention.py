@@ -3,11 +3,15 @@
 import pytest
 import torch
 
-from mmfast.bench.regression import ON_GPU, params, run_benchmark
 from mmfast.bench.cases import attention_case
+from mmfast.bench.regression import ON_GPU, params, run_benchmark
 
 # (kind, B, H, Lq, Lk, D, pad): the shapes on a GPU, a quarter of the batch on the CPU.
-SHAPES = [("text->image", 32, 12, 32, 577, 64, False), ("text->image", 32, 12, 32, 577, 64, True), ("square", 4, 8, 1024, 1024, 64, False)]
+SHAPES = [
+    ("text->image", 32, 12, 32, 577, 64, False),
+    ("text->image", 32, 12, 32, 577, 64, True),
+    ("square", 4, 8, 1024, 1024, 64, False),
+]
 if not ON_GPU:
     SHAPES = [(k, max(1, B // 4), *rest) for k, B, *rest in SHAPES]
 DTYPES = [torch.float32, torch.bfloat16]

@@ -113,7 +113,7 @@ def test_time_prediction_skips_rows_that_do_not_fit():
     r.time_hist[("p", "info_nce", torch.float32, "fwd")] = [(flops(case) / 16, 1.0)]
     tiny = make_data(contrastive_case("info_nce", 8, 4, torch.float32, "fwd"), r.device)
     row = r.run(case, Provider("p", ("info_nce",), None), tiny, share=20.0)
-    assert row.status == "skipped" and "needs ~56 s" in row.note  # 2 calls x 16**1.2 s: one point assumes the steepest growth
+    assert row.status == "skipped" and "needs ~32 s" in row.note  # 2 calls x 16 x 1 s: time grows with the FLOPs
 
 
 def test_cpu_peak_memory_sees_a_temporary():
@@ -137,8 +137,20 @@ def test_progress_without_tqdm(monkeypatch, capsys):
 def test_cli_smoke(tmp_path, capsys):
     out = tmp_path / "res"
     rc = main(
-        ["--smoke", "--ops", "info_nce,cross_attention", "--modes", "fwd+bwd", "--providers",
-         "mmfast-reference,torch-naive,torch-sdpa", "--budget", "8", "--no-progress", "--out", str(out)]
+        [
+            "--smoke",
+            "--ops",
+            "info_nce,cross_attention",
+            "--modes",
+            "fwd+bwd",
+            "--providers",
+            "mmfast-reference,torch-naive,torch-sdpa",
+            "--budget",
+            "8",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
     )
     assert rc == 0
     table = capsys.readouterr().out
@@ -149,3 +161,14 @@ def test_cli_smoke(tmp_path, capsys):
     assert any(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
     meta = json.load(open(out / "results.json"))["machine"]
     assert meta["matmul_gflops"]["fp32"] > 0 and meta["device"] == "cpu"
+
+
+def test_memory_growth_read_from_increments():
+    # 3 points of a linear-memory provider with a 500 MiB constant offset: p = 0.5 in FLOP space
+    # (memory ~ N, FLOPs ~ N^2), so doubling N again predicts 2x the last figure (times the 1.1 margin).
+    r = runner()
+    key = ("p", "info_nce", torch.float32, "fwd+bwd")
+    ns = [1024, 2048, 4096]
+    r.mem_hist[key] = [(flops(contrastive_case("info_nce", n, 512, torch.float32, "fwd+bwd")), 500.0 + n) for n in ns]
+    _, m = r.predicted(key, flops(contrastive_case("info_nce", 8192, 512, torch.float32, "fwd+bwd")))
+    assert m == pytest.approx(1.1 * (500 + 4096) * 2)

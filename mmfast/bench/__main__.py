@@ -12,7 +12,7 @@ import time
 import torch
 
 from mmfast.bench import measure, report
-from mmfast.bench.cases import CONTRASTIVE_OPS, DEFAULT_DTYPES, DTYPES, MODES, OPS, sweep_sizes, suite
+from mmfast.bench.cases import CONTRASTIVE_OPS, DEFAULT_DTYPES, DTYPE_NAMES, DTYPES, MODES, OPS, suite, sweep_sizes
 from mmfast.bench.providers import BASELINE, all_providers, select_providers
 from mmfast.bench.runner import Runner, Settings, add_speedups
 from mmfast.bench.suites import run_suite, run_sweep
@@ -22,7 +22,7 @@ from mmfast.bench.suites import run_suite, run_sweep
 PRESETS = {
     "default": dict(budget=240.0, row_time=1.0, min_reps=3, matmul_s=0.5),
     "quick": dict(budget=35.0, row_time=0.3, min_reps=3, matmul_s=0.2),
-    "smoke": dict(budget=20.0, row_time=0.02, min_reps=2, matmul_s=0.02),
+    "smoke": dict(budget=20.0, row_time=0.02, min_reps=2, matmul_s=0.02, matmul_scale=8),
 }
 
 
@@ -52,9 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", type=_csv("--modes", MODES), default=list(MODES), help="fwd,fwd+bwd (default both)")
     p.add_argument("--providers", default=None, help="comma list of providers (default: all available)")
     p.add_argument("--compile", action="store_true", help="add torch.compile of the reference (slow to compile)")
-    p.add_argument("--out", default="bench-results", help="folder for CSV, JSON, Markdown and PNG (default %(default)s)")
+    p.add_argument(
+        "--out", default="bench-results", help="folder for CSV, JSON, Markdown and PNG (default %(default)s)"
+    )
     p.add_argument("--budget", type=float, default=None, help="seconds for the rows (default: 240; quick 35)")
-    p.add_argument("--mem-budget-gb", type=float, default=None, help="most one call may need (default: half the free memory)")
+    p.add_argument(
+        "--mem-budget-gb", type=float, default=None, help="most one call may need (default: half the free memory)"
+    )
     p.add_argument("--max-n", type=int, default=262144, help="sweep: largest N (default %(default)s)")
     p.add_argument("--point-s", type=float, default=60.0, help="sweep: most seconds per (N, provider)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,12 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     usable = [p for p in providers if p.why_not(device) is None]
     unavailable = {p.name: p.why_not(device) for p in all_providers(device) if p.why_not(device)}
     mem_budget = int(args.mem_budget_gb * 2**30) if args.mem_budget_gb else measure.available_memory(device) // 2
-    settings = Settings(row_time=cfg["row_time"], min_reps=cfg["min_reps"], mem_budget=mem_budget)
+    # The sweep's big points get the checked call and two timed ones (the first measures memory).
+    min_reps = 2 if args.sweep_batch else cfg["min_reps"]
+    settings = Settings(row_time=cfg["row_time"], min_reps=min_reps, mem_budget=mem_budget)
+    if args.sweep_batch:
+        dtypes = dtypes[:1]
 
     t0 = time.perf_counter()
-    rates = {d: measure.matmul_rate(device, d, cfg["matmul_s"]) for d in dtypes}
+    rates = {d: measure.matmul_rate(device, d, cfg["matmul_s"], cfg.get("matmul_scale", 1)) for d in dtypes}
     info = measure.machine_info(device)
-    info["matmul_gflops"] = {report.DTYPE_LABEL.get(d, str(d)): r for d, r in rates.items()}
+    info["matmul_gflops"] = {DTYPE_NAMES.get(d, str(d)): r for d, r in rates.items()}
     info.update(preset=preset, mem_budget_gib=mem_budget / 2**30, providers=[p.name for p in usable])
     runner = Runner(device, settings, rates)
     progress = not args.no_progress

@@ -174,7 +174,9 @@ def make_data(case: Case, device: torch.device, seed: int = 0) -> Data:
         if case.op == "info_nce":
             inputs = dict(image_features=x, text_features=y, logit_scale=scalar(CLIP_SCALE))
             return Data(inputs, ("image_features", "text_features", "logit_scale"))
-        inputs = dict(image_features=x, text_features=y, logit_scale=scalar(SIGLIP_SCALE), logit_bias=scalar(SIGLIP_BIAS))
+        inputs = dict(
+            image_features=x, text_features=y, logit_scale=scalar(SIGLIP_SCALE), logit_bias=scalar(SIGLIP_BIAS)
+        )
         return Data(inputs, ("image_features", "text_features", "logit_scale", "logit_bias"))
     B, Hq, Hkv, Lq, Lk, D = (case[k] for k in ("B", "Hq", "Hkv", "Lq", "Lk", "D"))
     inputs = dict(query=randn(B, Hq, Lq, D), key=randn(B, Hkv, Lk, D), value=randn(B, Hkv, Lk, D))
@@ -212,7 +214,9 @@ def compute_reference(case: Case, data: Data) -> None:
 
     Low-precision inputs are upcast exactly, so the truth carries no rounding of its own beyond fp32.
     """
-    inputs = {k: v.detach().float() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in data.inputs.items()}
+    inputs = {
+        k: v.detach().float() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in data.inputs.items()
+    }
     for name in data.grad_names:
         inputs[name].requires_grad_(True)
     out = reference_forward(case, inputs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import datetime
+import functools
 import gc
 import os
 import platform
@@ -146,14 +147,20 @@ def available_memory(device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """Best GFLOP/s of plain ``torch.mm`` over a square GEMM and the contrastive-loss GEMM shape."""
-    shapes = [(8192, 8192, 8192), (16384, 16384, 512)] if device.type == "cuda" else [(2048, 2048, 2048), (4096, 4096, 512)]
+def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.5, scale: int = 1) -> float:
+    """Best GFLOP/s of plain ``torch.mm`` over a square GEMM and the contrastive-loss GEMM shape.
+
+    ``scale`` > 1 divides the shapes (harness self-tests only: small GEMMs understate the rate).
+    """
+    shapes = (
+        [(8192, 8192, 8192), (16384, 16384, 512)] if device.type == "cuda" else [(2048, 2048, 2048), (4096, 4096, 512)]
+    )
+    shapes = [(m // scale, n // scale, max(1, k // scale)) for m, n, k in shapes]
     best = 0.0
     for m, n, k in shapes:
         a = torch.randn(m, k, device=device).to(dtype)
         b = torch.randn(k, n, device=device).to(dtype)
-        fn = lambda: torch.mm(a, b)  # noqa: E731
+        fn = functools.partial(torch.mm, a, b)
         first = time_calls(fn, 1, device)[0]  # warm-up, and the call's cost
         reps = max(2, min(50, int(seconds / max(first, 1e-6))))
         median = quantiles(time_calls(fn, reps, device))[0]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmfast.bench import measure
-from mmfast.bench.cases import DTYPE_NAMES, Case, compute_reference, flops, leaves, make_data
+from mmfast.bench.cases import DTYPE_NAMES, Case, compute_reference, flops, make_data
 from mmfast.bench.providers import Provider, Unsupported, select_providers
 from mmfast.bench.runner import Runner, Settings
 
@@ -28,7 +28,11 @@ def providers_for(op: str) -> list[Provider]:
 
 def params(op: str, cases: list[Case]) -> list:
     """pytest params over (case, provider) with readable ids."""
-    return [pytest.param(c, p, id=f"{c.shape_label}-{DTYPE_NAMES[c.dtype]}-{c.mode}-{p.name}".replace(" ", "_")) for c in cases for p in providers_for(op)]
+    return [
+        pytest.param(c, p, id=f"{c.shape_label}-{DTYPE_NAMES[c.dtype]}-{c.mode}-{p.name}".replace(" ", "_"))
+        for c in cases
+        for p in providers_for(op)
+    ]
 
 
 def run_benchmark(benchmark, case: Case, provider: Provider) -> None:

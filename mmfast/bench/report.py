@@ -8,7 +8,6 @@ import math
 import os
 from typing import Any
 
-from mmfast.bench.cases import DTYPE_NAMES as DTYPE_LABEL
 from mmfast.bench.providers import BASELINE
 from mmfast.bench.runner import Row, asdict_rows
 
@@ -33,11 +32,13 @@ def _f(x: float | None, fmt: str) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _ms(x: float) -> str:
+    """Three significant digits without an exponent."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _cells(r: Row) -> list[str]:
-    if r.median_ms is None:
-        time_cell = ""
-    else:
-        time_cell = f"{r.median_ms:.3g} [{r.q20_ms:.3g}, {r.q80_ms:.3g}]"
+    time_cell = "" if r.median_ms is None else f"{_ms(r.median_ms)} [{_ms(r.q20_ms)}, {_ms(r.q80_ms)}]"
     note = r.note if r.status in ("ok",) else f"**{r.status}**: {r.note}" if r.note else f"**{r.status}**"
     return [
         r.op,
@@ -174,7 +175,9 @@ def plot_sweep(rows: list[Row], info: dict[str, Any], mem_budget: int, path: str
             ax_m.plot([r.N for r in mem], [r.peak_mib / 1024 for r in mem], "o-", color=line.get_color(), label=p)
             oom = [r for r in mine if r.needs_mib is not None]
             if oom:
-                ax_m.plot([r.N for r in oom], [r.needs_mib / 1024 for r in oom], "o--", mfc="none", color=line.get_color())
+                ax_m.plot(
+                    [r.N for r in oom], [r.needs_mib / 1024 for r in oom], "o--", mfc="none", color=line.get_color()
+                )
         ax_m.axhline(mem_budget / 2**30, color="r", ls=":", lw=1, label="memory budget")
         for ax, ylabel in ((ax_t, "fwd+bwd median (ms)"), (ax_m, "peak memory beyond inputs (GiB)")):
             ax.set_xscale("log", base=2)

@@ -95,16 +95,22 @@ class Progress:
 
 
 def _predict(points: list[tuple[float, float]], x: float, lo: float, hi: float) -> float | None:
-    """y at size x from the last two (x, y) points: a power law, exponent clamped to [lo, hi]."""
+    """y at size x from the (x, y) points seen so far, as the power law y ~ x^p, p in [lo, hi].
+
+    With fewer than three points p = hi (the worst case). With three, p is read from the growth of
+    the last two increments, which cancels a constant offset (the allocator's and the thread pool's
+    first-call overheads) that would make small sizes look flatter than the trend.
+    """
     if not points:
         return None
-    x1, y1 = points[-1]
+    x2, y2 = points[-1]
     slope = hi
-    if len(points) >= 2:
-        x0, y0 = points[-2]
-        if x1 > x0 and y0 > 0 and y1 > 0:
-            slope = min(hi, max(lo, math.log(y1 / y0) / math.log(x1 / x0)))
-    return y1 * (x / x1) ** slope
+    if len(points) >= 3:
+        (x0, y0), (x1, y1) = points[-3], points[-2]
+        if x2 > x1 > x0 and y2 > y1 > y0:
+            slope = math.log((y2 - y1) / (y1 - y0)) / math.log(x2 / x1)
+            slope = min(hi, max(lo, slope))
+    return y2 * (x / x2) ** slope
 
 
 def _is_unsupported(e: Exception) -> bool:
@@ -127,15 +133,25 @@ class Runner:
 
     def blank_row(self, case: Case, provider: str, status: str, note: str = "", fl: float = 0.0) -> Row:
         N = dict(case.dims).get("N")
-        return Row(case.op, case.shape_label, DTYPE_NAMES.get(case.dtype, str(case.dtype)), case.mode, provider, status, note, N, fl)
+        return Row(
+            case.op,
+            case.shape_label,
+            DTYPE_NAMES.get(case.dtype, str(case.dtype)),
+            case.mode,
+            provider,
+            status,
+            note,
+            N,
+            fl,
+        )
 
     def predicted(self, key: tuple, fl: float) -> tuple[float | None, float | None]:
         """(seconds per call, peak bytes) predicted for ``key`` at ``fl`` FLOPs (None: no history).
 
         Time grows about linearly with FLOPs; peak memory between O(sqrt(FLOPs)) (linear-memory
-        losses) and O(FLOPs) (materialized logits); with one point both assume the worst.
+        losses) and O(FLOPs) (materialized logits); without enough history both assume the worst.
         """
-        t = _predict(self.time_hist.get(key, []), fl, 0.8, 1.2)
+        t = _predict(self.time_hist.get(key, []), fl, 0.8, 1.0)
         m = _predict(self.mem_hist.get(key, []), fl, 0.5, 1.0)
         return t, None if m is None else 1.1 * m
 
