@@ -136,39 +136,26 @@ def test_progress_without_tqdm(monkeypatch, capsys):
 
 def test_cli_smoke(tmp_path, capsys):
     out = tmp_path / "res"
-    rc = main(
-        [
-            "--smoke",
-            "--ops",
-            "info_nce,cross_attention",
-            "--modes",
-            "fwd+bwd",
-            "--providers",
-            "mmfast-reference,torch-naive,torch-sdpa",
-            "--budget",
-            "8",
-            "--no-progress",
-            "--out",
-            str(out),
-        ]
-    )
+    argv = ["--smoke", "--ops", "info_nce", "--modes", "fwd+bwd", "--providers", "mmfast-reference,torch-naive"]
+    rc = main([*argv, "--budget", "8", "--no-progress", "--out", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
     assert "| info_nce | N=64 D=32 | fp32 | fwd+bwd | torch-naive |" in table
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert {r["provider"] for r in rows} == {"mmfast-reference", "torch-naive", "torch-sdpa"}
-    assert all(r["status"] in ("ok", "skipped") for r in rows)
-    assert any(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
+    assert [r["provider"] for r in rows] == ["mmfast-reference", "torch-naive"]
+    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
     meta = json.load(open(out / "results.json"))["machine"]
     assert meta["matmul_gflops"]["fp32"] > 0 and meta["device"] == "cpu"
 
 
-def test_memory_growth_read_from_increments():
-    # 3 points of a linear-memory provider with a 500 MiB constant offset: p = 0.5 in FLOP space
-    # (memory ~ N, FLOPs ~ N^2), so doubling N again predicts 2x the last figure (times the 1.1 margin).
-    r = runner()
-    key = ("p", "info_nce", torch.float32, "fwd+bwd")
-    ns = [1024, 2048, 4096]
-    r.mem_hist[key] = [(flops(contrastive_case("info_nce", n, 512, torch.float32, "fwd+bwd")), 500.0 + n) for n in ns]
-    _, m = r.predicted(key, flops(contrastive_case("info_nce", 8192, 512, torch.float32, "fwd+bwd")))
-    assert m == pytest.approx(1.1 * (500 + 4096) * 2)
+def test_cli_sweep_smoke(tmp_path, capsys):
+    # A 1 MiB memory budget: the naive loss needs 16 MiB of logits at N=2048, so by N=4096 at the
+    # latest it must be predicted out of memory, and not run.
+    if not measure._reset_cpu_peak():
+        pytest.skip("/proc/self/clear_refs is not writable here: no CPU peaks to predict from")
+    out = tmp_path / "sweep"
+    argv = ["--smoke", "--sweep-batch", "--ops", "siglip_loss", "--providers", "torch-naive", "--max-n", "4096"]
+    assert main([*argv, "--mem-budget-gb", str(1 / 1024), "--no-progress", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [int(r["N"]) for r in rows] == [64, 128, 256, 512, 1024, 2048, 4096]
+    assert rows[0]["status"] == "ok" and rows[-1]["status"] == "oom" and "OOM (needs" in rows[-1]["note"]

@@ -8,6 +8,7 @@ import math
 import os
 from typing import Any
 
+from mmfast.bench.cases import DTYPES
 from mmfast.bench.providers import BASELINE
 from mmfast.bench.runner import Row, asdict_rows
 
@@ -59,7 +60,7 @@ def _cells(r: Row) -> list[str]:
 
 def caption(info: dict[str, Any]) -> str:
     where = info.get("gpu") or f"{info['cpu']}, {info['cpu_threads']} threads"
-    rates = ", ".join(f"{k} {v:.0f}" for k, v in info.get("matmul_gflops", {}).items())
+    rates = ", ".join(f"{k} {v:.3g}" for k, v in info.get("matmul_gflops", {}).items())
     base = ", ".join(sorted({f"{v} ({k})" for k, v in BASELINE.items()}))
     return (
         f"mmfast-bench on {where}; torch {info['torch']}; {info['date_utc']}.\n"
@@ -88,7 +89,7 @@ def order_rows(rows: list[Row], op_order: list[str], provider_order: list[str]) 
             op_order.index(r.op) if r.op in op_order else 99,
             r.N or 0,
             shape_index[r.shape],
-            r.dtype,
+            list(DTYPES).index(r.dtype) if r.dtype in DTYPES else 99,
             r.mode,
             provider_order.index(r.provider) if r.provider in provider_order else 99,
         )

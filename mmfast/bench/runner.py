@@ -118,8 +118,8 @@ def _is_unsupported(e: Exception) -> bool:
     return isinstance(e, Unsupported) or "cannot take these inputs" in msg or "not implemented for this op" in msg
 
 
-def _fmt_gb(b: float) -> str:
-    return f"{b / 2**30:.1f} GB"
+def _fmt_bytes(b: float) -> str:
+    return f"{b / 2**30:.1f} GB" if b >= 2**30 else f"{b / 2**20:.0f} MB"
 
 
 class Runner:
@@ -155,17 +155,25 @@ class Runner:
         m = _predict(self.mem_hist.get(key, []), fl, 0.5, 1.0)
         return t, None if m is None else 1.1 * m
 
-    def run(self, case: Case, provider: Provider, data: Data, share: float) -> Row:
-        """Check, then time ``provider`` on ``case``; ``share``: the seconds this row may spend."""
-        fl = flops(case, data.valid_keys)
-        key = (provider.name, case.op, case.dtype, case.mode)
-        t_pred, m_pred = self.predicted(key, fl)
+    def precheck(self, case: Case, provider: Provider, share: float, fl: float | None = None) -> Row | None:
+        """The "oom" or "skipped" row when the prediction says ``provider`` does not fit, else None."""
+        fl = flops(case) if fl is None else fl
+        t_pred, m_pred = self.predicted((provider.name, case.op, case.dtype, case.mode), fl)
         if m_pred is not None and m_pred > self.s.mem_budget:
-            row = self.blank_row(case, provider.name, "oom", f"OOM (needs {_fmt_gb(m_pred)})", fl)
+            row = self.blank_row(case, provider.name, "oom", f"OOM (needs {_fmt_bytes(m_pred)})", fl)
             row.needs_mib = m_pred / 2**20
             return row
         if t_pred is not None and 2 * t_pred > share:
             return self.blank_row(case, provider.name, "skipped", f"time budget (needs ~{2 * t_pred:.0f} s)", fl)
+        return None
+
+    def run(self, case: Case, provider: Provider, data: Data, share: float) -> Row:
+        """Check, then time ``provider`` on ``case``; ``share``: the seconds this row may spend."""
+        fl = flops(case, data.valid_keys)
+        key = (provider.name, case.op, case.dtype, case.mode)
+        skip = self.precheck(case, provider, share, fl)
+        if skip is not None:
+            return skip
         row = self.blank_row(case, provider.name, "ok", "", fl)
         try:
             call = self.make_call(case, provider, data)

@@ -16,6 +16,7 @@ from mmfast.bench.cases import (
     flops,
     make_data,
 )
+from mmfast.bench.measure import PeakMemory
 from mmfast.bench.providers import Provider
 from mmfast.bench.runner import Progress, Row, Runner
 
@@ -41,8 +42,6 @@ def _prepare(case: Case, runner: Runner, device: torch.device, time_left: float)
             return f"reference would need {m_pred / 2**30:.1f} GB"
         return _chunked_truth(case, data)
     t0 = time.perf_counter()
-    from mmfast.bench.measure import PeakMemory  # noqa: PLC0415
-
     with PeakMemory(device) as peak:
         compute_reference(case, data)
     runner.time_hist.setdefault(key, []).append((fl, time.perf_counter() - t0))
@@ -79,17 +78,18 @@ def run_suite(
     for i, (case, prov) in enumerate(pairs):
         left = start + budget_s + runner.setup_s - time.perf_counter()
         share = left / (len(pairs) - i)
-        if left <= 0:
-            rows.append(runner.blank_row(case, prov.name, "skipped", "time budget spent", flops(case)))
-        else:
+        row = runner.precheck(case, prov, share) if left > 0 else _spent(runner, case, prov)
+        if row is None:
+            # Inputs and reference are made at the first row of a case that is going to run.
             if case.data_key not in cache:
                 n_rows = sum(1 for c, _ in pairs[i:] if c.data_key == case.data_key)
                 cache[case.data_key] = _prepare(case, runner, device, share * n_rows)
             data = cache[case.data_key]
             if isinstance(data, str):
-                rows.append(runner.blank_row(case, prov.name, "skipped", data, flops(case)))
+                row = runner.blank_row(case, prov.name, "skipped", data, flops(case))
             else:
-                rows.append(runner.run(case, prov, data, share))
+                row = runner.run(case, prov, data, share)
+        rows.append(row)
         if last_use[case.data_key] == i:
             cache.pop(case.data_key, None)
         bar.step(f"{case.label} {prov.name}")
@@ -124,23 +124,17 @@ def run_sweep(
         case = contrastive_case(op, N, D, dtype, "fwd+bwd")
         provs = [p for p in providers if op in p.ops and p.why_not(device) is None]
         share = min(point_cap_s, deadline - time.perf_counter())
-        fl = flops(case)
-        runnable = [p for p in provs if _fits(runner, p, case, fl, share)]
-        data = _chunked_truth(case, make_data(case, device)) if runnable and share > 0 else None
+        skips = {p.name: runner.precheck(case, p, share) if share > 0 else _spent(runner, case, p) for p in provs}
+        data = None
+        if any(row is None for row in skips.values()):
+            data = _chunked_truth(case, make_data(case, device))
         for p in provs:
-            if data is None or p not in runnable:
-                rows.append(runner.run(case, p, Data({}, ()), share) if share > 0 else _spent(runner, case, p))
-            else:
-                rows.append(runner.run(case, p, data, min(point_cap_s, deadline - time.perf_counter())))
+            row = skips[p.name]
+            rows.append(row or runner.run(case, p, data, min(point_cap_s, deadline - time.perf_counter())))
         del data
         bar.step(case.label)
     bar.close()
     return rows
-
-
-def _fits(runner: Runner, p: Provider, case: Case, fl: float, share: float) -> bool:
-    t, m = runner.predicted((p.name, case.op, case.dtype, case.mode), fl)
-    return (m is None or m <= runner.s.mem_budget) and (t is None or 2 * t <= share)
 
 
 def _spent(runner: Runner, case: Case, p: Provider) -> Row:
