@@ -116,6 +116,19 @@ def test_time_prediction_skips_rows_that_do_not_fit():
     assert row.status == "skipped" and "needs ~32 s" in row.note  # 2 calls x 16 x 1 s: time grows with the FLOPs
 
 
+def test_memory_growth_read_from_increments():
+    # 3 points of a linear-memory provider with a 500 MiB constant offset: p = 0.5 in FLOP space
+    # (memory ~ N, FLOPs ~ N^2), so doubling N again predicts 2x the last figure (times the 1.1 margin).
+    r = runner()
+    key = ("p", "info_nce", torch.float32, "fwd+bwd")
+    pts = [
+        (flops(contrastive_case("info_nce", n, 512, torch.float32, "fwd+bwd")), 500.0 + n) for n in (1024, 2048, 4096)
+    ]
+    r.mem_hist[key] = pts
+    _, m = r.predicted(key, flops(contrastive_case("info_nce", 8192, 512, torch.float32, "fwd+bwd")))
+    assert m == pytest.approx(1.1 * (500 + 4096) * 2)
+
+
 def test_cpu_peak_memory_sees_a_temporary():
     if not measure._reset_cpu_peak():
         pytest.skip("/proc/self/clear_refs is not writable here: CPU peaks are reported as unknown")
