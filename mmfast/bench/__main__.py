@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     add_speedups(rows, BASELINE)
     rows = report.order_rows(rows, list(OPS), [p.name for p in usable])
     info["wall_s"] = round(time.perf_counter() - t0, 1)
-    table = report.markdown(rows, info, unavailable)
+    table = report.markdown(rows, info, unavailable, {p.name: p.note for p in usable})
     sys.stdout.write(table)
     written = report.write_files(rows, info, args.out, stem, table)
     if args.sweep_batch:

@@ -72,7 +72,10 @@ def mmfast_providers(device: torch.device) -> list[Provider]:
         devices = ("cpu", "cuda")
         if name == "triton" and device.type == "cpu":
             devices = ("cuda",)  # on CPU tensors Triton runs its interpreter: a test tool, not a kernel
-        out.append(Provider(f"mmfast-{name}", ops, _mmfast_build(name), devices, default=name != "reference"))
+        note = f"mmfast backend={name!r}" + (" (the ground truth itself)" if name == "reference" else "")
+        out.append(
+            Provider(f"mmfast-{name}", ops, _mmfast_build(name), devices, default=name != "reference", note=note)
+        )
     return out
 
 
@@ -198,13 +201,34 @@ def _torch_compile(case: Case, inputs: dict[str, Any]) -> Callable[[], Tensor]:
 def peer_providers() -> list[Provider]:
     contrastive, attention = CONTRASTIVE_OPS, ("cross_attention",)
     return [
-        Provider("torch-naive", contrastive, _naive_contrastive, note="logits materialized, inputs' dtype"),
-        Provider("open_clip", contrastive, _open_clip, module="open_clip"),
-        Provider("torch-lce", ("info_nce",), _linear_cross_entropy, note="F.linear_cross_entropy, chunked"),
-        Provider("inf-cl", ("info_nce",), _inf_cl, devices=("cuda",), module="inf_cl"),
-        Provider("torch-sdpa", attention, _sdpa),
-        Provider("flash-attn", attention, _flash_attn, devices=("cuda",), module="flash_attn"),
-        Provider("torch-compile", (*contrastive, *attention), _torch_compile, default=False, warmup=True),
+        Provider("torch-naive", contrastive, _naive_contrastive, note="logits materialized in the inputs' dtype"),
+        Provider("open_clip", contrastive, _open_clip, module="open_clip", note="open_clip ClipLoss / SigLipLoss"),
+        Provider(
+            "torch-lce",
+            ("info_nce",),
+            _linear_cross_entropy,
+            note="F.linear_cross_entropy with LinearCrossEntropyOptions(), one call per direction",
+        ),
+        Provider(
+            "inf-cl", ("info_nce",), _inf_cl, ("cuda",), "inf_cl", note="Inf-CL cal_inf_loss, one call per direction"
+        ),
+        Provider("torch-sdpa", attention, _sdpa, note="F.scaled_dot_product_attention, padding as a bool attn_mask"),
+        Provider(
+            "flash-attn",
+            attention,
+            _flash_attn,
+            ("cuda",),
+            "flash_attn",
+            note="flash_attn_func; with padding, unpad + flash_attn_varlen_func (the unpadding is timed)",
+        ),
+        Provider(
+            "torch-compile",
+            (*contrastive, *attention),
+            _torch_compile,
+            default=False,
+            warmup=True,
+            note="torch.compile of mmfast's reference (compile time not counted)",
+        ),
     ]
 
 

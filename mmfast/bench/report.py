@@ -70,9 +70,13 @@ def caption(info: dict[str, Any]) -> str:
     )
 
 
-def markdown(rows: list[Row], info: dict[str, Any], unavailable: dict[str, str]) -> str:
+def markdown(rows: list[Row], info: dict[str, Any], unavailable: dict[str, str], notes: dict[str, str]) -> str:
+    """The table, with the machine caption above and what each provider is (and is not here) below."""
     lines = [caption(info), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    used = dict.fromkeys(r.provider for r in rows)
+    if used:
+        lines += ["", "Providers: " + "; ".join(f"{p}: {notes[p]}" if notes.get(p) else p for p in used) + "."]
     if unavailable:
         lines += ["", "Not run here: " + "; ".join(f"{k} ({v})" for k, v in unavailable.items()) + "."]
     return "\n".join(lines) + "\n"
