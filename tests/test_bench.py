@@ -1,6 +1,7 @@
 """The benchmark harness: FLOP counts, agreement gate, memory prediction, sweep truth, and a CLI smoke run."""
 
 import csv
+import importlib.util
 import json
 import sys
 
@@ -13,6 +14,8 @@ from mmfast.bench.__main__ import main
 from mmfast.bench.cases import attention_case, chunked_loss, compute_reference, contrastive_case, flops, make_data
 from mmfast.bench.providers import Provider, Unsupported, _naive_contrastive, _sdpa
 from mmfast.bench.runner import Progress, Runner, Settings
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 
 def runner(mem_budget: int = 8 << 30) -> Runner:
@@ -159,6 +162,7 @@ def test_cli_smoke(tmp_path, capsys):
     assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
     meta = json.load(open(out / "results.json"))["machine"]
     assert meta["matmul_gflops"]["fp32"] > 0 and meta["device"] == "cpu"
+    assert (out / "speedup.png").exists() == HAS_MPL
 
 
 def test_cli_sweep_smoke(tmp_path, capsys):
@@ -172,3 +176,4 @@ def test_cli_sweep_smoke(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [int(r["N"]) for r in rows] == [64, 128, 256, 512, 1024, 2048, 4096]
     assert rows[0]["status"] == "ok" and rows[-1]["status"] == "oom" and "OOM (needs" in rows[-1]["note"]
+    assert (out / "sweep.png").exists() == HAS_MPL

@@ -153,6 +153,10 @@ def plot_speedups(rows: list[Row], info: dict[str, Any], path: str) -> str | Non
         ax.barh(ys, xs, height=height, label=p)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
+    lo, hi = min(r.speedup for r in timed), max(r.speedup for r in timed)
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo / 2 <= t <= hi * 2]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], cases, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speed-up over the PyTorch baseline (log scale; > 1 is faster)")
