@@ -196,9 +196,13 @@ class Runner:
             return row
         reps = max(self.s.min_reps, min(self.s.max_reps, int(self.s.row_time / max(t_check, 1e-6))))
         reps = max(1, min(reps, int(share / max(t_check, 1e-6)) - 1))
-        with measure.PeakMemory(self.device) as peak:
-            times = measure.time_calls(call, 1, self.device)
-        times += measure.time_calls(call, reps - 1, self.device)
+        try:
+            with measure.PeakMemory(self.device) as peak:
+                times = measure.time_calls(call, 1, self.device)
+            times += measure.time_calls(call, reps - 1, self.device)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory on a later call
+            row.status, row.note = "error", f"while timing: {type(e).__name__}: {e}".splitlines()[0][:160]
+            return row
         med, q20, q80 = measure.quantiles(times)
         row.median_ms, row.q20_ms, row.q80_ms, row.reps = med * 1e3, q20 * 1e3, q80 * 1e3, len(times)
         row.gflops = fl / med / 1e9
