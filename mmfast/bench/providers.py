@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import mmfast
+from mmfast import _dispatch
 from mmfast.bench.cases import CONTRASTIVE_OPS, Case, reference_forward
 
 # The PyTorch baseline each op's speed-up is quoted against.
@@ -40,8 +41,11 @@ class Provider:
     default: bool = True  # in the default set (mmfast-reference and torch-compile are opt-in)
     warmup: bool = False  # one untimed call before the check (compilation), outside the time budget
     note: str = ""
+    unavailable: str | None = None  # set when known not to run on this machine
 
     def why_not(self, device: torch.device) -> str | None:
+        if self.unavailable:
+            return self.unavailable
         if device.type not in self.devices:
             return f"runs on {', '.join(self.devices)} only"
         if self.module and importlib.util.find_spec(self.module) is None:
@@ -63,18 +67,23 @@ def _mmfast_build(backend: str) -> Callable[[Case, dict[str, Any]], Callable[[],
 
 
 def mmfast_providers(device: torch.device) -> list[Provider]:
-    """One provider per mmfast backend available on this machine (from ``mmfast.backends()``)."""
+    """One provider per mmfast backend available on this machine (from ``mmfast.backends()``).
+
+    A backend that cannot take tensors on ``device`` (the dispatcher's device rule) is listed as
+    unavailable there, with the dispatcher's reason.
+    """
     table = mmfast.backends()
-    names = sorted({b for op in table.values() for b, info in op.items() if info["available"]})
+    names = [b for b in _dispatch.BACKENDS if any(op[b]["available"] for op in table.values())]
     out = []
     for name in names:
         ops = tuple(op for op in table if table[op][name]["available"])
-        devices = ("cpu", "cuda")
-        if name == "triton" and device.type == "cpu":
-            devices = ("cuda",)  # on CPU tensors Triton runs its interpreter: a test tool, not a kernel
+        why = "; ".join(_dispatch.device_reasons(name, device))
+        if name == "triton" and device.type == "cpu" and not why:
+            why = "on CPU tensors Triton runs its interpreter: a test tool, not a kernel"
         note = f"mmfast backend={name!r}" + (" (the ground truth itself)" if name == "reference" else "")
+        build = _mmfast_build(name)
         out.append(
-            Provider(f"mmfast-{name}", ops, _mmfast_build(name), devices, default=name != "reference", note=note)
+            Provider(f"mmfast-{name}", ops, build, default=name != "reference", note=note, unavailable=why or None)
         )
     return out
 
