@@ -130,6 +130,7 @@ class Runner:
         self.time_hist: dict[tuple, list[tuple[float, float]]] = {}
         self.mem_hist: dict[tuple, list[tuple[float, float]]] = {}
         self.setup_s = 0.0  # seconds spent in warm-up (compilation) calls, outside the budget
+        self.time_skipped: set[tuple] = set()  # keys (provider, op, dtype, mode) already skipped for time
 
     def blank_row(self, case: Case, provider: str, status: str, note: str = "", fl: float = 0.0) -> Row:
         N = dict(case.dims).get("N")
@@ -158,12 +159,15 @@ class Runner:
     def precheck(self, case: Case, provider: Provider, share: float, fl: float | None = None) -> Row | None:
         """The "oom" or "skipped" row when the prediction says ``provider`` does not fit, else None."""
         fl = flops(case) if fl is None else fl
-        t_pred, m_pred = self.predicted((provider.name, case.op, case.dtype, case.mode), fl)
-        if m_pred is not None and m_pred > self.s.mem_budget:
+        key = (provider.name, case.op, case.dtype, case.mode)
+        t_pred, m_pred = self.predicted(key, fl)
+        # Past a size skipped for time, a memory figure would extrapolate from too far below: stay "skipped".
+        if m_pred is not None and m_pred > self.s.mem_budget and key not in self.time_skipped:
             row = self.blank_row(case, provider.name, "oom", f"OOM (needs {_fmt_bytes(m_pred)})", fl)
             row.needs_mib = m_pred / 2**20
             return row
-        if t_pred is not None and 2 * t_pred > share:
+        if t_pred is not None and (2 * t_pred > share or key in self.time_skipped):
+            self.time_skipped.add(key)
             return self.blank_row(case, provider.name, "skipped", f"time budget (needs ~{2 * t_pred:.0f} s)", fl)
         return None
 
