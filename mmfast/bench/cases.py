@@ -155,6 +155,7 @@ class Data:
     valid_keys: int | None = None
     ref_out: Tensor | None = None
     ref_grads: dict[str, Tensor] = field(default_factory=dict)
+    note: str = ""  # goes into every row of the case (e.g. what could not be checked)
 
 
 def make_data(case: Case, device: torch.device, seed: int = 0) -> Data:

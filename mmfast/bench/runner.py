@@ -178,7 +178,7 @@ class Runner:
         skip = self.precheck(case, provider, share, fl)
         if skip is not None:
             return skip
-        row = self.blank_row(case, provider.name, "ok", "", fl)
+        row = self.blank_row(case, provider.name, "ok", data.note, fl)
         try:
             call = self.make_call(case, provider, data)
             if provider.warmup:

@@ -40,7 +40,9 @@ def _prepare(case: Case, runner: Runner, device: torch.device, time_left: float)
     if m_pred is not None and m_pred > runner.s.mem_budget:
         if case.op not in CONTRASTIVE_OPS:
             return f"reference would need {m_pred / 2**30:.1f} GB"
-        return _chunked_truth(case, data)
+        data = _chunked_truth(case, data)
+        data.note = "loss checked, gradients not (the reference would exceed the memory budget)"
+        return data
     t0 = time.perf_counter()
     with PeakMemory(device) as peak:
         compute_reference(case, data)
