@@ -106,8 +106,12 @@ def _naive_contrastive(case: Case, inputs: dict[str, Any]) -> Callable[[], Tenso
 
         return clip
     b = inputs["logit_bias"]
-    z = 2 * torch.eye(N, device=x.device, dtype=x.dtype) - 1
-    return lambda: -F.logsigmoid(z * (s * x @ y.t() + b)).sum() / N
+
+    def siglip() -> Tensor:  # the +-1 label matrix is built per call, as open_clip does
+        z = 2 * torch.eye(N, device=x.device, dtype=x.dtype) - 1
+        return -F.logsigmoid(z * (s * x @ y.t() + b)).sum() / N
+
+    return siglip
 
 
 def _open_clip(case: Case, inputs: dict[str, Any]) -> Callable[[], Tensor]:
