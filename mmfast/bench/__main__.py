@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         budget = args.budget if args.budget is not None else 300.0
         D = 32 if preset == "smoke" else 512
         sizes = sweep_sizes(64 if preset == "smoke" else 1024, args.max_n)
-        ops = [op for op in args.ops if op in CONTRASTIVE_OPS] or list(CONTRASTIVE_OPS)
+        ops = [op for op in args.ops if op in CONTRASTIVE_OPS]
+        if not ops:
+            raise SystemExit(f"--sweep-batch covers {' and '.join(CONTRASTIVE_OPS)}; --ops selects none of them")
         rows = run_sweep(ops, dtypes[0], usable, runner, sizes, D, budget, args.point_s, progress)
         stem = "sweep"
     else:
