@@ -113,7 +113,7 @@ def _predict(points: list[tuple[float, float]], x: float, lo: float, hi: float) 
     return y2 * (x / x2) ** slope
 
 
-def _is_unsupported(e: Exception) -> bool:
+def is_unsupported(e: Exception) -> bool:
     msg = str(e)
     return isinstance(e, Unsupported) or "cannot take these inputs" in msg or "not implemented for this op" in msg
 
@@ -192,7 +192,7 @@ class Runner:
             row.max_err = self.agreement(case, data, result)
             del result
         except Exception as e:  # noqa: BLE001 - any failure becomes the row's status, never a crash
-            row.status = "unsupported" if _is_unsupported(e) else "error"
+            row.status = "unsupported" if is_unsupported(e) else "error"
             row.note = f"{type(e).__name__}: {e}".splitlines()[0][:160]
             return row
         if not row.max_err <= measure.AGREE_TOL.get(case.dtype, 1e-2):
