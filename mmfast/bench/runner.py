@@ -192,6 +192,8 @@ class Runner:
             row.max_err = self.agreement(case, data, result)
             del result
         except Exception as e:  # noqa: BLE001 - any failure becomes the row's status, never a crash
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # after an out-of-memory error, give the next row a clean pool
             row.status = "unsupported" if is_unsupported(e) else "error"
             row.note = f"{type(e).__name__}: {e}".splitlines()[0][:160]
             return row

@@ -85,7 +85,10 @@ def run_suite(
             # Inputs and reference are made at the first row of a case that is going to run.
             if case.data_key not in cache:
                 n_rows = sum(1 for c, _ in pairs[i:] if c.data_key == case.data_key)
-                cache[case.data_key] = _prepare(case, runner, device, share * n_rows)
+                try:
+                    cache[case.data_key] = _prepare(case, runner, device, share * n_rows)
+                except Exception as e:  # noqa: BLE001 - the case's rows say why, the run goes on
+                    cache[case.data_key] = f"reference failed: {type(e).__name__}: {e}".splitlines()[0][:160]
             data = cache[case.data_key]
             if isinstance(data, str):
                 row = runner.blank_row(case, prov.name, "skipped", data, flops(case))
