@@ -79,6 +79,16 @@ def test_disagreeing_provider_is_flagged_not_timed():
     assert row.max_err == pytest.approx(0.01, rel=0.05)
 
 
+def test_rel_error():
+    want = torch.tensor([1.0, -4.0, 2.0])
+    assert measure.rel_error(want + torch.tensor([0.0, 0.4, 0.0]), want) == pytest.approx(0.1)
+    assert measure.rel_error(torch.tensor([1.0, float("nan"), 2.0]), want) == float("inf")
+    assert measure.rel_error(want[:2], want) == float("inf")
+    # 0-dim: relative to max(|want|, 1), so a cancelled-out scalar gradient is not over-judged.
+    assert measure.rel_error(torch.tensor(0.0012), torch.tensor(0.001)) == pytest.approx(2e-4)
+    assert measure.rel_error(torch.tensor(8.8), torch.tensor(8.0)) == pytest.approx(0.1)
+
+
 def test_unsupported_and_error_rows():
     case = contrastive_case("info_nce", 9, 4, torch.float32, "fwd")
     data = make_data(case, torch.device("cpu"))
