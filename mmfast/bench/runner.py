@@ -26,8 +26,6 @@ from mmfast.bench import measure
 from mmfast.bench.cases import DTYPE_NAMES, Case, Data, flops, leaves
 from mmfast.bench.providers import Provider, Unsupported
 
-STATUSES = ("ok", "disagrees", "unsupported", "error", "skipped", "oom")
-
 
 @dataclass
 class Row:
@@ -38,7 +36,7 @@ class Row:
     dtype: str
     mode: str
     provider: str
-    status: str
+    status: str  # ok | disagrees | unsupported | error | skipped | oom
     note: str = ""
     N: int | None = None
     flops: float = 0.0
