@@ -1,0 +1,146 @@
+"""The two runs the CLI offers: the standard suite (a table) and the batch-size sweep (curves)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mmfast.bench.cases import (
+    CONTRASTIVE_OPS,
+    Case,
+    Data,
+    chunked_loss,
+    compute_reference,
+    contrastive_case,
+    flops,
+    make_data,
+)
+from mmfast.bench.measure import PeakMemory
+from mmfast.bench.providers import Provider
+from mmfast.bench.runner import Progress, Row, Runner
+
+REFERENCE = "reference"  # history key of the ground-truth runs
+
+
+def _prepare(case: Case, runner: Runner, device: torch.device, time_left: float) -> Data | str:
+    """Inputs and reference results for ``case``, or why they were not computed.
+
+    The reference materializes the logits, so it gets the same memory and time predictions as a
+    provider; where its memory would not fit, contrastive cases fall back to the chunked loss
+    (the loss is then checked, not the gradients).
+    """
+    data = make_data(case, device)
+    ref_case = Case(case.op, case.dims, case.dtype, "fwd+bwd", case.kind)
+    fl = flops(ref_case, data.valid_keys)
+    key = (REFERENCE, case.op, case.dtype)
+    t_pred, m_pred = runner.predicted(key, fl)
+    if t_pred is not None and t_pred > time_left:
+        return f"time budget (reference needs ~{t_pred:.0f} s)"
+    if m_pred is not None and m_pred > runner.s.mem_budget:
+        if case.op not in CONTRASTIVE_OPS:
+            return f"reference would need {m_pred / 2**30:.1f} GB"
+        data = _chunked_truth(case, data)
+        data.note = "loss checked, gradients not (the reference would exceed the memory budget)"
+        return data
+    t0 = time.perf_counter()
+    with PeakMemory(device) as peak:
+        compute_reference(case, data)
+    runner.time_hist.setdefault(key, []).append((fl, time.perf_counter() - t0))
+    if peak.bytes is not None:
+        runner.mem_hist.setdefault(key, []).append((fl, float(max(peak.bytes, 1))))
+    return data
+
+
+def _chunked_truth(case: Case, data: Data) -> Data:
+    x, y = data.inputs["image_features"], data.inputs["text_features"]
+    s = float(data.inputs["logit_scale"])
+    b = float(data.inputs.get("logit_bias", torch.tensor(0.0)))
+    loss = chunked_loss(case.op, x, y, s, b, chunk=max(128, (1 << 26) // case["N"]))
+    data.ref_out, data.ref_grads = torch.tensor(loss, dtype=torch.float32, device=x.device), {}
+    return data
+
+
+def run_suite(
+    cases: list[Case], providers: list[Provider], runner: Runner, budget_s: float, progress: bool = True
+) -> list[Row]:
+    """Every (case, provider) row, cheapest first, so time the small rows leave over goes to big ones.
+
+    Each row may spend an equal share of the time left (``budget_s`` in all, reference runs
+    included); a row predicted not to fit its share is marked "skipped" rather than run.
+    """
+    device = runner.device
+    pairs = [(c, p) for c in cases for p in providers if c.op in p.ops and p.why_not(device) is None]
+    pairs.sort(key=lambda cp: flops(cp[0]))
+    last_use = {c.data_key: i for i, (c, _) in enumerate(pairs)}
+    start = time.perf_counter()
+    cache: dict[tuple, Data | str] = {}
+    bar = Progress(len(pairs), "mmfast-bench", progress)
+    rows = []
+    for i, (case, prov) in enumerate(pairs):
+        left = start + budget_s + runner.setup_s - time.perf_counter()
+        share = left / (len(pairs) - i)
+        row = runner.precheck(case, prov, share) if left > 0 else _spent(runner, case, prov)
+        if row is None:
+            # Inputs and reference are made at the first row of a case that is going to run.
+            if case.data_key not in cache:
+                n_rows = sum(1 for c, _ in pairs[i:] if c.data_key == case.data_key)
+                try:
+                    cache[case.data_key] = _prepare(case, runner, device, share * n_rows)
+                except Exception as e:  # noqa: BLE001 - the case's rows say why, the run goes on
+                    cache[case.data_key] = f"reference failed: {type(e).__name__}: {e}".splitlines()[0][:160]
+            data = cache[case.data_key]
+            if isinstance(data, str):
+                row = runner.blank_row(case, prov.name, "skipped", data, flops(case))
+            else:
+                row = runner.run(case, prov, data, share)
+        rows.append(row)
+        if last_use[case.data_key] == i:
+            cache.pop(case.data_key, None)
+        bar.step(f"{case.label} {prov.name}")
+    bar.close()
+    return rows
+
+
+def run_sweep(
+    ops: list[str],
+    dtype: torch.dtype,
+    providers: list[Provider],
+    runner: Runner,
+    sizes: list[int],
+    D: int,
+    budget_s: float,
+    point_cap_s: float,
+    progress: bool = True,
+) -> list[Row]:
+    """Time and peak memory of fwd+bwd against batch size N for the contrastive losses.
+
+    Each provider climbs the sizes until its predicted peak exceeds the memory budget (marked
+    "OOM (needs X GB)", never run) or its predicted time exceeds ``point_cap_s`` or what is left of
+    ``budget_s``. The loss is checked at every size against ``chunked_loss`` (O(N) memory).
+    """
+    device = runner.device
+    ops = [op for op in ops if op in CONTRASTIVE_OPS]
+    deadline = time.perf_counter() + budget_s
+    rows: list[Row] = []
+    plan = [(op, N) for op in ops for N in sizes]
+    bar = Progress(len(plan), "mmfast-bench sweep", progress)
+    for op, N in plan:
+        case = contrastive_case(op, N, D, dtype, "fwd+bwd")
+        provs = [p for p in providers if op in p.ops and p.why_not(device) is None]
+        share = min(point_cap_s, deadline - time.perf_counter())
+        skips = {p.name: runner.precheck(case, p, share) if share > 0 else _spent(runner, case, p) for p in provs}
+        data = None
+        if any(row is None for row in skips.values()):
+            data = _chunked_truth(case, make_data(case, device))
+        for p in provs:
+            row = skips[p.name]
+            rows.append(row or runner.run(case, p, data, min(point_cap_s, deadline - time.perf_counter())))
+        del data
+        bar.step(case.label)
+    bar.close()
+    return rows
+
+
+def _spent(runner: Runner, case: Case, p: Provider) -> Row:
+    return runner.blank_row(case, p.name, "skipped", "time budget spent", flops(case))

@@ -1,0 +1,189 @@
+"""The benchmark harness: FLOP counts, agreement gate, memory prediction, sweep truth, and a CLI smoke run."""
+
+import csv
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.bench import measure
+from mmfast.bench.__main__ import main
+from mmfast.bench.cases import attention_case, chunked_loss, compute_reference, contrastive_case, flops, make_data
+from mmfast.bench.providers import Provider, Unsupported, _naive_contrastive, _sdpa
+from mmfast.bench.runner import Progress, Runner, Settings
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def runner(mem_budget: int = 8 << 30) -> Runner:
+    return Runner(torch.device("cpu"), Settings(row_time=0.01, min_reps=2, mem_budget=mem_budget), {})
+
+
+def test_flops_formulas():
+    c = contrastive_case("info_nce", 4096, 512, torch.float32, "fwd")
+    assert flops(c) == 2 * 4096 * 4096 * 512
+    assert flops(contrastive_case("siglip_loss", 4096, 512, torch.float32, "fwd+bwd")) == 3 * flops(c)
+    a = attention_case("t", 2, 3, 5, 7, 16, True, torch.float32, "fwd")
+    assert flops(a) == 2 * 3 * 5 * (2 * 7) * 2 * 16  # every key counted when no valid count is given
+    assert flops(a, valid_keys=9) == 2 * 3 * 5 * 9 * 2 * 16
+    b = attention_case("t", 2, 3, 5, 7, 16, True, torch.float32, "fwd+bwd")
+    assert flops(b, valid_keys=9) == 3.5 * flops(a, valid_keys=9)
+
+
+@pytest.mark.parametrize("op", ["info_nce", "siglip_loss"])
+def test_chunked_truth_matches_reference(op):
+    case = contrastive_case(op, 97, 24, torch.float32, "fwd")
+    data = make_data(case, torch.device("cpu"), seed=3)
+    x, y = data.inputs["image_features"], data.inputs["text_features"]
+    s, b = float(data.inputs["logit_scale"]), float(data.inputs.get("logit_bias", torch.tensor(0.0)))
+    want = mmfast.info_nce(x, y, s) if op == "info_nce" else mmfast.siglip_loss(x, y, s, b)
+    assert chunked_loss(op, x, y, s, b, chunk=16) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_peers_agree_and_are_timed(mode):
+    r = runner()
+    for case, build in [
+        (contrastive_case("info_nce", 33, 16, torch.float32, mode), _naive_contrastive),
+        (contrastive_case("siglip_loss", 33, 16, torch.float32, mode), _naive_contrastive),
+        (attention_case("t", 2, 2, 5, 19, 8, True, torch.float32, mode), _sdpa),
+    ]:
+        data = make_data(case, r.device)
+        compute_reference(case, data)
+        row = r.run(case, Provider("peer", (case.op,), build), data, share=10.0)
+        assert row.status == "ok", row.note
+        assert row.max_err < 1e-5 and row.reps >= 2 and row.median_ms > 0 and row.gflops > 0
+
+
+def test_disagreeing_provider_is_flagged_not_timed():
+    case = contrastive_case("info_nce", 33, 16, torch.float32, "fwd+bwd")
+    data = make_data(case, torch.device("cpu"))
+    compute_reference(case, data)
+    calls = []
+
+    def wrong(case, inputs):
+        good = _naive_contrastive(case, inputs)
+
+        def fn():
+            calls.append(1)
+            return good() * 1.01
+
+        return fn
+
+    row = runner().run(case, Provider("wrong", ("info_nce",), wrong), data, share=10.0)
+    assert row.status == "disagrees" and row.median_ms is None and row.reps == 0
+    assert len(calls) == 1  # the checking call only
+    assert row.max_err == pytest.approx(0.01, rel=0.05)
+
+
+def test_rel_error():
+    want = torch.tensor([1.0, -4.0, 2.0])
+    assert measure.rel_error(want + torch.tensor([0.0, 0.4, 0.0]), want) == pytest.approx(0.1)
+    assert measure.rel_error(torch.tensor([1.0, float("nan"), 2.0]), want) == float("inf")
+    assert measure.rel_error(want[:2], want) == float("inf")
+    # 0-dim: relative to max(|want|, 1), so a cancelled-out scalar gradient is not over-judged.
+    assert measure.rel_error(torch.tensor(0.0012), torch.tensor(0.001)) == pytest.approx(2e-4)
+    assert measure.rel_error(torch.tensor(8.8), torch.tensor(8.0)) == pytest.approx(0.1)
+
+
+def test_unsupported_and_error_rows():
+    case = contrastive_case("info_nce", 9, 4, torch.float32, "fwd")
+    data = make_data(case, torch.device("cpu"))
+    compute_reference(case, data)
+
+    def unsupported(case, inputs):
+        raise Unsupported("fp32 only")
+
+    def broken(case, inputs):
+        return lambda: torch.ones(3) @ torch.ones(4)
+
+    r = runner()
+    assert r.run(case, Provider("u", ("info_nce",), unsupported), data, 10.0).status == "unsupported"
+    row = r.run(case, Provider("b", ("info_nce",), broken), data, 10.0)
+    assert row.status == "error" and "RuntimeError" in row.note
+
+
+def test_memory_prediction_marks_oom_without_running():
+    small = contrastive_case("info_nce", 1024, 512, torch.float32, "fwd+bwd")
+    big = contrastive_case("info_nce", 4096, 512, torch.float32, "fwd+bwd")
+    r = runner(mem_budget=1 << 30)
+    key = ("p", "info_nce", torch.float32, "fwd+bwd")
+    r.mem_hist[key] = [(flops(small), 100.0 * 2**20)]  # 100 MiB at N=1024: quadratic growth assumed
+    calls = []
+    prov = Provider("p", ("info_nce",), lambda c, i: lambda: calls.append(1))
+    row = r.run(big, prov, make_data(contrastive_case("info_nce", 8, 4, torch.float32, "fwd"), r.device), 1e9)
+    assert row.status == "oom" and not calls
+    assert row.needs_mib == pytest.approx(1.1 * 100 * 16)
+    assert "OOM (needs 1.7 GB)" in row.note
+
+
+def test_time_prediction_skips_rows_that_do_not_fit():
+    r = runner()
+    case = contrastive_case("info_nce", 4096, 512, torch.float32, "fwd")
+    r.time_hist[("p", "info_nce", torch.float32, "fwd")] = [(flops(case) / 16, 1.0)]
+    tiny = make_data(contrastive_case("info_nce", 8, 4, torch.float32, "fwd"), r.device)
+    row = r.run(case, Provider("p", ("info_nce",), None), tiny, share=20.0)
+    assert row.status == "skipped" and "needs ~32 s" in row.note  # 2 calls x 16 x 1 s: time grows with the FLOPs
+
+
+def test_memory_growth_read_from_increments():
+    # 3 points of a linear-memory provider with a 500 MiB constant offset: p = 0.5 in FLOP space
+    # (memory ~ N, FLOPs ~ N^2), so doubling N again predicts 2x the last figure (times the 1.1 margin).
+    r = runner()
+    key = ("p", "info_nce", torch.float32, "fwd+bwd")
+    pts = [
+        (flops(contrastive_case("info_nce", n, 512, torch.float32, "fwd+bwd")), 500.0 + n) for n in (1024, 2048, 4096)
+    ]
+    r.mem_hist[key] = pts
+    _, m = r.predicted(key, flops(contrastive_case("info_nce", 8192, 512, torch.float32, "fwd+bwd")))
+    assert m == pytest.approx(1.1 * (500 + 4096) * 2)
+
+
+def test_cpu_peak_memory_sees_a_temporary():
+    if not measure._reset_cpu_peak():
+        pytest.skip("/proc/self/clear_refs is not writable here: CPU peaks are reported as unknown")
+    with measure.PeakMemory(torch.device("cpu")) as m:
+        t = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+        del t
+    assert 60 << 20 <= m.bytes <= 80 << 20
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    bar = Progress(2, "x")
+    bar.step("first")
+    bar.step("second")
+    bar.close()
+    assert "[2/2] second" in capsys.readouterr().err
+
+
+def test_cli_smoke(tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = ["--smoke", "--ops", "info_nce", "--modes", "fwd+bwd", "--providers", "mmfast-reference,torch-naive"]
+    rc = main([*argv, "--budget", "8", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| info_nce | N=64 D=32 | fp32 | fwd+bwd | torch-naive |" in table
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["provider"] for r in rows] == ["mmfast-reference", "torch-naive"]
+    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
+    meta = json.load(open(out / "results.json"))["machine"]
+    assert meta["matmul_gflops"]["fp32"] > 0 and meta["device"] == "cpu"
+    assert (out / "speedup.png").exists() == HAS_MPL
+
+
+def test_cli_sweep_smoke(tmp_path, capsys):
+    # A 1 MiB memory budget: the naive loss needs 16 MiB of logits at N=2048, so by N=4096 at the
+    # latest it must be predicted out of memory, and not run.
+    if not measure._reset_cpu_peak():
+        pytest.skip("/proc/self/clear_refs is not writable here: no CPU peaks to predict from")
+    out = tmp_path / "sweep"
+    argv = ["--smoke", "--sweep-batch", "--ops", "siglip_loss", "--providers", "torch-naive", "--max-n", "4096"]
+    assert main([*argv, "--mem-budget-gb", str(1 / 1024), "--no-progress", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [int(r["N"]) for r in rows] == [64, 128, 256, 512, 1024, 2048, 4096]
+    assert rows[0]["status"] == "ok" and rows[-1]["status"] == "oom" and "OOM (needs" in rows[-1]["note"]
+    assert (out / "sweep.png").exists() == HAS_MPL
