@@ -137,7 +137,11 @@ void apply_masks(const Masking& mk, int64_t b, int64_t h, int64_t i0, int64_t ro
     const int64_t i = i0 + r;
     if (mk.kpm) {
       const bool* pad = mk.kpm + b * mk.kpm_sb + j0 * mk.kpm_sj;
-      for (int64_t c = 0; c < cols; ++c) srow[c] = pad[c * mk.kpm_sj] ? kNegInf : srow[c];
+      if (mk.kpm_sj == 1) {
+        for (int64_t c = 0; c < cols; ++c) srow[c] = pad[c] ? kNegInf : srow[c];
+      } else {
+        for (int64_t c = 0; c < cols; ++c) srow[c] = pad[c * mk.kpm_sj] ? kNegInf : srow[c];
+      }
     }
     if (mk.kind != 0) {
       const int64_t off = b * mk.msb + h * mk.msh + i * mk.msi + j0 * mk.msj;
@@ -171,23 +175,17 @@ void apply_dropout(const Masking& mk, int64_t b, int64_t h, int64_t i0, int64_t 
   }
 }
 
+// The left operand of the p v, p^T do, ds k, ds^T q GEMMs lives in the accumulation type A; for
+// bf16/fp16 inputs it is rounded to T once so those GEMMs run in T (bf16/fp16 units, fp32
+// accumulation). Returns a pointer with the same layout (n elements).
 template <typename T, typename A>
-void to_input_type(const A* src, T* dst, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<T>(src[x]);
-}
-
-// GEMM with the left operand in the accumulation type A (p or ds): for reduced-precision inputs the
-// operand is rounded to T first so the GEMM runs in T (bf16/fp16 units) with fp32 accumulation.
-template <typename T, typename A>
-void gemm_acc_left(bool ta, int64_t M, int64_t N, int64_t K, A alpha, const A* a, int64_t lda, const T* b,
-                   int64_t ldb, A* c, int64_t ldc, std::vector<T>& scratch) {
+const T* as_input(const A* src, int64_t n, std::vector<T>& scratch) {
   if constexpr (std::is_same_v<T, A>) {
-    gemm<T>(ta, false, M, N, K, alpha, a, lda, b, ldb, A(1), c, ldc);
+    return src;
   } else {
-    const int64_t n = ta ? K * lda : M * lda;
     scratch.resize(n);
-    to_input_type(a, scratch.data(), n);
-    gemm<T>(ta, false, M, N, K, alpha, scratch.data(), lda, b, ldb, A(1), c, ldc);
+    for (int64_t x = 0; x < n; ++x) scratch[x] = static_cast<T>(src[x]);
+    return scratch.data();
   }
 }
 
@@ -231,10 +229,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         for (int64_t r = 0; r < rows; ++r) {
           A* srow = s.data() + r * Nb;
           A mx = m[r];
+#pragma omp simd reduction(max : mx)
           for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, srow[c]);
           const A m_use = mx == kNegInf ? A(0) : mx;  // all masked so far: p = exp(-inf) = 0
           const A alpha = m[r] == kNegInf ? A(0) : fast_exp(m[r] - mx);
           A sum = 0;
+#pragma omp simd reduction(+ : sum)
           for (int64_t c = 0; c < cols; ++c) {
             srow[c] = fast_exp(srow[c] - m_use);
             sum += srow[c];
@@ -247,8 +247,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
         // 4. Dropout on p (the normalizer l keeps the undropped p), 5. acc += p v.
         if (mk.dropout_p > 0) apply_dropout(mk, b, h, i0, rows, j0, cols, s.data(), Nb);
-        gemm_acc_left<T, A>(false, rows, Dv, cols, A(1), s.data(), Nb, V.row(b, g, j0), V.sl, acc.data(), Dv,
-                            scratch);
+        const T* p = as_input<T, A>(s.data(), rows * Nb, scratch);
+        gemm<T>(false, false, rows, Dv, cols, A(1), p, Nb, V.row(b, g, j0), V.sl, A(1), acc.data(), Dv);
       }
       // 6. out = acc / l, lse = m + log l; rows without an allowed key: 0 and -inf.
       for (int64_t r = 0; r < rows; ++r) {

@@ -58,6 +58,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
               if (l == kNegInf) {
                 std::fill(srow, srow + cols, A(0));
               } else {
+#pragma omp simd
                 for (int64_t c = 0; c < cols; ++c) srow[c] = fast_exp(srow[c] - l);
               }
             }
@@ -72,22 +73,23 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
               apply_dropout(mk, b, h, i0, rows, j0, cols, dp.data(), Nb);
               pz = pz_buf.data();
             }
-            gemm_acc_left<T, A>(true, cols, Dv, rows, A(1), pz, Nb, dO.row(b, h, i0), dO.sl, dv_acc.data() + j0 * Dv,
-                                Dv, scratch);
+            gemm<T>(true, false, cols, Dv, rows, A(1), as_input<T, A>(pz, rows * Nb, scratch), Nb, dO.row(b, h, i0),
+                    dO.sl, A(1), dv_acc.data() + j0 * Dv, Dv);
             // 5. ds = p (dp - D_i), kept in s; the float mask's gradient is ds itself.
             for (int64_t r = 0; r < rows; ++r) {
               A* srow = s.data() + r * Nb;
               const A* dprow = dp.data() + r * Nb;
-              for (int64_t c = 0; c < cols; ++c) srow[c] = srow[c] * (dprow[c] - di[r]);
+              const A d_i = di[r];
+#pragma omp simd
+              for (int64_t c = 0; c < cols; ++c) srow[c] = srow[c] * (dprow[c] - d_i);
               if (dmask_p) {
                 std::copy(srow, srow + cols, dmask_p + ((b * Hq + h) * Lq + i0 + r) * Lk + j0);
               }
             }
             // 6. dq += scale ds k,  dk += scale ds^T q.
-            gemm_acc_left<T, A>(false, rows, D, cols, scale, s.data(), Nb, K.row(b, g, j0), K.sl, dq_acc.data(), D,
-                                scratch);
-            gemm_acc_left<T, A>(true, cols, D, rows, scale, s.data(), Nb, Q.row(b, h, i0), Q.sl,
-                                dk_acc.data() + j0 * D, D, scratch);
+            const T* ds = as_input<T, A>(s.data(), rows * Nb, scratch);
+            gemm<T>(false, false, rows, D, cols, scale, ds, Nb, K.row(b, g, j0), K.sl, A(1), dq_acc.data(), D);
+            gemm<T>(true, false, cols, D, rows, scale, ds, Nb, Q.row(b, h, i0), Q.sl, A(1), dk_acc.data() + j0 * D, D);
           }
           for (int64_t r = 0; r < rows; ++r) {
             T* dqrow = dQ.row(b, h, i0 + r);

@@ -81,13 +81,15 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, A alpha, const T* a
   gemm_fallback<T, A>(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// exp(x) for float, branch-free so loops over it vectorize: x = n ln2 + r, |r| <= ln2/2,
-// exp(r) by a degree-6 Taylor/Horner polynomial (rel. error < 2e-7), 2^n built in the exponent
-// bits. exp(-inf) = 0; inputs below -87.3 flush to 0 (the softmax never needs them).
+// exp(x) for float, branch-free so loops over it vectorize: x = n ln2 + r, |r| <= ln2/2 (n rounded
+// to nearest by the 1.5 * 2^23 trick), exp(r) by a degree-6 Taylor polynomial (rel. error < 3e-7),
+// 2^n built in the exponent bits. exp(-inf) = 0; inputs below -87.3 flush to 0 (the softmax never
+// needs them: they are below exp(max) * 2^-126).
 inline float fast_exp(float x) {
-  x = std::max(x, -87.3f);
-  x = std::min(x, 88.3f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const bool tiny = x < -87.3f;
+  x = tiny ? -87.3f : x;
+  x = x > 88.3f ? 88.3f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   const float r = std::fma(n, -0.693145751953125f, std::fma(n, -1.428606765330187e-06f, x));
   float p = 1.f / 720.f;
   p = std::fma(p, r, 1.f / 120.f);
@@ -96,10 +98,10 @@ inline float fast_exp(float x) {
   p = std::fma(p, r, 0.5f);
   p = std::fma(p, r, 1.f);
   p = std::fma(p, r, 1.f);
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x <= -87.3f ? 0.f : p * scale;
+  return tiny ? 0.f : p * scale;
 }
 inline double fast_exp(double x) { return std::exp(x); }
 
