@@ -22,12 +22,14 @@ def test_dropout_matches_reference_mask(B, Hq, Hkv, Lq, Lk, D, p):
     """The kernel drops exactly keep_mask(seed) (seed drawn from torch's generator), in the forward
     and in the backward: out and every gradient equal the reference given that mask."""
     x = attention_inputs(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, pad_frac=0.2)
+    grad_out = torch.randn(B, Hq, Lq, D, dtype=torch.float64)
     torch.manual_seed(1234)
     seed = draw_seed()
     mask = keep_mask(seed, B, Hq, Lq, Lk, p)
     torch.manual_seed(1234)  # the op draws the same seed
     compare_with_reference(
-        x["query"], x["key"], x["value"], key_padding_mask=x["key_padding_mask"], dropout_p=p, dropout_mask=mask
+        x["query"], x["key"], x["value"], key_padding_mask=x["key_padding_mask"], dropout_p=p, dropout_mask=mask,
+        grad_out=grad_out,
     )
 
 

@@ -26,7 +26,9 @@ def run_with_grads(fn, q, k, v, attn_mask, grad_out, **kw) -> dict[str, Tensor |
     return dict(out=out, lse=lse, dq=q.grad, dk=k.grad, dv=v.grad, dmask=m.grad if mask_grad else None)
 
 
-def compare_with_reference(q, k, v, *, attn_mask=None, dropout_mask=None, backend="cpu", **kw) -> dict:
+def compare_with_reference(
+    q, k, v, *, attn_mask=None, dropout_mask=None, grad_out=None, backend="cpu", **kw
+) -> dict:
     """Run ``backend`` in the inputs' dtype and the reference in float64; assert every result is close.
 
     Tolerances: the dtype's table; reduced-precision dtypes are compared against the reference run
@@ -34,7 +36,8 @@ def compare_with_reference(q, k, v, *, attn_mask=None, dropout_mask=None, backen
     Returns the backend's results.
     """
     dtype = q.dtype
-    grad_out = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[3], dtype=torch.float64)
+    if grad_out is None:
+        grad_out = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[3], dtype=torch.float64)
     got = run_with_grads(mmfast.cross_attention, q, k, v, attn_mask, grad_out, backend=backend, **kw)
 
     def ref_fn(q, k, v, **kw2):

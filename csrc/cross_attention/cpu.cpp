@@ -228,17 +228,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         // 3. Online softmax: new row max, rescale what was accumulated, p = exp(s - m), l += sum p.
         for (int64_t r = 0; r < rows; ++r) {
           A* srow = s.data() + r * Nb;
-          A mx = m[r];
-#pragma omp simd reduction(max : mx)
-          for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, srow[c]);
+          const A mx = row_max(srow, cols, m[r]);
           const A m_use = mx == kNegInf ? A(0) : mx;  // all masked so far: p = exp(-inf) = 0
           const A alpha = m[r] == kNegInf ? A(0) : fast_exp(m[r] - mx);
-          A sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < cols; ++c) {
-            srow[c] = fast_exp(srow[c] - m_use);
-            sum += srow[c];
-          }
+          const A sum = exp_sub_sum(srow, cols, m_use);
           if (alpha != A(1)) {
             for (int64_t d = 0; d < Dv; ++d) acc[r * Dv + d] *= alpha;
           }

@@ -58,8 +58,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
               if (l == kNegInf) {
                 std::fill(srow, srow + cols, A(0));
               } else {
-#pragma omp simd
-                for (int64_t c = 0; c < cols; ++c) srow[c] = fast_exp(srow[c] - l);
+                exp_sub_sum(srow, cols, l);
               }
             }
             // 3. dp = do v^T.
