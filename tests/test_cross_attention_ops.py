@@ -28,7 +28,12 @@ def test_dropout_matches_reference_mask(B, Hq, Hkv, Lq, Lk, D, p):
     mask = keep_mask(seed, B, Hq, Lq, Lk, p)
     torch.manual_seed(1234)  # the op draws the same seed
     compare_with_reference(
-        x["query"], x["key"], x["value"], key_padding_mask=x["key_padding_mask"], dropout_p=p, dropout_mask=mask,
+        x["query"],
+        x["key"],
+        x["value"],
+        key_padding_mask=x["key_padding_mask"],
+        dropout_p=p,
+        dropout_mask=mask,
         grad_out=grad_out,
     )
 
@@ -85,7 +90,9 @@ def test_opcheck():
     q, k, v, kpm, mask = args[:5]
     out, lse = OPS.cross_attention_forward(*args)
     torch.library.opcheck(OPS.cross_attention_forward_out.default, (*opcheck_args(False), torch.empty(2, 4, 5, 8)))
-    bwd_args = (torch.randn_like(out), q, k, v, out.detach(), lse, kpm, mask, True, 0.35, 0.1, 3, True)
+    # The backward op is not differentiable (double backward raises), so its inputs do not require grad.
+    q, k, v, mask, out = (t.detach() for t in (q, k, v, mask, out))
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, kpm, mask, True, 0.35, 0.1, 3, True)
     torch.library.opcheck(OPS.cross_attention_backward.default, bwd_args)
 
 
@@ -153,3 +160,11 @@ def test_lse_is_not_differentiable_and_rows_empty():
     )
     assert lse.dtype == torch.float32 and not lse.requires_grad and out.requires_grad
     assert (lse[-1] == float("-inf")).all() and (out[-1] == 0).all() and torch.isfinite(lse[:-1]).all()
+
+
+def test_double_backward_raises():
+    x = attention_inputs(B=1, Hq=2, Lq=3, Lk=5, D=4, requires_grad=True)
+    out = mmfast.cross_attention(x["query"], x["key"], x["value"], backend="cpu")
+    (dq,) = torch.autograd.grad(out.sum(), (x["query"],), create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        dq.sum().backward()

@@ -26,9 +26,7 @@ def run_with_grads(fn, q, k, v, attn_mask, grad_out, **kw) -> dict[str, Tensor |
     return dict(out=out, lse=lse, dq=q.grad, dk=k.grad, dv=v.grad, dmask=m.grad if mask_grad else None)
 
 
-def compare_with_reference(
-    q, k, v, *, attn_mask=None, dropout_mask=None, grad_out=None, backend="cpu", **kw
-) -> dict:
+def compare_with_reference(q, k, v, *, attn_mask=None, dropout_mask=None, grad_out=None, backend="cpu", **kw) -> dict:
     """Run ``backend`` in the inputs' dtype and the reference in float64; assert every result is close.
 
     Tolerances: the dtype's table; reduced-precision dtypes are compared against the reference run

@@ -225,6 +225,10 @@ def _grads(ctx, grad_out: Tensor, mask_index: int) -> tuple[Tensor, Tensor, Tens
     return dq, dk, dv, dmask if mask_grad else None
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("mmfast.cross_attention: double backward (grad of the gradient) is not supported")
+
+
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed = inputs
     out, lse = output
@@ -318,6 +322,9 @@ if _dispatch.extension()[0] is not None:  # the ops exist only once mmfast._C is
     torch.library.register_fake("mmfast::cross_attention_forward_out")(_fake_forward_out)
     torch.library.register_fake("mmfast::cross_attention_backward")(_fake_backward)
     torch.library.register_autograd("mmfast::cross_attention_forward", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        "mmfast::cross_attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
     _dispatch.register("cross_attention", "cpu", _kernel, _cpu_reasons)
     _dispatch.register(
         "cross_attention", "cuda", _kernel, _cuda_reasons, note="CUDA kernels not yet verified on hardware"
