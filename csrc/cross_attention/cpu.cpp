@@ -184,7 +184,11 @@ const T* as_input(const A* src, int64_t n, std::vector<T>& scratch) {
     return src;
   } else {
     scratch.resize(n);
-    for (int64_t x = 0; x < n; ++x) scratch[x] = static_cast<T>(src[x]);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      to_bf16(src, scratch.data(), n);
+    } else {
+      for (int64_t x = 0; x < n; ++x) scratch[x] = static_cast<T>(src[x]);
+    }
     return scratch.data();
   }
 }

@@ -139,6 +139,26 @@ inline float hmax8(__m256 v) {
 }
 #endif
 
+// dst[0..n) = bf16(src[0..n)), round to nearest even (finite inputs: p and ds never hold NaN).
+inline void to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
+  int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+  for (; c + 16 <= n; c += 16) {
+    __m256i h[2];
+    for (int half = 0; half < 2; ++half) {
+      const __m256i x = _mm256_castps_si256(_mm256_loadu_ps(src + c + 8 * half));
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), one);
+      h[half] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, bias), odd), 16);
+    }
+    // packus interleaves 128-bit lanes: (a0 b0 a1 b1) -> reorder to (a0 a1 b0 b1).
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), packed);
+  }
+#endif
+  for (; c < n; ++c) dst[c] = static_cast<at::BFloat16>(src[c]);
+}
+
 // max(init, s[0..n)).
 template <typename A>
 inline A row_max(const A* s, int64_t n, A init) {
