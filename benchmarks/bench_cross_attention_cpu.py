@@ -50,16 +50,23 @@ def flops(c: Case, backward: bool) -> float:
     return (14 if backward else 4) * c.B * c.H * c.Lq * c.Lk * c.D
 
 
-def timeit(fn: Callable[[], object], reps: int) -> dict:
-    fn()  # warm-up
-    times = []
+def timeit(fns: dict, reps: int) -> dict:
+    """Median and 20% / 80% quantiles per provider; providers run round-robin, so a change of load
+    on the shared machine hits all of them alike."""
+    times: dict = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    q = lambda f: times[min(int(f * len(times)), len(times) - 1)]  # noqa: E731
-    return {"median": q(0.5), "q20": q(0.2), "q80": q(0.8)}
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = lambda f, ts=ts: ts[min(int(f * len(ts)), len(ts) - 1)]  # noqa: E731
+        out[name] = {"median": q(0.5), "q20": q(0.2), "q80": q(0.8)}
+    return out
 
 
 def setup(c: Case, provider: str, dtype: torch.dtype, backward: bool) -> Callable[[], object]:
@@ -91,7 +98,7 @@ def setup(c: Case, provider: str, dtype: torch.dtype, backward: bool) -> Callabl
 def matmul_rate(dtype: torch.dtype, reps: int) -> float:
     """FLOP/s of a 1024^3 torch.mm on all threads: the machine's GEMM rate in this run."""
     a, b = torch.randn(1024, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
-    t = timeit(lambda: torch.mm(a, b), reps)["median"]
+    t = timeit({"mm": lambda: torch.mm(a, b)}, reps)["mm"]["median"]
     return 2 * 1024**3 / t
 
 
@@ -100,7 +107,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="text->image only, fewer repetitions")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = CASES[:2] if args.quick else CASES
     reps = 5 if args.quick else args.reps
     rate = {dt: matmul_rate(dt, reps) for dt in (torch.float32, torch.bfloat16)}
@@ -111,9 +121,8 @@ def main() -> None:
     rows = []
     for c in cases:
         for backward in (False, True):
-            res = {}
-            for provider, dtype in (("mmfast", torch.float32), ("sdpa", torch.float32), ("mmfast", torch.bfloat16)):
-                res[(provider, dtype)] = timeit(setup(c, provider, dtype, backward), reps)
+            providers = (("mmfast", torch.float32), ("sdpa", torch.float32), ("mmfast", torch.bfloat16))
+            res = timeit({pd: setup(c, *pd, backward) for pd in providers}, reps)
             t_mm, t_sdpa = res[("mmfast", torch.float32)]["median"], res[("sdpa", torch.float32)]["median"]
             t_bf16 = res[("mmfast", torch.bfloat16)]["median"]
             floor = flops(c, backward) / rate[torch.float32]

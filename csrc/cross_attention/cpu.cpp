@@ -37,10 +37,12 @@
 TORCH_LIBRARY_FRAGMENT(mmfast, m) {
   m.def(
       "cross_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-      "Tensor? attn_mask, bool is_causal, float scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+      "Tensor? attn_mask, bool is_causal, float scale, float dropout_p, int seed) -> (Tensor out, Tensor "
+      "lse)");
   m.def(
       "cross_attention_forward_out(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-      "Tensor? attn_mask, bool is_causal, float scale, float dropout_p, int seed, Tensor(a!) out) -> Tensor lse");
+      "Tensor? attn_mask, bool is_causal, float scale, float dropout_p, int seed, Tensor(a!) out) -> Tensor "
+      "lse");
   m.def(
       "cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? attn_mask, bool is_causal, float scale, float dropout_p, int seed, "
@@ -162,8 +164,8 @@ void apply_masks(const Masking& mk, int64_t b, int64_t h, int64_t i0, int64_t ro
 
 // Multiply p[r, c] by keep / (1 - p_drop) (0 when dropped); the same mask in forward and backward.
 template <typename A>
-void apply_dropout(const Masking& mk, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                   A* p, int64_t ldp) {
+void apply_dropout(const Masking& mk, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                   int64_t cols, A* p, int64_t ldp) {
   const A inv_keep = A(1) / A(1 - mk.dropout_p);
   for (int64_t r = 0; r < rows; ++r) {
     const uint32_t row = static_cast<uint32_t>((b * mk.Hq + h) * mk.Lq + i0 + r);
@@ -226,8 +228,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t j0 = lo; j0 < hi; j0 += Nb) {
         const int64_t cols = std::min(Nb, hi - j0);
         // 1. s = scale * q k^T (one GEMM), 2. masks.
-        gemm<T>(false, true, rows, cols, D, scale, Q.row(b, h, i0), Q.sl, K.row(b, g, j0), K.sl, A(0), s.data(),
-                Nb);
+        gemm<T>(false, true, rows, cols, D, scale, Q.row(b, h, i0), Q.sl, K.row(b, g, j0), K.sl, A(0),
+                s.data(), Nb);
         apply_masks(mk, b, h, i0, rows, j0, cols, s.data(), Nb);
         // 3. Online softmax: new row max, rescale what was accumulated, p = exp(s - m), l += sum p.
         for (int64_t r = 0; r < rows; ++r) {
@@ -266,7 +268,8 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& attn_mask) {
+                 const std::optional<at::Tensor>& key_padding_mask,
+                 const std::optional<at::Tensor>& attn_mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "cross_attention: query, key, value must be 4-D (B, H, L, D)");
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
@@ -274,8 +277,8 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.size(0) == B && v.size(0) == B, "cross_attention: batch sizes of query, key, value differ");
   TORCH_CHECK(k.size(3) == D, "cross_attention: key head dim ", k.size(3), " != query head dim ", D);
   TORCH_CHECK(v.size(1) == Hkv && v.size(2) == Lk, "cross_attention: value must have key's heads and length");
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "cross_attention: query heads (", Hq, ") must be a multiple of key heads (",
-              Hkv, ")");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "cross_attention: query heads (", Hq,
+              ") must be a multiple of key heads (", Hkv, ")");
   TORCH_CHECK(D <= kMaxHeadDim && v.size(3) <= kMaxHeadDim, "cross_attention (cpu): head dim D=", D,
               ", Dv=", v.size(3), " exceeds the kernel's limit of ", kMaxHeadDim);
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
@@ -302,19 +305,20 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& v_in, const std::optional<at::Tensor>& kpm,
                                                 const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                                double scale, double dropout_p, int64_t seed, at::Tensor out) {
+                                                double scale, double dropout_p, int64_t seed,
+                                                at::Tensor out) {
   Prepared p = prepare(q_in, k_in, v_in, kpm, attn_mask);
   const int64_t B = p.q.size(0), Hq = p.q.size(1), Lq = p.q.size(2);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "cross_attention: dropout_p must be in [0, 1)");
-  TORCH_CHECK(out.sizes() == at::IntArrayRef({B, Hq, Lq, p.v.size(3)}) && out.scalar_type() == p.q.scalar_type(),
-              "cross_attention: out must be (B, Hq, Lq, Dv) with query's dtype");
+  TORCH_CHECK(
+      out.sizes() == at::IntArrayRef({B, Hq, Lq, p.v.size(3)}) && out.scalar_type() == p.q.scalar_type(),
+      "cross_attention: out must be (B, Hq, Lq, Dv) with query's dtype");
   at::Tensor target = rows_ready(out);  // a copy only when out's rows are not contiguous
   const auto acc_dtype = p.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({B, Hq, Lq}, p.q.options().dtype(acc_dtype));
   Masking mk = make_masking(p.q, p.k, p.kpm, p.mask, is_causal, dropout_p, seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_forward", [&] {
-    forward_kernel<scalar_t>(p.q, p.k, p.v, mk, scale, target, lse);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_forward",
+                                  [&] { forward_kernel<scalar_t>(p.q, p.k, p.v, mk, scale, target, lse); });
   if (!target.is_same(out)) out.copy_(target);
   return {out, lse};
 }

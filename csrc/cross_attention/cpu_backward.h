@@ -26,7 +26,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const int64_t Mb = std::min<int64_t>(std::max<int64_t>(Lq, 1), 64);
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> s(Mb * Nb), dp(Mb * Nb), pz_buf(mk.dropout_p > 0 ? Mb * Nb : 0), dq_acc(Mb * D), di(Mb), dk_acc(Lk * D), dv_acc(Lk * Dv);
+    std::vector<A> s(Mb * Nb), dp(Mb * Nb), pz_buf(mk.dropout_p > 0 ? Mb * Nb : 0), dq_acc(Mb * D), di(Mb),
+        dk_acc(Lk * D), dv_acc(Lk * Dv);
     std::vector<T> scratch;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, g = t % Hkv;
@@ -72,8 +73,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
               apply_dropout(mk, b, h, i0, rows, j0, cols, dp.data(), Nb);
               pz = pz_buf.data();
             }
-            gemm<T>(true, false, cols, Dv, rows, A(1), as_input<T, A>(pz, rows * Nb, scratch), Nb, dO.row(b, h, i0),
-                    dO.sl, A(1), dv_acc.data() + j0 * Dv, Dv);
+            gemm<T>(true, false, cols, Dv, rows, A(1), as_input<T, A>(pz, rows * Nb, scratch), Nb,
+                    dO.row(b, h, i0), dO.sl, A(1), dv_acc.data() + j0 * Dv, Dv);
             // 5. ds = p (dp - D_i), kept in s; the float mask's gradient is ds itself.
             for (int64_t r = 0; r < rows; ++r) {
               A* srow = s.data() + r * Nb;
@@ -87,8 +88,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             }
             // 6. dq += scale ds k,  dk += scale ds^T q.
             const T* ds = as_input<T, A>(s.data(), rows * Nb, scratch);
-            gemm<T>(false, false, rows, D, cols, scale, ds, Nb, K.row(b, g, j0), K.sl, A(1), dq_acc.data(), D);
-            gemm<T>(true, false, cols, D, rows, scale, ds, Nb, Q.row(b, h, i0), Q.sl, A(1), dk_acc.data() + j0 * D, D);
+            gemm<T>(false, false, rows, D, cols, scale, ds, Nb, K.row(b, g, j0), K.sl, A(1), dq_acc.data(),
+                    D);
+            gemm<T>(true, false, cols, D, rows, scale, ds, Nb, Q.row(b, h, i0), Q.sl, A(1),
+                    dk_acc.data() + j0 * D, D);
           }
           for (int64_t r = 0; r < rows; ++r) {
             T* dqrow = dQ.row(b, h, i0 + r);
@@ -113,21 +116,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     bool attn_mask_grad) {
   Prepared p = prepare(q_in, k_in, v_in, kpm, attn_mask);
   const int64_t B = p.q.size(0), Hq = p.q.size(1), Lq = p.q.size(2), Lk = p.k.size(2);
-  TORCH_CHECK(grad_out.sizes() == out_in.sizes() && out_in.sizes() == at::IntArrayRef({B, Hq, Lq, p.v.size(3)}),
-              "cross_attention_backward: grad_out and out must be (B, Hq, Lq, Dv)");
+  TORCH_CHECK(
+      grad_out.sizes() == out_in.sizes() && out_in.sizes() == at::IntArrayRef({B, Hq, Lq, p.v.size(3)}),
+      "cross_attention_backward: grad_out and out must be (B, Hq, Lq, Dv)");
   const auto acc_dtype = p.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, Hq, Lq}), "cross_attention_backward: lse must be (B, Hq, Lq)");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, Hq, Lq}),
+              "cross_attention_backward: lse must be (B, Hq, Lq)");
   at::Tensor lse_c = lse.to(acc_dtype).contiguous();
   at::Tensor dout = rows_ready(grad_out.to(p.q.scalar_type())), out = rows_ready(out_in);
   at::Tensor dq = at::empty(p.q.sizes(), p.q.options());
   at::Tensor dk = at::empty(p.k.sizes(), p.k.options());
   at::Tensor dv = at::empty(p.v.sizes(), p.v.options());
   const bool want_dmask = attn_mask_grad && attn_mask.has_value() && attn_mask->scalar_type() != at::kBool;
-  at::Tensor dmask_full = want_dmask ? at::zeros({B, Hq, Lq, Lk}, p.q.options().dtype(acc_dtype)) : at::Tensor();
+  at::Tensor dmask_full =
+      want_dmask ? at::zeros({B, Hq, Lq, Lk}, p.q.options().dtype(acc_dtype)) : at::Tensor();
   Masking mk = make_masking(p.q, p.k, p.kpm, p.mask, is_causal, dropout_p, seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_backward", [&] {
-    backward_kernel<scalar_t>(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv, dmask_full);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_backward",
+      [&] { backward_kernel<scalar_t>(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv, dmask_full); });
   at::Tensor dmask;
   if (want_dmask) {  // sum over the dims the mask was broadcast along, back to its shape and dtype
     dmask = at::sum_to(dmask_full, attn_mask->sizes()).to(attn_mask->scalar_type());

@@ -18,8 +18,8 @@
 
 extern "C" {
 // C (col-major) = alpha * op(A) op(B) + beta * C, LP64 (int) dimensions.
-void SGEMM(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-           const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void SGEMM(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+           const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void DGEMM(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
 void GEMM_BF16BF16F32(const char*, const char*, const int*, const int*, const int*, const float*,
