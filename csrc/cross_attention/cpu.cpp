@@ -30,7 +30,8 @@
 
 // q: B x Hq x Lq x D, k: B x Hkv x Lk x D, v: B x Hkv x Lk x Dv (any strides, last dim contiguous
 // or size 1); key_padding_mask: B x Lk bool (True = ignore); attn_mask: bool (True = take part) or
-// float, broadcastable to B x Hq x Lq x Lk (expanded views allowed); lse: B x Hq x Lq float32.
+// float, broadcastable to B x Hq x Lq x Lk (expanded views allowed); lse: B x Hq x Lq float32
+// (the CPU kernels return float64 for float64 inputs: gradcheck needs P = exp(S - lse) exact).
 // Dropout keeps element (b, h, i, j) iff mmfast's counter hash of (seed, row=(b*Hq+h)*Lq+i, col=j)
 // is >= dropout_p * 2^32 (see mmfast/reference/dropout.py); every backend uses the same hash.
 // The *_out variant writes the result into `out` (any strides) instead of allocating it.

@@ -9,101 +9,137 @@
 namespace mmfast::xattn {
 namespace {
 
+// Per-thread scratch of the backward: score / dp blocks and fp32 accumulators.
 template <typename T>
-void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& out, const at::Tensor& lse, const Masking& mk, double scale_d,
-                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask) {
+struct BackwardScratch {
+  using A = acc_type<T>;
+  BackwardScratch(int64_t Mb, int64_t Nb, int64_t D, int64_t Dv, int64_t Lk, bool dropout)
+      : s(Mb * Nb), dp(Mb * Nb), pz(dropout ? Mb * Nb : 0), dq(Mb * D), di(Mb), dk(Lk * D), dv(Lk * Dv) {}
+  std::vector<A> s, dp, pz, dq, di, dk, dv;
+  std::vector<T> rounded;  // p or ds rounded to T for the GEMMs (bf16 / fp16 inputs)
+};
+
+// Shapes, views and masks shared by every task of one backward call.
+template <typename T>
+struct BackwardArgs {
+  using A = acc_type<T>;
+  int64_t Hq, Lq, D, Lk, Dv, Mb, Nb;
+  View4<T> Q, K, V, O, dO;
+  const A* lse;  // B x Hq x Lq, contiguous
+  A* dmask;      // B x Hq x Lq x Lk, contiguous, or null
+  A scale;
+  const Masking& mk;
+};
+
+// Steps 2-6 for query rows [i0, i0 + rows) of head h against keys [j0, j0 + cols) of kv head g.
+template <typename T>
+void backward_block(const BackwardArgs<T>& a, BackwardScratch<T>& w, int64_t b, int64_t h, int64_t g,
+                    int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
   using A = acc_type<T>;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const int64_t Nb = a.Nb;
+  const Masking& mk = a.mk;
+  // 2. p = exp(scale q k^T + bias - lse), masked entries and empty rows give 0.
+  gemm<T>(false, true, rows, cols, a.D, a.scale, a.Q.row(b, h, i0), a.Q.sl, a.K.row(b, g, j0), a.K.sl, A(0),
+          w.s.data(), Nb);
+  apply_masks(mk, b, h, i0, rows, j0, cols, w.s.data(), Nb);
+  const A* lse_row = a.lse + (b * a.Hq + h) * a.Lq + i0;
+  for (int64_t r = 0; r < rows; ++r) {
+    A* srow = w.s.data() + r * Nb;
+    if (lse_row[r] == kNegInf) {
+      std::fill(srow, srow + cols, A(0));
+    } else {
+      exp_sub_sum(srow, cols, lse_row[r]);
+    }
+  }
+  // 3. dp = do v^T.
+  gemm<T>(false, true, rows, cols, a.Dv, A(1), a.dO.row(b, h, i0), a.dO.sl, a.V.row(b, g, j0), a.V.sl, A(0),
+          w.dp.data(), Nb);
+  // 4. dv += (p z)^T do; with dropout, dp *= z (z = keep / (1 - p_drop)).
+  const A* pz = w.s.data();
+  if (mk.dropout_p > 0) {
+    std::copy(w.s.begin(), w.s.begin() + rows * Nb, w.pz.begin());
+    apply_dropout(mk, b, h, i0, rows, j0, cols, w.pz.data(), Nb);
+    apply_dropout(mk, b, h, i0, rows, j0, cols, w.dp.data(), Nb);
+    pz = w.pz.data();
+  }
+  gemm<T>(true, false, cols, a.Dv, rows, A(1), as_input<T, A>(pz, rows * Nb, w.rounded), Nb,
+          a.dO.row(b, h, i0), a.dO.sl, A(1), w.dv.data() + j0 * a.Dv, a.Dv);
+  // 5. ds = p (dp - D_i), kept in s; the float mask's gradient is ds itself.
+  for (int64_t r = 0; r < rows; ++r) {
+    A* srow = w.s.data() + r * Nb;
+    const A* dprow = w.dp.data() + r * Nb;
+    const A d_i = w.di[r];
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) srow[c] = srow[c] * (dprow[c] - d_i);
+    if (a.dmask) std::copy(srow, srow + cols, a.dmask + ((b * a.Hq + h) * a.Lq + i0 + r) * a.Lk + j0);
+  }
+  // 6. dq += scale ds k,  dk += scale ds^T q.
+  const T* ds = as_input<T, A>(w.s.data(), rows * Nb, w.rounded);
+  gemm<T>(false, false, rows, a.D, cols, a.scale, ds, Nb, a.K.row(b, g, j0), a.K.sl, A(1), w.dq.data(), a.D);
+  gemm<T>(true, false, cols, a.D, rows, a.scale, ds, Nb, a.Q.row(b, h, i0), a.Q.sl, A(1),
+          w.dk.data() + j0 * a.D, a.D);
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const Masking& mk, double scale,
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dmask) {
+  using A = acc_type<T>;
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
-  const View4<T> Q = view4<T>(q), K = view4<T>(k), V = view4<T>(v), O = view4<T>(out), dO = view4<T>(dout);
-  const View4<T> dQ = view4<T>(dq), dK = view4<T>(dk), dV = view4<T>(dv);  // contiguous outputs
-  const A* lse_p = lse.data_ptr<A>();
-  A* dmask_p = dmask.defined() ? dmask.data_ptr<A>() : nullptr;  // contiguous B x Hq x Lq x Lk
-  const A scale = static_cast<A>(scale_d);
   const int64_t Nb = Lk <= kMaxWholeRow ? std::max<int64_t>(Lk, 1) : kKeyBlock;
   const int64_t Mb = std::min<int64_t>(std::max<int64_t>(Lq, 1), 64);
+  const BackwardArgs<T> a{Hq,
+                          Lq,
+                          D,
+                          Lk,
+                          Dv,
+                          Mb,
+                          Nb,
+                          view4<T>(q),
+                          view4<T>(k),
+                          view4<T>(v),
+                          view4<T>(out),
+                          view4<T>(dout),
+                          lse.data_ptr<A>(),
+                          dmask.defined() ? dmask.data_ptr<A>() : nullptr,
+                          static_cast<A>(scale),
+                          mk};
+  const View4<T> dQ = view4<T>(dq), dK = view4<T>(dk), dV = view4<T>(dv);  // contiguous outputs
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> s(Mb * Nb), dp(Mb * Nb), pz_buf(mk.dropout_p > 0 ? Mb * Nb : 0), dq_acc(Mb * D), di(Mb),
-        dk_acc(Lk * D), dv_acc(Lk * Dv);
-    std::vector<T> scratch;
+    BackwardScratch<T> w(Mb, Nb, D, Dv, Lk, mk.dropout_p > 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, g = t % Hkv;
-      std::fill(dk_acc.begin(), dk_acc.end(), A(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), A(0));
+      std::fill(w.dk.begin(), w.dk.end(), A(0));
+      std::fill(w.dv.begin(), w.dv.end(), A(0));
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < Lq; i0 += Mb) {
           const int64_t rows = std::min(Mb, Lq - i0);
-          auto [lo, hi] = mk.key_range(b, i0, i0 + rows);
-          std::fill(dq_acc.begin(), dq_acc.end(), A(0));
+          std::fill(w.dq.begin(), w.dq.end(), A(0));
           // 1. D_i = <do_i, o_i>.
           for (int64_t r = 0; r < rows; ++r) {
-            const T* o = O.row(b, h, i0 + r);
-            const T* d_o = dO.row(b, h, i0 + r);
+            const T* o = a.O.row(b, h, i0 + r);
+            const T* d_o = a.dO.row(b, h, i0 + r);
             A acc = 0;
             for (int64_t d = 0; d < Dv; ++d) acc += static_cast<A>(d_o[d]) * static_cast<A>(o[d]);
-            di[r] = acc;
+            w.di[r] = acc;
           }
-          const A* lse_row = lse_p + (b * Hq + h) * Lq + i0;
-          for (int64_t j0 = lo; j0 < hi; j0 += Nb) {
-            const int64_t cols = std::min(Nb, hi - j0);
-            // 2. p = exp(scale q k^T + bias - lse), masked entries and empty rows give 0.
-            gemm<T>(false, true, rows, cols, D, scale, Q.row(b, h, i0), Q.sl, K.row(b, g, j0), K.sl, A(0),
-                    s.data(), Nb);
-            apply_masks(mk, b, h, i0, rows, j0, cols, s.data(), Nb);
-            for (int64_t r = 0; r < rows; ++r) {
-              A* srow = s.data() + r * Nb;
-              const A l = lse_row[r];
-              if (l == kNegInf) {
-                std::fill(srow, srow + cols, A(0));
-              } else {
-                exp_sub_sum(srow, cols, l);
-              }
-            }
-            // 3. dp = do v^T.
-            gemm<T>(false, true, rows, cols, Dv, A(1), dO.row(b, h, i0), dO.sl, V.row(b, g, j0), V.sl, A(0),
-                    dp.data(), Nb);
-            // 4. dv += (p z)^T do; with dropout, dp *= z (z = keep / (1 - p_drop)).
-            const A* pz = s.data();
-            if (mk.dropout_p > 0) {
-              std::copy(s.begin(), s.begin() + rows * Nb, pz_buf.begin());
-              apply_dropout(mk, b, h, i0, rows, j0, cols, pz_buf.data(), Nb);
-              apply_dropout(mk, b, h, i0, rows, j0, cols, dp.data(), Nb);
-              pz = pz_buf.data();
-            }
-            gemm<T>(true, false, cols, Dv, rows, A(1), as_input<T, A>(pz, rows * Nb, scratch), Nb,
-                    dO.row(b, h, i0), dO.sl, A(1), dv_acc.data() + j0 * Dv, Dv);
-            // 5. ds = p (dp - D_i), kept in s; the float mask's gradient is ds itself.
-            for (int64_t r = 0; r < rows; ++r) {
-              A* srow = s.data() + r * Nb;
-              const A* dprow = dp.data() + r * Nb;
-              const A d_i = di[r];
-#pragma omp simd
-              for (int64_t c = 0; c < cols; ++c) srow[c] = srow[c] * (dprow[c] - d_i);
-              if (dmask_p) {
-                std::copy(srow, srow + cols, dmask_p + ((b * Hq + h) * Lq + i0 + r) * Lk + j0);
-              }
-            }
-            // 6. dq += scale ds k,  dk += scale ds^T q.
-            const T* ds = as_input<T, A>(s.data(), rows * Nb, scratch);
-            gemm<T>(false, false, rows, D, cols, scale, ds, Nb, K.row(b, g, j0), K.sl, A(1), dq_acc.data(),
-                    D);
-            gemm<T>(true, false, cols, D, rows, scale, ds, Nb, Q.row(b, h, i0), Q.sl, A(1),
-                    dk_acc.data() + j0 * D, D);
-          }
+          auto [lo, hi] = mk.key_range(b, i0, i0 + rows);
+          for (int64_t j0 = lo; j0 < hi; j0 += Nb)
+            backward_block(a, w, b, h, g, i0, rows, j0, std::min(Nb, hi - j0));
           for (int64_t r = 0; r < rows; ++r) {
             T* dqrow = dQ.row(b, h, i0 + r);
-            for (int64_t d = 0; d < D; ++d) dqrow[d] = static_cast<T>(dq_acc[r * D + d]);
+            for (int64_t d = 0; d < D; ++d) dqrow[d] = static_cast<T>(w.dq[r * D + d]);
           }
         }
       }
-      for (int64_t j = 0; j < Lk; ++j) {
+      for (int64_t j = 0; j < Lk; ++j) {  // this task's kv head: every key row, zeros included
         T* dkrow = dK.row(b, g, j);
         T* dvrow = dV.row(b, g, j);
-        for (int64_t d = 0; d < D; ++d) dkrow[d] = static_cast<T>(dk_acc[j * D + d]);
-        for (int64_t d = 0; d < Dv; ++d) dvrow[d] = static_cast<T>(dv_acc[j * Dv + d]);
+        for (int64_t d = 0; d < D; ++d) dkrow[d] = static_cast<T>(w.dk[j * D + d]);
+        for (int64_t d = 0; d < Dv; ++d) dvrow[d] = static_cast<T>(w.dv[j * Dv + d]);
       }
     }
   });
