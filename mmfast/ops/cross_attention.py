@@ -1,6 +1,11 @@
-"""Public cross-attention op: ``cross_attention``.
+"""Public cross-attention op: ``cross_attention``, and the custom ops behind the cpu/cuda backends.
 
-Validates inputs once, then dispatches to a backend (see ``mmfast._dispatch``).
+Validates inputs once, then dispatches to a backend (see ``mmfast._dispatch``). The C++ kernels are
+``torch.ops.mmfast.cross_attention_{forward,forward_out,backward}`` (schemas in
+csrc/cross_attention/cpu.cpp; one implementation per device). This module gives them fake
+(meta) implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` and
+``torch.library.opcheck`` work, and an ``autograd.Function`` for the ``out=`` path that writes into
+the caller's buffer (``ctx.mark_dirty``) and still sends gradients to query, key and value.
 """
 
 from __future__ import annotations
@@ -11,12 +16,24 @@ from torch import Tensor
 from mmfast import _dispatch
 from mmfast import reference as _ref
 from mmfast.ops._validate import check_same, check_tensor
+from mmfast.reference.dropout import draw_seed
+
+MAX_HEAD_DIM = 256  # the cpu and cuda kernels' limit on D and Dv
 
 
 def _mask_kind(attn_mask: Tensor | None) -> str:
     if attn_mask is None:
         return "none"
     return "bool" if attn_mask.dtype == torch.bool else "float"
+
+
+def _shares_memory(x: Tensor, others: tuple[Tensor, ...]) -> bool:
+    """Whether ``x`` lives in the same storage as one of ``others`` (fake tensors: never)."""
+    try:
+        ptr = x.untyped_storage().data_ptr()
+        return any(t.untyped_storage().data_ptr() == ptr for t in others)
+    except (RuntimeError, NotImplementedError):  # no real storage (tracing)
+        return False
 
 
 def validate(
@@ -43,6 +60,8 @@ def validate(
         raise ValueError(f"query has head dim D={D} but key has {Dk}")
     if (Hv, Lv) != (Hkv, Lk):
         raise ValueError(f"value must have key's heads and length ({Hkv}, {Lk}), got ({Hv}, {Lv})")
+    if D == 0 or Dv == 0:
+        raise ValueError(f"head dims must be >= 1, got query/key D={D}, value Dv={Dv}")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     if key_padding_mask is not None:
@@ -79,6 +98,10 @@ def validate(
             raise ValueError(f"out must have shape (B, Hq, Lq, Dv) = {(B, Hq, Lq, Dv)}, got {tuple(out.shape)}")
         if out.dtype != query.dtype or out.device != query.device:
             raise TypeError(f"out must be {query.dtype} on {query.device}, got {out.dtype} on {out.device}")
+        if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
+            raise ValueError(f"out must not overlap itself (an expanded view), got strides {out.stride()}")
+        if _shares_memory(out, (query, key, value)):
+            raise ValueError("out must not share memory with query, key or value")
     return dict(
         dtype=query.dtype,
         B=B,
@@ -147,8 +170,162 @@ def cross_attention(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Custom ops (cpu + cuda backends): fake implementations, autograd, the out= path.
+# --------------------------------------------------------------------------------------------
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The LSE is float32, or float64 for float64 inputs (gradcheck needs the full precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=_lse_dtype(q.dtype))
+
+
+def _fake_forward_out(q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, out):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty((B, Hq, Lq), dtype=_lse_dtype(q.dtype))
+
+
+def _fake_backward(
+    grad_out, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, attn_mask_grad
+):
+    float_mask = attn_mask is not None and attn_mask.dtype != torch.bool
+    dmask = attn_mask.new_empty(attn_mask.shape) if attn_mask_grad and float_mask else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def _save(ctx, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed) -> None:
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_mask)
+    ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.seed = is_causal, scale, dropout_p, seed
+
+
+def _grads(ctx, grad_out: Tensor, mask_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv and the float attn_mask's gradient (None unless input ``mask_index`` needs one)."""
+    q, k, v, out, lse, key_padding_mask, attn_mask = ctx.saved_tensors
+    mask_grad = bool(ctx.needs_input_grad[mask_index]) and attn_mask is not None and attn_mask.dtype != torch.bool
+    dq, dk, dv, dmask = torch.ops.mmfast.cross_attention_backward(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        attn_mask,
+        ctx.is_causal,
+        ctx.scale,
+        ctx.dropout_p,
+        ctx.seed,
+        mask_grad,
+    )
+    return dq, dk, dv, dmask if mask_grad else None
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("mmfast.cross_attention: double backward (grad of the gradient) is not supported")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # gradients flow through out only; the LSE is a statistic
+    _save(ctx, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    dq, dk, dv, dmask = _grads(ctx, grad_out, mask_index=4)
+    return dq, dk, dv, None, dmask, None, None, None, None
+
+
+class _CrossAttentionInto(torch.autograd.Function):
+    """``out`` <- attention(q, k, v) in place (any strides, e.g. a slice of a fusion buffer), differentiable.
+
+    Backward reads ``out`` again (D_i = rowsum(dO * O)), so the buffer's other parts must be written
+    before this call: autograd's version counter turns a later in-place write into an error.
+    """
+
+    @staticmethod
+    def forward(ctx, out, q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, lse_box):
+        # ``out`` comes first and is the only output: autograd's CopySlices (in-place on a view)
+        # assumes the modified view is input 0, and rejects several outputs, so the
+        # (non-differentiable) LSE leaves through ``lse_box``.
+        lse = torch.ops.mmfast.cross_attention_forward_out(
+            q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, out
+        )
+        ctx.mark_dirty(out)
+        _save(ctx, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed)
+        lse_box.append(lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dq, dk, dv, dmask = _grads(ctx, grad_out, mask_index=5)
+        return None, dq, dk, dv, None, dmask, None, None, None, None, None
+
+
+def _kernel(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    dropout_p: float,
+    return_lse: bool,
+    out: Tensor | None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The cpu and cuda backends: the same custom ops, dispatched by the tensors' device."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    seed = draw_seed() if dropout_p > 0 else 0
+    args = (query, key, value, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed)
+    if out is None:
+        o, lse = torch.ops.mmfast.cross_attention_forward(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
+        box: list[Tensor] = []
+        o = _CrossAttentionInto.apply(out, *args, box)
+        lse = box[0]
+    else:
+        o, lse = out, torch.ops.mmfast.cross_attention_forward_out(*args, out)
+    return (o, lse) if return_lse else o
+
+
+def _head_dim_reasons(D: int, Dv: int) -> list[str]:
+    if max(D, Dv) > MAX_HEAD_DIM:
+        return [f"head dim D={D}, Dv={Dv} exceeds the kernel's limit of {MAX_HEAD_DIM} (use backend='reference')"]
+    return []
+
+
+def _cpu_reasons(*, D: int, Dv: int, **_) -> list[str]:
+    return _head_dim_reasons(D, Dv)
+
+
+def _cuda_reasons(*, dtype: torch.dtype, D: int, Dv: int, **_) -> list[str]:
+    why = _head_dim_reasons(D, Dv)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        why.append(f"cuda kernels take float32, bfloat16 or float16, got {dtype}")
+    return why
+
+
 def _reference(query, key, value, **kw):
     return _ref.cross_attention(query, key, value, **kw)
 
 
 _dispatch.register("cross_attention", "reference", _reference, lambda **_: [])
+if _dispatch.extension()[0] is not None:  # the ops exist only once mmfast._C is loaded
+    torch.library.register_fake("mmfast::cross_attention_forward")(_fake_forward)
+    torch.library.register_fake("mmfast::cross_attention_forward_out")(_fake_forward_out)
+    torch.library.register_fake("mmfast::cross_attention_backward")(_fake_backward)
+    torch.library.register_autograd("mmfast::cross_attention_forward", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        "mmfast::cross_attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
+    _dispatch.register("cross_attention", "cpu", _kernel, _cpu_reasons)
+    _dispatch.register(
+        "cross_attention", "cuda", _kernel, _cuda_reasons, note="CUDA kernels not yet verified on hardware"
+    )
