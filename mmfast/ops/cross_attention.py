@@ -264,7 +264,9 @@ class _CrossAttentionInto(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         dq, dk, dv, dmask = _grads(ctx, grad_out, mask_index=5)
-        return None, dq, dk, dv, None, dmask, None, None, None, None, None
+        # The overwritten contents of `out` get a zero gradient (None would make autograd drop the
+        # gradient of the whole buffer `out` is a view of, e.g. the text half of a fusion buffer).
+        return torch.zeros_like(grad_out), dq, dk, dv, None, dmask, None, None, None, None, None
 
 
 def _kernel(
