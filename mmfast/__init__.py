@@ -7,6 +7,8 @@ Public API::
     mmfast.siglip_loss(image_features, text_features, logit_scale, logit_bias, ...)
     mmfast.backends()      # per op, each backend: available or not, and why
     mmfast.build_info()    # how the extension was built
+    mmfast.nn              # CrossAttention, AttentionFusion, CoAttentionLayer, ClipLoss, SigLipLoss
+    mmfast.swap_modules(model)  # replace compatible nn.MultiheadAttention layers in place
 """
 
 from __future__ import annotations
@@ -37,4 +39,13 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["backends", "build_info", "cross_attention", "info_nce", "siglip_loss", "__version__"]
+__all__ = [
+    "__version__",
+    "backends",
+    "build_info",
+    "cross_attention",
+    "info_nce",
+    "nn",
+    "siglip_loss",
+    "swap_modules",
+]

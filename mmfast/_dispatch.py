@@ -52,6 +52,14 @@ def extension() -> tuple[Any, str | None]:
         return None, f"extension mmfast._C not built or not loadable ({e})"
 
 
+def has_ops(*names: str) -> bool:
+    """True when mmfast._C is loaded and defines every ``torch.ops.mmfast.<name>`` (a stale build
+    from an older checkout may lack some: its kernels are then left unregistered, not half-used)."""
+    if extension()[0] is None:
+        return False
+    return all(hasattr(torch.ops.mmfast, n) for n in names)
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -12,8 +12,6 @@ from xattn_helpers import compare_with_reference
 
 import mmfast
 
-if mmfast.backends()["cross_attention"]["cpu"]["reason"] is not None:
-    pytest.skip("mmfast._C not built", allow_module_level=True)
 
 f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 

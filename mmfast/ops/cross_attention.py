@@ -319,7 +319,7 @@ def _reference(query, key, value, **kw):
 
 
 _dispatch.register("cross_attention", "reference", _reference, lambda **_: [])
-if _dispatch.extension()[0] is not None:  # the ops exist only once mmfast._C is loaded
+if _dispatch.has_ops("cross_attention_forward", "cross_attention_forward_out", "cross_attention_backward"):
     torch.library.register_fake("mmfast::cross_attention_forward")(_fake_forward)
     torch.library.register_fake("mmfast::cross_attention_forward_out")(_fake_forward_out)
     torch.library.register_fake("mmfast::cross_attention_backward")(_fake_backward)

@@ -379,7 +379,9 @@ class _AttentionIntoOut(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         dq, dk, dv, dmask = _grads(ctx, dout, None)
-        return None, dq, dk, dv, dmask, None, None, None, None, None, None, None
+        # The overwritten contents of `out` get a zero gradient: None would make autograd drop the
+        # gradient of the whole buffer `out` is a view of (e.g. the text half of a fusion buffer).
+        return torch.zeros_like(dout), dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
 class _LseOfOut(torch.autograd.Function):
