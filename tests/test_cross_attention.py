@@ -12,7 +12,6 @@ from xattn_helpers import compare_with_reference
 
 import mmfast
 
-
 f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
 # (B, Hq, Hkv, Lq, Lk, D, dtype): a covering subset of Lq {1, 7, 32, 77, 128} x Lk {1, 49, 197, 577,

@@ -11,7 +11,6 @@ from xattn_helpers import compare_with_reference
 import mmfast
 from mmfast.reference.dropout import draw_seed, keep_mask
 
-
 OPS = torch.ops.mmfast
 
 
