@@ -18,7 +18,8 @@ from mmfast import reference as _ref
 from mmfast.ops._validate import check_same, check_tensor
 from mmfast.reference.dropout import draw_seed
 
-MAX_HEAD_DIM = 256  # the cpu and cuda kernels' limit on D and Dv
+MAX_HEAD_DIM = 256  # the cpu kernels' limit on D and Dv
+CUDA_MAX_HEAD_DIM = 128  # the cuda kernels' (two head-dim templates, 64 and 128, zero-padded)
 
 
 def _mask_kind(attn_mask: Tensor | None) -> str:
@@ -297,9 +298,9 @@ def _kernel(
     return (o, lse) if return_lse else o
 
 
-def _head_dim_reasons(D: int, Dv: int) -> list[str]:
-    if max(D, Dv) > MAX_HEAD_DIM:
-        return [f"head dim D={D}, Dv={Dv} exceeds the kernel's limit of {MAX_HEAD_DIM} (use backend='reference')"]
+def _head_dim_reasons(D: int, Dv: int, limit: int = MAX_HEAD_DIM) -> list[str]:
+    if max(D, Dv) > limit:
+        return [f"head dim D={D}, Dv={Dv} exceeds the kernel's limit of {limit} (use backend='reference')"]
     return []
 
 
@@ -308,7 +309,7 @@ def _cpu_reasons(*, D: int, Dv: int, **_) -> list[str]:
 
 
 def _cuda_reasons(*, dtype: torch.dtype, D: int, Dv: int, **_) -> list[str]:
-    why = _head_dim_reasons(D, Dv)
+    why = _head_dim_reasons(D, Dv, CUDA_MAX_HEAD_DIM)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         why.append(f"cuda kernels take float32, bfloat16 or float16, got {dtype}")
     return why
