@@ -30,6 +30,8 @@ def _mask_kind(attn_mask: Tensor | None) -> str:
 
 def _shares_memory(x: Tensor, others: tuple[Tensor, ...]) -> bool:
     """Whether ``x`` lives in the same storage as one of ``others`` (fake tensors: never)."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace storage pointers; eager calls check
+        return False
     try:
         ptr = x.untyped_storage().data_ptr()
         return any(t.untyped_storage().data_ptr() == ptr for t in others)
