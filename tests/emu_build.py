@@ -88,7 +88,7 @@ def load_module(name: str, source: str, extra_cflags: tuple[str, ...] = ("-O2",)
         name=mod_name,
         sources=[str(CSRC / source)],
         extra_include_paths=[str(CSRC)],
-        extra_cflags=["-std=c++17", *extra_cflags],
+        extra_cflags=list(extra_cflags),
         extra_ldflags=["-pthread"],
         build_directory=str(build_dir),
         verbose=False,

@@ -7,7 +7,8 @@
 //   Qualifiers   MMFAST_DEVICE (inline device fn), MMFAST_HOST_DEVICE, MMFAST_GLOBAL (kernel),
 //                MMFAST_LAUNCH_BOUNDS(threads), MMFAST_DEVICE_ASSERT(cond), MMFAST_EMULATION
 //                (defined to 1 under emulation, 0 under nvcc), MMFAST_LAUNCH(kernel, grid, block,
-//                smem, stream, args...) (host: <<<>>> under nvcc, emu::launch otherwise).
+//                smem, stream, args...) (host: <<<>>> under nvcc, emu::launch otherwise);
+//                host types port::dim3_t, port::stream_t (cudaStream_t; int under emulation).
 //   Indices      thread_x/y/z(), block_x/y/z(), block_dim_x/y/z(), grid_dim_x/y/z(),
 //                lane_id() (threadIdx linearized % 32), warp_id() (linearized / 32).
 //   Memory       dynamic_smem<T>(): the block's dynamic shared memory (the ONLY shared memory a
@@ -79,8 +80,10 @@ namespace port {
 
 #if MMFAST_EMULATION
 using dim3_t = emu::Dim3;
+using stream_t = int;  // ignored: emulated launches are synchronous
 #else
 using dim3_t = dim3;
+using stream_t = cudaStream_t;
 #endif
 
 // ---- indices ------------------------------------------------------------------------------
