@@ -5,7 +5,8 @@
 // API (namespace mmfast::port; everything is a device function unless said otherwise)
 //
 //   Qualifiers   MMFAST_DEVICE (inline device fn), MMFAST_HOST_DEVICE, MMFAST_GLOBAL (kernel),
-//                MMFAST_LAUNCH_BOUNDS(threads), MMFAST_DEVICE_ASSERT(cond), MMFAST_EMULATION
+//                MMFAST_LAUNCH_BOUNDS(threads), MMFAST_DEVICE_ASSERT(cond), MMFAST_UNROLL
+//                (#pragma unroll under nvcc), MMFAST_EMULATION
 //                (defined to 1 under emulation, 0 under nvcc), MMFAST_LAUNCH(kernel, grid, block,
 //                smem, stream, args...) (host: <<<>>> under nvcc, emu::launch otherwise);
 //                host types port::dim3_t, port::stream_t (cudaStream_t; int under emulation).
@@ -62,6 +63,7 @@
   } while (0)
 #define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define MMFAST_UNROLL _Pragma("unroll")
 #else
 #define MMFAST_EMULATION 1
 #include "common/emu.h"
@@ -73,6 +75,7 @@
   ((cond) ? (void)0 : ::mmfast::emu::device_fail(#cond, __FILE__, __LINE__))
 #define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::mmfast::emu::launch((grid), (block), (smem), [&] { kernel(__VA_ARGS__); })
+#define MMFAST_UNROLL
 #endif
 
 namespace mmfast {

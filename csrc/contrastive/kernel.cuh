@@ -104,13 +104,15 @@ MMFAST_DEVICE void load_tile(T* dst, int ldd, const T* src, int64_t lds, int row
 // ---- warp GEMM on shared memory: acc[nt] (16 x 8 fp32 C fragments) += A (16 x K) * B (K x 64) -----
 // A: 16 rows, row-major [m][k] (lda). B: stored [n][k] (b_kn = false, ldb) or [k][n] (b_kn = true).
 // C fragment element c of n-tile nt is (row g + 8 (c / 2), column 8 nt + 2 t + c % 2).
-template <class T>
-MMFAST_DEVICE void warp_gemm(float (&acc)[kNT][4], const T* A, int lda, const T* B, int ldb, bool b_kn, int K) {
+template <class T, int K, bool b_kn>
+MMFAST_DEVICE void warp_gemm(float (&acc)[kNT][4], const T* A, int lda, const T* B, int ldb) {
   const int l = lane_id(), g = l >> 2, t = l & 3;
   if constexpr (std::is_same<T, float>::value) {
     // fp32: exact FMAs in the same fragment positions the tensor-core path produces.
+    MMFAST_UNROLL
     for (int k = 0; k < K; ++k) {
       const float a0 = A[g * lda + k], a1 = A[(g + 8) * lda + k];
+      MMFAST_UNROLL
       for (int nt = 0; nt < kNT; ++nt) {
         const int n = 8 * nt + 2 * t;
         const float b0 = b_kn ? B[k * ldb + n] : B[n * ldb + k];
@@ -122,13 +124,15 @@ MMFAST_DEVICE void warp_gemm(float (&acc)[kNT][4], const T* A, int lda, const T*
       }
     }
   } else {
+    MMFAST_UNROLL
     for (int k0 = 0; k0 < K; k0 += 16) {
       uint32_t a[4];
       ldmatrix_x4(a, A + (l % 16) * lda + k0 + (l / 16) * 8);
+      MMFAST_UNROLL
       for (int nt = 0; nt < kNT; nt += 2) {
         // One x4 load gives the B fragments of n-tiles nt and nt + 1: matrices (n-tile, k half).
         uint32_t b[4];
-        if (b_kn) {
+        if constexpr (b_kn) {
           ldmatrix_x4_trans(b, B + (k0 + (l % 8) + ((l / 8) % 2) * 8) * ldb + 8 * nt + (l / 16) * 8);
         } else {
           ldmatrix_x4(b, B + (8 * nt + (l % 8) + (l / 16) * 8) * ldb + k0 + ((l / 8) % 2) * 8);
@@ -147,6 +151,7 @@ MMFAST_DEVICE void warp_gemm(float (&acc)[kNT][4], const T* A, int lda, const T*
 template <class T>
 MMFAST_DEVICE void dot_tile(float (&acc)[kNT][4], const T* P, int64_t ldp, int p0, int np, const T* Q,
                             int64_t ldq, int q0, int nq, int D, bool vec, T* stage) {
+  MMFAST_UNROLL
   for (int nt = 0; nt < kNT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
   auto sp = [&](int s) { return stage + s * (kBM + kBN) * kLdK; };
   auto load = [&](int s, int k0) {
@@ -165,7 +170,7 @@ MMFAST_DEVICE void dot_tile(float (&acc)[kNT][4], const T* P, int64_t ldp, int p
     }
     block_sync();  // chunk kt is in shared memory for every thread
     const T* s = sp(kt % 2);
-    warp_gemm<T>(acc, s + 16 * warp_id() * kLdK, kLdK, s + kBM * kLdK, kLdK, false, kBK);
+    warp_gemm<T, kBK, false>(acc, s + 16 * warp_id() * kLdK, kLdK, s + kBM * kLdK, kLdK);
     block_sync();  // everyone is done with stage kt % 2 before it is refilled
   }
 }
@@ -174,8 +179,11 @@ MMFAST_DEVICE void dot_tile(float (&acc)[kNT][4], const T* P, int64_t ldp, int p
 template <class Fn>
 MMFAST_DEVICE void for_each_fragment(Fn&& fn) {
   const int l = lane_id(), r = 16 * warp_id() + (l >> 2), cb = 2 * (l & 3);
-  for (int nt = 0; nt < kNT; ++nt)
+  MMFAST_UNROLL
+  for (int nt = 0; nt < kNT; ++nt) {
+    MMFAST_UNROLL
     for (int c = 0; c < 4; ++c) fn(nt, c, r + 8 * (c / 2), 8 * nt + cb + (c % 2));
+  }
 }
 
 // ==== F1: targets ================================================================================
@@ -451,15 +459,21 @@ constexpr int bwd_smem_bytes(int elem_size) {
   return (kStageElems + kBM * kLdN) * elem_size + 2 * 4 * static_cast<int>(sizeof(float));
 }
 
+// The own side's (a, lse, target) of one row, loaded once per block.
+struct OwnRow {
+  float a, lse;
+  int tgt;
+};
+
 // dl for one element (r, k valid), from the dot product.
-MMFAST_DEVICE float grad_logit(const BwdParams& p, float s, float bias, float dot, int r, int k) {
-  const float l = s * dot + bias;
+MMFAST_DEVICE float grad_logit(const BwdParams& p, const OwnRow& own, float s, float bias, float dot, int r, int k) {
   if (p.loss == kSigLIP) {
     const float z = r == k ? 1.0f : -1.0f;
-    return -(p.a_own[r] + p.a_oth[k]) * z * sigmoid(-z * l);
+    return -(own.a + p.a_oth[k]) * z * sigmoid(-z * (s * dot + bias));
   }
-  return p.a_own[r] * (expf(l - p.lse_own[r]) - (k == p.tgt_own[r] ? 1.0f : 0.0f)) +
-         p.a_oth[k] * (expf(l - p.lse_oth[k]) - (r == p.tgt_oth[k] ? 1.0f : 0.0f));
+  // s * dot - lse in one rounding (fmaf): logits of several thousand lose no extra bits to s * dot.
+  return own.a * (expf(fmaf(s, dot, -own.lse)) - (k == own.tgt ? 1.0f : 0.0f)) +
+         p.a_oth[k] * (expf(fmaf(s, dot, -p.lse_oth[k])) - (r == p.tgt_oth[k] ? 1.0f : 0.0f));
 }
 
 // Grid: one block per 64 own rows. For every tile of 64 other rows:
@@ -476,6 +490,14 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) bwd_tiles_kernel(BwdParams p) 
   const float s = *p.scale, bias = p.loss == kSigLIP ? *p.bias : 0.0f, inv_norm = 1.0f / *p.norm;
   const int r0 = block_x() * kBM, nd = (p.D + kDC - 1) / kDC;
   float sum_dl_dot = 0.0f, sum_dl = 0.0f;
+  OwnRow own[2];
+  for (int h = 0; h < 2; ++h) {
+    const int i = r0 + 16 * warp_id() + (lane_id() >> 2) + 8 * h;
+    const bool ok = i < p.np;
+    own[h].a = ok ? p.a_own[i] : 0.0f;
+    own[h].lse = ok && p.lse_own ? p.lse_own[i] : 0.0f;
+    own[h].tgt = ok && p.tgt_own ? p.tgt_own[i] : -1;
+  }
 
   for (int k0 = 0; k0 < p.nq; k0 += kBN) {
     float acc[kNT][4];
@@ -484,7 +506,7 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) bwd_tiles_kernel(BwdParams p) 
     for_each_fragment([&](int nt, int c, int r, int col) {
       const int i = r0 + r, k = k0 + col;
       float dl = 0.0f;
-      if (i < p.np && k < p.nq) dl = grad_logit(p, s, bias, acc[nt][c], i, k);
+      if (i < p.np && k < p.nq) dl = grad_logit(p, own[c / 2], s, bias, acc[nt][c], i, k);
       sum_dl_dot += dl * acc[nt][c];
       sum_dl += dl;
       sdl[r * kLdN + col] = from_float<T>(dl * inv_norm);
@@ -503,8 +525,9 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) bwd_tiles_kernel(BwdParams p) 
       }
       block_sync();  // chunk dc and (first time) the dl tile are visible
       float g[kNT][4];
+      MMFAST_UNROLL
       for (int nt = 0; nt < kNT; ++nt) g[nt][0] = g[nt][1] = g[nt][2] = g[nt][3] = 0.0f;
-      warp_gemm<T>(g, sdl + 16 * warp_id() * kLdN, kLdN, qc(dc % 2), kLdC, true, kBN);
+      warp_gemm<T, kBN, true>(g, sdl + 16 * warp_id() * kLdN, kLdN, qc(dc % 2), kLdC);
       for_each_fragment([&](int nt, int c, int r, int col) {
         const int i = r0 + r, d = dc * kDC + col;
         if (i < p.np && d < p.D) p.acc32[(int64_t)i * p.D + d] += g[nt][c];  // this thread's own element
