@@ -71,8 +71,7 @@
 #define MMFAST_HOST_DEVICE inline
 #define MMFAST_GLOBAL
 #define MMFAST_LAUNCH_BOUNDS(n)
-#define MMFAST_DEVICE_ASSERT(cond) \
-  ((cond) ? (void)0 : ::mmfast::emu::device_fail(#cond, __FILE__, __LINE__))
+#define MMFAST_DEVICE_ASSERT(cond) ((cond) ? (void)0 : ::mmfast::emu::device_fail(#cond, __FILE__, __LINE__))
 #define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::mmfast::emu::launch((grid), (block), (smem), [&] { kernel(__VA_ARGS__); })
 #define MMFAST_UNROLL
@@ -276,7 +275,9 @@ MMFAST_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uin
       return o;
     };
     // A[r][k] lives in lane (r%8)*4 + (k%8)/2, register (r>=8) + 2*(k>=8), half k%2.
-    auto A = [&](int r, int k) { return unpack<T>(lane_ops((r % 8) * 4 + (k % 8) / 2).a[(r >= 8) + 2 * (k >= 8)], k % 2); };
+    auto A = [&](int r, int k) {
+      return unpack<T>(lane_ops((r % 8) * 4 + (k % 8) / 2).a[(r >= 8) + 2 * (k >= 8)], k % 2);
+    };
     // B[k][n] lives in lane n*4 + (k%8)/2, register (k>=8), half k%2.
     auto B = [&](int k, int n) { return unpack<T>(lane_ops(n * 4 + (k % 8) / 2).b[k >= 8], k % 2); };
     for (int i = 0; i < 4; ++i) {
@@ -326,7 +327,8 @@ MMFAST_DEVICE void ldmatrix_impl(uint32_t (&r)[NUM], const void* row_ptr) {
       return p;
     };
     for (int i = 0; i < 8 * NUM; ++i) {
-      MMFAST_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(row(i)) % 16 == 0);  // ldmatrix rows are 16-byte aligned
+      MMFAST_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(row(i)) % 16 ==
+                           0);  // ldmatrix rows are 16-byte aligned
     }
     for (int i = 0; i < NUM; ++i) {
       uint16_t lo, hi;
@@ -351,7 +353,9 @@ MMFAST_DEVICE void ldmatrix_impl(uint32_t (&r)[NUM], const void* row_ptr) {
   } else if constexpr (NUM == 1 && TRANS) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
   } else if constexpr (NUM == 2 && !TRANS) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
   } else if constexpr (NUM == 2 && TRANS) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                  : "=r"(r[0]), "=r"(r[1])

@@ -19,12 +19,9 @@ using mmfast::contrastive::backward_impl;
 using mmfast::contrastive::forward_impl;
 
 // x: N x D, y: M x D (fp32 / bf16 / fp16, CUDA); scale, bias: 0-dim fp32; labels: (N,) or (M,) int64.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cuda(const at::Tensor& x, const at::Tensor& y,
-                                                                        const at::Tensor& scale,
-                                                                        const at::Tensor& bias,
-                                                                        const c10::optional<at::Tensor>& labels,
-                                                                        int64_t loss, int64_t direction,
-                                                                        int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_cuda(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias,
+    const c10::optional<at::Tensor>& labels, int64_t loss, int64_t direction, int64_t reduction) {
   TORCH_CHECK(x.is_cuda() && y.is_cuda(), "contrastive_forward (cuda): x and y must be CUDA tensors");
   const c10::cuda::CUDAGuard guard(x.device());
   // Two stripes of row tiles per SM: enough blocks to fill the GPU, (2 SMs) x M x 8 bytes of partials.
@@ -43,8 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward_
     const at::Tensor& col_stat, int64_t loss, int64_t direction, int64_t reduction) {
   TORCH_CHECK(x.is_cuda() && y.is_cuda(), "contrastive_backward (cuda): x and y must be CUDA tensors");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = backward_impl(grad_loss, x, y, scale, bias, labels, row_stat, col_stat, loss, direction, reduction,
-                           c10::cuda::getCurrentCUDAStream());
+  auto out = backward_impl(grad_loss, x, y, scale, bias, labels, row_stat, col_stat, loss, direction,
+                           reduction, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

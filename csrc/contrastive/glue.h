@@ -22,25 +22,27 @@ namespace mmfast {
 namespace contrastive {
 
 // Switches on the feature dtype: fp32, bf16, fp16 (the device types the kernels take).
-#define MMFAST_CONTRASTIVE_SWITCH(DTYPE, T, ...)                                                    \
-  [&] {                                                                                             \
-    switch (DTYPE) {                                                                                \
-      case at::kFloat: {                                                                            \
-        using T = float;                                                                            \
-        return __VA_ARGS__();                                                                       \
-      }                                                                                             \
-      case at::kBFloat16: {                                                                         \
-        using T = ::mmfast::port::bf16_t;                                                           \
-        return __VA_ARGS__();                                                                       \
-      }                                                                                             \
-      case at::kHalf: {                                                                             \
-        using T = ::mmfast::port::half_t;                                                           \
-        return __VA_ARGS__();                                                                       \
-      }                                                                                             \
-      default:                                                                                      \
-        TORCH_CHECK(false, "mmfast contrastive (cuda): features must be float32, bfloat16 or float16, " \
-                           "got ", DTYPE);                                                          \
-    }                                                                                               \
+#define MMFAST_CONTRASTIVE_SWITCH(DTYPE, T, ...)                                                 \
+  [&] {                                                                                          \
+    switch (DTYPE) {                                                                             \
+      case at::kFloat: {                                                                         \
+        using T = float;                                                                         \
+        return __VA_ARGS__();                                                                    \
+      }                                                                                          \
+      case at::kBFloat16: {                                                                      \
+        using T = ::mmfast::port::bf16_t;                                                        \
+        return __VA_ARGS__();                                                                    \
+      }                                                                                          \
+      case at::kHalf: {                                                                          \
+        using T = ::mmfast::port::half_t;                                                        \
+        return __VA_ARGS__();                                                                    \
+      }                                                                                          \
+      default:                                                                                   \
+        TORCH_CHECK(false,                                                                       \
+                    "mmfast contrastive (cuda): features must be float32, bfloat16 or float16, " \
+                    "got ",                                                                      \
+                    DTYPE);                                                                      \
+    }                                                                                            \
   }()
 
 inline bool aligned16(const at::Tensor& t) {
@@ -54,8 +56,8 @@ inline Problem make_problem(at::Tensor& x, at::Tensor& y, at::Tensor& scale, at:
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "x and y must be 2-D (N, D) and (M, D), got ", x.sizes(), " and ",
               y.sizes());
   TORCH_CHECK(x.size(1) == y.size(1), "x has D=", x.size(1), " but y has D=", y.size(1));
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must have one dtype, got ", x.scalar_type(), " and ",
-              y.scalar_type());
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must have one dtype, got ", x.scalar_type(),
+              " and ", y.scalar_type());
   TORCH_CHECK(x.device() == y.device(), "x and y must be on one device");
   TORCH_CHECK(x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0, "empty features: x ", x.sizes(), ", y ",
               y.sizes());
@@ -103,11 +105,9 @@ inline int64_t output_rows(const Problem& pb) {
 }
 
 // max_stripes: how many blocks share the row tiles of the forward (each keeps (M, 2) column partials).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(at::Tensor x, at::Tensor y, at::Tensor scale,
-                                                                   at::Tensor bias, c10::optional<at::Tensor> labels,
-                                                                   int64_t loss, int64_t direction,
-                                                                   int64_t reduction, stream_t stream,
-                                                                   int max_stripes) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    at::Tensor x, at::Tensor y, at::Tensor scale, at::Tensor bias, c10::optional<at::Tensor> labels,
+    int64_t loss, int64_t direction, int64_t reduction, stream_t stream, int max_stripes) {
   const Problem pb = make_problem(x, y, scale, bias, labels, loss, direction, reduction);
   const auto f32 = x.options().dtype(at::kFloat);
   const auto i32 = x.options().dtype(at::kInt);
@@ -133,8 +133,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(at::Tensor x,
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     at::Tensor grad_loss, at::Tensor x, at::Tensor y, at::Tensor scale, at::Tensor bias,
-    c10::optional<at::Tensor> labels, at::Tensor row_stat, at::Tensor col_stat, int64_t loss, int64_t direction,
-    int64_t reduction, stream_t stream) {
+    c10::optional<at::Tensor> labels, at::Tensor row_stat, at::Tensor col_stat, int64_t loss,
+    int64_t direction, int64_t reduction, stream_t stream) {
   const Problem pb = make_problem(x, y, scale, bias, labels, loss, direction, reduction);
   const int64_t want = pb.reduction == kNone ? output_rows(pb) : 1;
   TORCH_CHECK(grad_loss.numel() == want, "grad_loss must hold ", want, " values, got ", grad_loss.numel());

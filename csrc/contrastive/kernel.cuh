@@ -54,7 +54,7 @@ constexpr int kPad = 8;        // smem row padding (keeps ldmatrix rows 16-byte 
 constexpr int kLdK = kBK + kPad;
 constexpr int kLdN = kBN + kPad;
 constexpr int kLdC = kDC + kPad;
-constexpr int kNT = kBN / 8;  // n8 tiles per warp
+constexpr int kNT = kBN / 8;                         // n8 tiles per warp
 constexpr int kStageElems = 2 * (kBM + kBN) * kLdK;  // two pipeline stages of (P chunk, Q chunk)
 constexpr float kNegInf = -INFINITY;
 
@@ -237,7 +237,7 @@ template <class T>
 MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) fwd_tiles_kernel(FwdParams p) {
   T* stage = dynamic_smem<T>();
   float* tile = reinterpret_cast<float*>(stage + kStageElems);  // kBM x (kBN + 4) logits
-  float* colred = tile + kBM * (kBN + 4);                        // [2 halves][kBN] x (max, sum)
+  float* colred = tile + kBM * (kBN + 4);                       // [2 halves][kBN] x (max, sum)
   constexpr int kLdT = kBN + 4;
   const T* x = static_cast<const T*>(p.x);
   const T* y = static_cast<const T*>(p.y);
@@ -307,7 +307,8 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) fwd_tiles_kernel(FwdParams p) 
         }
       }
       const int i = i0 + 16 * warp_id() + (lane_id() >> 2) + 8 * h;
-      if ((lane_id() & 3) == 0 && i < p.N) p.row_out[i] = p.loss == kSigLIP ? acc_row[h] : m[h] + logf(acc_row[h]);
+      if ((lane_id() & 3) == 0 && i < p.N)
+        p.row_out[i] = p.loss == kSigLIP ? acc_row[h] : m[h] + logf(acc_row[h]);
     }
   }
 }
@@ -317,7 +318,8 @@ MMFAST_GLOBAL void colmerge_kernel(const float* col_part, int stripes, int M, fl
   const int j = block_x() * block_dim_x() + thread_x();
   if (j >= M) return;
   float m = kNegInf, s = 0.0f;
-  for (int b = 0; b < stripes; ++b) lse_merge(m, s, col_part[((int64_t)b * M + j) * 2], col_part[((int64_t)b * M + j) * 2 + 1]);
+  for (int b = 0; b < stripes; ++b)
+    lse_merge(m, s, col_part[((int64_t)b * M + j) * 2], col_part[((int64_t)b * M + j) * 2 + 1]);
   col_lse[j] = m + logf(s);
 }
 
@@ -436,8 +438,8 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) coef_kernel(CoefParams p) {
 // ==== B2: backward tiles ===========================================================================
 // The "own" side is the one whose gradient this launch computes (x for dx, y for dy); the logits
 // tile is l[own][other] (l^T for dy). Each side brings its lse, coefficient and target:
-//   dl[r][k] = a_own[r] (e^(l - lse_own[r]) - [k == tgt_own[r]]) + a_oth[k] (e^(l - lse_oth[k]) - [r == tgt_oth[k]])
-//   (SigLIP: dl = -(a_own[r] + a_oth[k]) z sigmoid(-z l), z = [r == k] ? 1 : -1)
+//   dl[r][k] = a_own[r] (e^(l - lse_own[r]) - [k == tgt_own[r]]) + a_oth[k] (e^(l - lse_oth[k]) - [r ==
+//   tgt_oth[k]]) (SigLIP: dl = -(a_own[r] + a_oth[k]) z sigmoid(-z l), z = [r == k] ? 1 : -1)
 struct BwdParams {
   const void* p;  // own rows, np x D (row stride ldp)
   const void* q;  // other rows, nq x D (row stride ldq)
@@ -466,7 +468,8 @@ struct OwnRow {
 };
 
 // dl for one element (r, k valid), from the dot product.
-MMFAST_DEVICE float grad_logit(const BwdParams& p, const OwnRow& own, float s, float bias, float dot, int r, int k) {
+MMFAST_DEVICE float grad_logit(const BwdParams& p, const OwnRow& own, float s, float bias, float dot, int r,
+                               int k) {
   if (p.loss == kSigLIP) {
     const float z = r == k ? 1.0f : -1.0f;
     return -(own.a + p.a_oth[k]) * z * sigmoid(-z * (s * dot + bias));
@@ -483,7 +486,7 @@ MMFAST_DEVICE float grad_logit(const BwdParams& p, const OwnRow& own, float s, f
 template <class T>
 MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) bwd_tiles_kernel(BwdParams p) {
   T* stage = dynamic_smem<T>();
-  T* sdl = stage + kStageElems;                       // kBM x kLdN
+  T* sdl = stage + kStageElems;                             // kBM x kLdN
   float* red = reinterpret_cast<float*>(sdl + kBM * kLdN);  // 4 warps x 2
   const T* P = static_cast<const T*>(p.p);
   const T* Q = static_cast<const T*>(p.q);
@@ -565,8 +568,8 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) bwd_tiles_kernel(BwdParams p) 
 }
 
 // ==== B3: d(scale), d(bias) from the per-block partials ============================================
-MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) dscale_kernel(const float* red, int blocks, float* dscale,
-                                                                float* dbias) {
+MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads)
+    dscale_kernel(const float* red, int blocks, float* dscale, float* dbias) {
   float* sm = dynamic_smem<float>();
   const float a = block_sum(blocks, [&](int b) { return red[2 * b]; }, sm);
   const float b = block_sum(blocks, [&](int k) { return red[2 * k + 1]; }, sm);
@@ -629,16 +632,17 @@ void forward(const Problem& pb, const FwdBuffers& b, stream_t stream) {
   MMFAST_LAUNCH(targets_kernel, dim3_t(1), block, 0, stream,
                 TargetParams{pb.labels, pb.N, pb.M, pb.direction, b.t, b.u});
   const bool nce = pb.loss == kInfoNCE;
-  const FwdParams fp{pb.x,    pb.y,    pb.ldx,  pb.ldy, pb.N, pb.M, pb.D, pb.scale, pb.bias, pb.loss, pb.vec,
-                     nce ? b.row_stat : b.img_rows, b.col_part};
+  const FwdParams fp{pb.x,      pb.y,     pb.ldx,  pb.ldy,  pb.N,   pb.M,
+                     pb.D,      pb.scale, pb.bias, pb.loss, pb.vec, nce ? b.row_stat : b.img_rows,
+                     b.col_part};
   constexpr int smem = fwd_smem_bytes(sizeof(T));
   allow_smem(fwd_tiles_kernel<T>, smem);
   MMFAST_LAUNCH(fwd_tiles_kernel<T>, dim3_t(b.stripes), block, smem, stream, fp);
   if (nce) {
     MMFAST_LAUNCH(colmerge_kernel, dim3_t((pb.M + kThreads - 1) / kThreads), block, 0, stream, b.col_part,
                   b.stripes, pb.M, b.col_stat);
-    const PairParams pp{pb.x, pb.y,  pb.ldx, pb.ldy,     pb.N,       pb.M,       pb.D,
-                        pb.direction, pb.scale, b.t, b.u, b.row_stat, b.col_stat, b.img_rows, b.txt_rows};
+    const PairParams pp{pb.x,     pb.y, pb.ldx, pb.ldy,     pb.N,       pb.M,       pb.D,      pb.direction,
+                        pb.scale, b.t,  b.u,    b.row_stat, b.col_stat, b.img_rows, b.txt_rows};
     const int pairs = pb.direction == kText ? pb.M : pb.N, warps = kThreads / 32;
     MMFAST_LAUNCH(pairs_kernel<T>, dim3_t((pairs + warps - 1) / warps), block, 0, stream, pp);
   }
@@ -656,14 +660,12 @@ void backward(const Problem& pb, const BwdBuffers& b, stream_t stream) {
   constexpr int smem = bwd_smem_bytes(sizeof(T));
   allow_smem(bwd_tiles_kernel<T>, smem);
   // dx: own = x (rows i), other = y (columns j).
-  BwdParams px{pb.x,   pb.y,       pb.ldx,     pb.ldy, pb.N, pb.M, pb.D,  pb.scale, pb.bias,
-               b.norm, pb.loss,    pb.vec,     b.row_stat, b.col_stat, b.a, b.c, b.t,     b.u,
-               b.acc_x, b.dx,      b.red};
+  BwdParams px{pb.x,   pb.y,       pb.ldx,     pb.ldy, pb.N, pb.M, pb.D, pb.scale, pb.bias, b.norm, pb.loss,
+               pb.vec, b.row_stat, b.col_stat, b.a,    b.c,  b.t,  b.u,  b.acc_x,  b.dx,    b.red};
   MMFAST_LAUNCH(bwd_tiles_kernel<T>, dim3_t(row_tiles(pb.N)), block, smem, stream, px);
   // dy: the same with the roles swapped (column-parallel over the logits).
-  BwdParams py{pb.y,   pb.x,       pb.ldy,     pb.ldx, pb.M, pb.N, pb.D,  pb.scale, pb.bias,
-               b.norm, pb.loss,    pb.vec,     b.col_stat, b.row_stat, b.c, b.a, b.u,     b.t,
-               b.acc_y, b.dy,      nullptr};
+  BwdParams py{pb.y,   pb.x,       pb.ldy,     pb.ldx, pb.M, pb.N, pb.D, pb.scale, pb.bias, b.norm, pb.loss,
+               pb.vec, b.col_stat, b.row_stat, b.c,    b.a,  b.u,  b.t,  b.acc_y,  b.dy,    nullptr};
   MMFAST_LAUNCH(bwd_tiles_kernel<T>, dim3_t(row_tiles(pb.M)), block, smem, stream, py);
   MMFAST_LAUNCH(dscale_kernel, dim3_t(1), block, kThreads * sizeof(float), stream, b.red, row_tiles(pb.N),
                 b.dscale, b.dbias);

@@ -16,21 +16,20 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor (the emulation runs on the CPU)");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(at::Tensor x, at::Tensor y, at::Tensor scale, at::Tensor bias,
-                                                       c10::optional<at::Tensor> labels, int64_t loss,
-                                                       int64_t direction, int64_t reduction, int64_t max_stripes) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(at::Tensor x, at::Tensor y, at::Tensor scale,
+                                                       at::Tensor bias, c10::optional<at::Tensor> labels,
+                                                       int64_t loss, int64_t direction, int64_t reduction,
+                                                       int64_t max_stripes) {
   check_cpu(x, "x");
   check_cpu(y, "y");
   return mmfast::contrastive::forward_impl(x, y, scale, bias, labels, loss, direction, reduction, 0,
                                            static_cast<int>(max_stripes));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(at::Tensor grad_loss, at::Tensor x, at::Tensor y,
-                                                                    at::Tensor scale, at::Tensor bias,
-                                                                    c10::optional<at::Tensor> labels,
-                                                                    at::Tensor row_stat, at::Tensor col_stat,
-                                                                    int64_t loss, int64_t direction,
-                                                                    int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    at::Tensor grad_loss, at::Tensor x, at::Tensor y, at::Tensor scale, at::Tensor bias,
+    c10::optional<at::Tensor> labels, at::Tensor row_stat, at::Tensor col_stat, int64_t loss,
+    int64_t direction, int64_t reduction) {
   check_cpu(x, "x");
   check_cpu(y, "y");
   return mmfast::contrastive::backward_impl(grad_loss, x, y, scale, bias, labels, row_stat, col_stat, loss,
