@@ -1,5 +1,5 @@
 // Tensor glue of the tiled contrastive kernels (kernel.cuh): argument checks, output and workspace
-// allocation, dtype switch, then kernel.cuh's launch sequence. Shared by the CUDA registration
+// allocation, dtype switch, then launch.cuh's launch sequence. Shared by the CUDA registration
 // (cuda.cu, compiled by nvcc) and the emulated test module (csrc/emu/contrastive_emu.cpp, plain C++
 // on CPU tensors), so the emulated tests exercise this code too.
 //
@@ -16,7 +16,7 @@
 
 #include <tuple>
 
-#include "contrastive/kernel.cuh"
+#include "contrastive/launch.cuh"
 
 namespace mmfast {
 namespace contrastive {

@@ -10,7 +10,7 @@
 #include <random>
 #include <vector>
 
-#include "contrastive/kernel.cuh"
+#include "contrastive/launch.cuh"
 
 namespace {
 
