@@ -18,6 +18,9 @@ from tests import emu_build
 from tests.utils import BWD_TOL, FWD_TOL, poison_
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# fp16 differs from bf16 only in the mma instruction and conversions: its repeats of the mask and
+# layout cases are `slow` (CI's fast run keeps fp16 in the dense, causal, mask-gradient, dropout cases).
+DTYPES_FP16_SLOW = [torch.float32, torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,7 @@ def test_dense(emu, dtype, D, Dv):
     _check(emu, *_inputs(1, 2, 2, 19, 37, D, Dv, dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW, ids=str)
 def test_key_padding_mask_with_fully_padded_item(emu, dtype):
     q, k, v = _inputs(3, 2, 2, 7, 70, 64, 64, dtype)
     kpm = torch.rand(3, 70) < 0.4
@@ -107,7 +110,7 @@ def test_key_padding_mask_with_fully_padded_item(emu, dtype):
     _check(emu, q, k, v, kpm=kpm)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW, ids=str)
 def test_bool_mask_broadcast_with_empty_rows(emu, dtype):
     q, k, v = _inputs(2, 2, 2, 9, 41, 32, 32, dtype)
     mask = torch.rand(1, 2, 9, 41) < 0.6  # broadcast over the batch (stride 0)
@@ -137,13 +140,13 @@ def test_causal_bottom_right(emu, dtype, Lq, Lk):
     _check(emu, *_inputs(1, 2, 2, Lq, Lk, 32, 32, dtype), causal=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW, ids=str)
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (4, 1)])
 def test_gqa(emu, dtype, Hq, Hkv):
     _check(emu, *_inputs(1, Hq, Hkv, 7, 29, 64, 64, dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW, ids=str)
 def test_split_kv_matches(emu, dtype):
     q, k, v = _inputs(2, 2, 1, 5, 150, 64, 64, dtype)
     kpm = torch.zeros(2, 150, dtype=torch.bool)
@@ -163,7 +166,7 @@ def test_dropout_with_split_kv(emu):
     _check(emu, q, k, v, dropout_p=0.2, splits=2, backward=False)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_FP16_SLOW, ids=str)
 def test_strided_inputs_and_out_slice(emu, dtype):
     q, k, v = _inputs(2, 2, 2, 7, 33, 32, 32, dtype, layout="blhd")  # (B, L, H, D).transpose(1, 2)
     buf = poison_(torch.empty(2, 7, 2, 3 * 32, dtype=dtype))  # Concat(T, Attn)-style buffer
