@@ -4,7 +4,8 @@ csrc/emu/cross_attention_emu.cpp compiles csrc/cross_attention/kernel*.cuh (the 
 and launch glue as the GPU build) as plain C++; every CUDA thread is an OS thread, so shapes stay
 tiny. Each case checks out, lse, dq, dk, dv (and the float mask's gradient) against
 mmfast.reference in float64 on the same rounded inputs, with the dropout mask rebuilt bit-exactly
-from the counter hash.
+from the counter hash. The `gpu`-marked tests at the end run the same checks on the registered
+CUDA ops (torch.ops.mmfast.*) at realistic sizes when a GPU is visible.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _check(
     if out is not None:
         assert o.data_ptr() == out.data_ptr()
 
-    keep = keep_mask(seed, B, Hq, Lq, Lk, dropout_p) if dropout_p > 0 else None
+    keep = keep_mask(seed, B, Hq, Lq, Lk, dropout_p, device=q.device) if dropout_p > 0 else None
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     m64 = mask.detach().double().requires_grad_() if mask_grad else mask
     ro, rlse = ref.cross_attention(
@@ -201,3 +202,63 @@ def test_bad_inputs_name_the_argument(emu):
         emu.forward(q, k[:, :1].expand(2, 3, 5, 16), v[:, :1].expand(2, 3, 5, 16), None, None, False, 1.0, 0.0, 0)
     with pytest.raises(RuntimeError, match="out must have shape"):
         emu.forward(q, k, v, None, None, False, 1.0, 0.0, 0, out=torch.empty(2, 2, 3, 15))
+
+
+# ---- the same checks on a real GPU (torch.ops.mmfast.* registered by cuda.cu) -------------------
+
+
+class _CudaOps:
+    """The CUDA ops with the emulation module's signature (`splits` is left to the heuristic)."""
+
+    def forward(self, q, k, v, kpm, mask, causal, scale, p, seed, out=None, splits=0):
+        if out is None:
+            return torch.ops.mmfast.cross_attention_forward(q, k, v, kpm, mask, causal, scale, p, seed)
+        return out, torch.ops.mmfast.cross_attention_forward_out(q, k, v, kpm, mask, causal, scale, p, seed, out)
+
+    def backward(self, *args):
+        return torch.ops.mmfast.cross_attention_backward(*args)
+
+
+@pytest.fixture(scope="module")
+def cuda_ops():
+    from mmfast import _dispatch
+
+    ext, why = _dispatch.extension()
+    if ext is None or not getattr(ext, "with_cuda", False):
+        pytest.fail(f"a GPU is visible but mmfast._C has no CUDA kernels: {why or 'built without CUDA'}")
+    return _CudaOps()
+
+
+def _gpu(*tensors):
+    return [None if t is None else t.cuda() for t in tensors]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_text_to_image_with_padding(cuda_ops, dtype):
+    q, k, v = _gpu(*_inputs(4, 12, 12, 77, 577, 64, 64, dtype, layout="blhd"))
+    kpm = torch.rand(4, 577, device="cuda") < 0.3
+    kpm[-1] = True
+    _check(cuda_ops, q, k, v, kpm=kpm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_square_causal_gqa(cuda_ops, dtype):
+    _check(cuda_ops, *_gpu(*_inputs(2, 8, 2, 1024, 1024, 128, 128, dtype)), causal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_short_queries_split_kv_float_mask(cuda_ops):
+    # 2 x 4 heads x 1 query tile = 8 blocks: the heuristic splits the 1024 keys.
+    q, k, v = _gpu(*_inputs(2, 4, 4, 32, 1024, 64, 64, torch.bfloat16))
+    mask = torch.randn(2, 1, 32, 1024, device="cuda")
+    _check(cuda_ops, q, k, v, mask=mask)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_bool_mask_out_slice(cuda_ops):
+    q, k, v = _gpu(*_inputs(2, 4, 4, 128, 197, 80, 80, torch.float32))
+    mask = torch.rand(128, 197, device="cuda") < 0.8
+    out = torch.empty(2, 128, 4, 160, device="cuda")[..., 80:].transpose(1, 2)
+    _check(cuda_ops, q, k, v, mask=mask, dropout_p=0.1, out=out)

@@ -1,8 +1,9 @@
 // Cross-attention on CUDA: registers the kernels of kernel_fwd.cuh / kernel_bwd.cuh (launch glue in
 // kernel_launch.cuh) as the CUDA implementations of the ops declared in cpu.cpp.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "cross_attention/kernel_launch.cuh"
@@ -11,10 +12,13 @@ namespace mmfast {
 namespace xattn {
 namespace {
 
+// (ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers the build does not need.)
 Device current_device(const at::Tensor& x) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  return Device{at::cuda::getCurrentCUDAStream(x.device().index()).stream(), prop->multiProcessorCount,
-                static_cast<int>(prop->sharedMemPerBlockOptin)};
+  const int index = x.device().index();
+  int sms = 0, smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+  return Device{c10::cuda::getCurrentCUDAStream(index).stream(), sms, smem};
 }
 
 void check_cuda(const at::Tensor& q) { TORCH_CHECK(q.is_cuda(), "query must be a CUDA tensor, got ", q.device()); }

@@ -11,6 +11,9 @@
 
 #include "cross_attention/kernel_bwd.cuh"
 #include "cross_attention/kernel_fwd.cuh"
+#if !MMFAST_EMULATION
+#include <c10/cuda/CUDAException.h>
+#endif
 
 namespace mmfast {
 namespace xattn {
