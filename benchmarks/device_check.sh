@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfast
+import mmfast._C  # noqa: F401 - registers torch.ops.mmfast.*
 
 OUT = sys.argv[1]
 DEV = "cuda"
