@@ -21,30 +21,33 @@ Device current_device(const at::Tensor& x) {
   return Device{c10::cuda::getCurrentCUDAStream(index).stream(), sms, smem};
 }
 
-void check_cuda(const at::Tensor& q) { TORCH_CHECK(q.is_cuda(), "query must be a CUDA tensor, got ", q.device()); }
+void check_cuda(const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "query must be a CUDA tensor, got ", q.device());
+}
 
 // q: B x Hq x Lq x D, k: B x Hkv x Lk x D, v: B x Hkv x Lk x Dv -> out: B x Hq x Lq x Dv, lse: B x Hq x Lq.
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const c10::optional<at::Tensor>& kpm,
-                                                const c10::optional<at::Tensor>& mask, bool causal, double scale,
-                                                double dropout_p, int64_t seed) {
+                                                const c10::optional<at::Tensor>& mask, bool causal,
+                                                double scale, double dropout_p, int64_t seed) {
   check_cuda(q);
   const c10::cuda::CUDAGuard guard(q.device());
   return forward(q, k, v, kpm, mask, causal, scale, dropout_p, seed, current_device(q));
 }
 
 at::Tensor forward_out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask, bool causal,
-                            double scale, double dropout_p, int64_t seed, at::Tensor out) {
+                            const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask,
+                            bool causal, double scale, double dropout_p, int64_t seed, at::Tensor out) {
   check_cuda(q);
   const c10::cuda::CUDAGuard guard(q.device());
   return forward_out(q, k, v, kpm, mask, causal, scale, dropout_p, seed, out, current_device(q));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask, bool causal,
-    double scale, double dropout_p, int64_t seed, bool attn_mask_grad) {
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& kpm,
+    const c10::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p, int64_t seed,
+    bool attn_mask_grad) {
   check_cuda(q);
   const c10::cuda::CUDAGuard guard(q.device());
   return backward(grad_out, q, k, v, out, lse, kpm, mask, causal, scale, dropout_p, seed, attn_mask_grad,

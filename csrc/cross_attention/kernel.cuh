@@ -39,6 +39,14 @@ constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Launch bounds of the tile kernels: kThreads threads, and at least one block per SM, which lets
+// ptxas use up to 255 registers (for sm_90 it otherwise caps some kernels at 168 and spills).
+#if MMFAST_EMULATION
+#define MMFAST_XATTN_BOUNDS
+#else
+#define MMFAST_XATTN_BOUNDS __launch_bounds__(::mmfast::xattn::kThreads, 1)
+#endif
+
 enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
 
 // Everything a kernel needs. Strides are in elements; the last dimension of q, k, v, dout is
@@ -165,7 +173,7 @@ MMFAST_DEVICE void load_tile(T* s, const T* g, int64_t ld, int row0, int L, int 
     if (gr < L && vec && col + TL::kChunk <= ncols) {
       port::cp_async_16(dst, g + gr * ld + col);
     } else {
-      #pragma unroll
+#pragma unroll
       for (int e = 0; e < TL::kChunk; ++e) {
         const bool in = gr < L && col + e < ncols;
         dst[e] = in ? g[gr * ld + col + e] : port::from_float<T>(0.f);
@@ -182,9 +190,9 @@ MMFAST_DEVICE int acc_col(int lane, int n, int e) { return 8 * n + 2 * (lane & 3
 
 template <int N>
 MMFAST_DEVICE void zero(float (&acc)[N][4]) {
-  #pragma unroll
+#pragma unroll
   for (int n = 0; n < N; ++n)
-    #pragma unroll
+#pragma unroll
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 }
 
@@ -195,14 +203,15 @@ MMFAST_DEVICE void gemm_nt(float (&acc)[NT][4], const T* sA, int a0, const T* sB
   const int lane = port::lane_id();
   if constexpr (TL::k16) {
     static_assert(NT % 2 == 0, "ldmatrix.x4 loads B for two n-tiles");
-    #pragma unroll
+#pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
       uint32_t a[4];  // matrices: rows 0-7 / 8-15 x cols 0-7 / 8-15 of this 16x16 step
       port::ldmatrix_x4(a, sA + TL::idx(a0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-      #pragma unroll
+#pragma unroll
       for (int n = 0; n < NT; n += 2) {
         uint32_t b[4];  // matrices: (n-tile n, k 0-7), (n, k 8-15), (n+1, k 0-7), (n+1, k 8-15)
-        port::ldmatrix_x4(b, sB + TL::idx(b0 + 8 * n + (lane >> 4) * 8 + (lane & 7), kk * 16 + ((lane >> 3) & 1) * 8));
+        port::ldmatrix_x4(
+            b, sB + TL::idx(b0 + 8 * n + (lane >> 4) * 8 + (lane & 7), kk * 16 + ((lane >> 3) & 1) * 8));
         const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
         port::mma_m16n8k16<T>(acc[n], a, b_lo, acc[n]);
         port::mma_m16n8k16<T>(acc[n + 1], a, b_hi, acc[n + 1]);
@@ -210,10 +219,10 @@ MMFAST_DEVICE void gemm_nt(float (&acc)[NT][4], const T* sA, int a0, const T* sB
     }
   } else {
     const int r0 = a0 + (lane >> 2), c0 = b0 + 2 * (lane & 3);
-    #pragma unroll 4
+#pragma unroll 4
     for (int k = 0; k < HD; ++k) {
       const float x0 = sA[TL::idx(r0, k)], x1 = sA[TL::idx(r0 + 8, k)];
-      #pragma unroll
+#pragma unroll
       for (int n = 0; n < NT; ++n) {
         const float y0 = sB[TL::idx(c0 + 8 * n, k)], y1 = sB[TL::idx(c0 + 8 * n + 1, k)];
         acc[n][0] += x0 * y0;
@@ -234,16 +243,17 @@ MMFAST_DEVICE void gemm_pv(float (&acc)[HD / 8][4], const float (&P)[KT][4], con
   const int lane = port::lane_id();
   if constexpr (TL::k16) {
     static_assert(KT % 2 == 0, "P needs whole 16-column k-steps");
-    #pragma unroll
+#pragma unroll
     for (int kk = 0; kk < KT / 2; ++kk) {
       const uint32_t a[4] = {port::pack2<T>(P[2 * kk][0], P[2 * kk][1]),
                              port::pack2<T>(P[2 * kk][2], P[2 * kk][3]),
                              port::pack2<T>(P[2 * kk + 1][0], P[2 * kk + 1][1]),
                              port::pack2<T>(P[2 * kk + 1][2], P[2 * kk + 1][3])};
-      #pragma unroll
+#pragma unroll
       for (int n = 0; n < HD / 8; n += 2) {
         uint32_t b[4];  // B stored [k][n]: .trans; matrices (k 0-7, n), (k 8-15, n), (k 0-7, n+1), ...
-        port::ldmatrix_x4_trans(b, sB + TL::idx(kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7), 8 * n + (lane >> 4) * 8));
+        port::ldmatrix_x4_trans(
+            b, sB + TL::idx(kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7), 8 * n + (lane >> 4) * 8));
         const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
         port::mma_m16n8k16<T>(acc[n], a, b_lo, acc[n]);
         port::mma_m16n8k16<T>(acc[n + 1], a, b_hi, acc[n + 1]);
@@ -251,16 +261,16 @@ MMFAST_DEVICE void gemm_pv(float (&acc)[HD / 8][4], const float (&P)[KT][4], con
     }
   } else {
     constexpr int ld = 8 * KT + 4;
-    #pragma unroll
+#pragma unroll
     for (int n = 0; n < KT; ++n)
-      #pragma unroll
+#pragma unroll
       for (int e = 0; e < 4; ++e) scratch[acc_row(lane, e) * ld + acc_col(lane, n, e)] = P[n][e];
     port::warp_sync();
     const int r0 = lane >> 2, c0 = 2 * (lane & 3);
-    #pragma unroll 4
+#pragma unroll 4
     for (int k = 0; k < 8 * KT; ++k) {
       const float x0 = scratch[r0 * ld + k], x1 = scratch[(r0 + 8) * ld + k];
-      #pragma unroll
+#pragma unroll
       for (int n = 0; n < HD / 8; ++n) {
         const float y0 = sB[TL::idx(k, c0 + 8 * n)], y1 = sB[TL::idx(k, c0 + 8 * n + 1)];
         acc[n][0] += x0 * y0;
@@ -286,12 +296,12 @@ MMFAST_DEVICE float quad_max(float x) {
 // Writes a 16 x HD accumulator tile (times `mul`) to rows [r0, r0+16) of a row-major T matrix
 // (row stride ld, column stride cs), rows < L and cols < ncols only.
 template <class T, int HD>
-MMFAST_DEVICE void store_rows(T* g, int64_t ld, int64_t cs, int r0, int L, int ncols, const float (&acc)[HD / 8][4],
-                              const float (&mul)[2]) {
+MMFAST_DEVICE void store_rows(T* g, int64_t ld, int64_t cs, int r0, int L, int ncols,
+                              const float (&acc)[HD / 8][4], const float (&mul)[2]) {
   const int lane = port::lane_id();
-  #pragma unroll
+#pragma unroll
   for (int n = 0; n < HD / 8; ++n)
-    #pragma unroll
+#pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = r0 + acc_row(lane, e), c = acc_col(lane, n, e);
       if (r < L && c < ncols) g[r * ld + c * cs] = port::from_float<T>(acc[n][e] * mul[e >> 1]);

@@ -52,15 +52,15 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) delta_kernel(Params p) {
   const T* o = static_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh + i * p.o_sl;
   float acc = 0.f;
   for (int d = lane; d < p.Dv; d += 32) acc += port::to_float(dO[d]) * port::to_float(o[d * p.o_sd]);
-  #pragma unroll
+#pragma unroll
   for (int w = 16; w > 0; w /= 2) acc += port::shfl_xor(acc, w);
   if (lane == 0) p.delta[row] = acc;
 }
 
 // The backward pointwise step on one element: p = exp2(s2 - lse2); with z = keep / (1 - dropout_p)
 // (1 without dropout): returns ds = p (z dp - delta) and sets pz = p z.
-MMFAST_DEVICE float grad_score(const Params& p, int bh, int i, int j, float s2, float lse2, float dp, float delta,
-                               float& pz) {
+MMFAST_DEVICE float grad_score(const Params& p, int bh, int i, int j, float s2, float lse2, float dp,
+                               float delta, float& pz) {
   const float pr = exp2f(s2 - lse2);
   float z = 1.f;
   if (p.dropout) z = dropout_keep(p, bh, i, j) ? p.drop_scale : 0.f;
@@ -72,7 +72,7 @@ MMFAST_DEVICE float grad_score(const Params& p, int bh, int i, int j, float s2, 
 // rows are keys, columns queries, so s^T = K Q^T and dp^T = V dO^T, then dv += (p z)^T dO and
 // dk += ds^T Q are register-A products.
 template <class T, int HD>
-MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) dkdv_kernel(Params p) {
+MMFAST_GLOBAL void MMFAST_XATTN_BOUNDS dkdv_kernel(Params p) {
   using C = BwdCfg<T, HD>;
   using TL = Tile<T, HD>;
   constexpr int BN = C::BN, BMq = C::BMq, NQ = BMq / 8, OT = HD / 8;
@@ -135,10 +135,10 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) dkdv_kernel(Params p) {
     zero(dp);
     gemm_nt<T, HD, NQ>(s, sK, warp * 16, sQb, 0);
     gemm_nt<T, HD, NQ>(dp, sV, warp * 16, sdOb, 0);
-    // 4. p, dropout, ds (s <- p z, dp <- ds).
-    #pragma unroll
+// 4. p, dropout, ds (s <- p z, dp <- ds).
+#pragma unroll
     for (int n = 0; n < NQ; ++n)
-      #pragma unroll
+#pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = n0 + warp * 16 + acc_row(lane, e), c = acc_col(lane, n, e);
         const float s2 = masked_score_log2(p, b, h, mq0 + c, j, s[n][e]);
@@ -158,13 +158,14 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) dkdv_kernel(Params p) {
   const int64_t head = static_cast<int64_t>(b) * p.Hkv + g;
   const float one[2] = {1.f, 1.f}, sc[2] = {p.scale, p.scale};
   store_rows<T, HD>(static_cast<T*>(p.dk) + head * p.Lk * p.D, p.D, 1, n0 + warp * 16, p.Lk, p.D, acc_dk, sc);
-  store_rows<T, HD>(static_cast<T*>(p.dv) + head * p.Lk * p.Dv, p.Dv, 1, n0 + warp * 16, p.Lk, p.Dv, acc_dv, one);
+  store_rows<T, HD>(static_cast<T*>(p.dv) + head * p.Lk * p.Dv, p.Dv, 1, n0 + warp * 16, p.Lk, p.Dv, acc_dv,
+                    one);
 }
 
 // Grid (B*Hq, ceil(Lq / BM)), kThreads threads, BwdCfg::kSmemQ bytes: s = Q K^T, dp = dO V^T,
 // ds as above, dq += ds K, and dmask[i,j] = ds[i,j] when requested.
 template <class T, int HD>
-MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) dq_kernel(Params p) {
+MMFAST_GLOBAL void MMFAST_XATTN_BOUNDS dq_kernel(Params p) {
   using C = BwdCfg<T, HD>;
   using TL = Tile<T, HD>;
   constexpr int BM = C::BM, BN = C::BNk, NT = BN / 8, OT = HD / 8;
@@ -194,7 +195,7 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) dq_kernel(Params p) {
   if (nb > 0) load_kv(0, 0);
   port::cp_async_commit();
   float lse2[2], delta[2];
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = m0 + warp * 16 + acc_row(lane, 2 * r);
     const int64_t row = static_cast<int64_t>(bh) * p.Lq + i;
@@ -222,10 +223,10 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) dq_kernel(Params p) {
     zero(dp);
     gemm_nt<T, HD, NT>(s, sQ, warp * 16, sKb, 0);
     gemm_nt<T, HD, NT>(dp, sdO, warp * 16, sV + buf * BN * TL::kRowStride, 0);
-    // 4. ds (into s); the float mask's gradient is ds itself.
-    #pragma unroll
+// 4. ds (into s); the float mask's gradient is ds itself.
+#pragma unroll
     for (int n = 0; n < NT; ++n)
-      #pragma unroll
+#pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = m0 + warp * 16 + acc_row(lane, e), j = blk * BN + acc_col(lane, n, e);
         const float s2 = masked_score_log2(p, b, h, i, j, s[n][e]);
@@ -242,8 +243,8 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) dq_kernel(Params p) {
 
   // 6. dq = scale * acc_dq (B x Hq x Lq x D, contiguous).
   const float sc[2] = {p.scale, p.scale};
-  store_rows<T, HD>(static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.Lq * p.D, p.D, 1, m0 + warp * 16, p.Lq,
-                    p.D, acc_dq, sc);
+  store_rows<T, HD>(static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.Lq * p.D, p.D, 1, m0 + warp * 16,
+                    p.Lq, p.D, acc_dq, sc);
 }
 
 }  // namespace xattn

@@ -29,16 +29,16 @@ MMFAST_DEVICE void online_softmax(const Params& p, int b, int h, int row0, int c
                                   float (&acc_o)[OT][4], float (&m_run)[2], float (&l_run)[2]) {
   const int lane = port::lane_id();
   float mx[2] = {-INFINITY, -INFINITY};
-  #pragma unroll
+#pragma unroll
   for (int n = 0; n < NT; ++n)
-    #pragma unroll
+#pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = row0 + acc_row(lane, e), j = col0 + acc_col(lane, n, e);
       s[n][e] = masked_score_log2(p, b, h, i, j, s[n][e]);
       mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
     }
   float alpha[2], m_use[2], sum[2] = {0.f, 0.f};
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float m_new = fmaxf(m_run[r], quad_max(mx[r]));
     m_use[r] = m_new == -INFINITY ? 0.f : m_new;
@@ -46,27 +46,27 @@ MMFAST_DEVICE void online_softmax(const Params& p, int b, int h, int row0, int c
     m_run[r] = m_new;
   }
   const int bh = b * p.Hq + h;
-  #pragma unroll
+#pragma unroll
   for (int n = 0; n < NT; ++n)
-    #pragma unroll
+#pragma unroll
     for (int e = 0; e < 4; ++e) {
       float pr = exp2f(s[n][e] - m_use[e >> 1]);
       sum[e >> 1] += pr;  // the softmax normalizer counts dropped weights too
       if (p.dropout && !dropout_keep(p, bh, row0 + acc_row(lane, e), col0 + acc_col(lane, n, e))) pr = 0.f;
       s[n][e] = pr;
     }
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + sum[r];  // per-lane partial sums
-  #pragma unroll
+#pragma unroll
   for (int n = 0; n < OT; ++n)
-    #pragma unroll
+#pragma unroll
     for (int e = 0; e < 4; ++e) acc_o[n][e] *= alpha[e >> 1];
 }
 
 // Grid (B*Hq, ceil(Lq / BM), n_splits), kThreads threads, FwdCfg::kSmem bytes of shared memory.
 // Writes out and lse, or (n_splits > 1) this split's normalized output and LSE to o_part/lse_part.
 template <class T, int HD>
-MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) fwd_kernel(Params p) {
+MMFAST_GLOBAL void MMFAST_XATTN_BOUNDS fwd_kernel(Params p) {
   using C = FwdCfg<T, HD>;
   using TL = Tile<T, HD>;
   constexpr int BM = C::BM, BN = C::BN, NT = BN / 8, OT = HD / 8;
@@ -121,7 +121,7 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) fwd_kernel(Params p) {
 
   // 6. o = acc / l * 1/(1-p), lse = m ln2 + ln l; an empty row gives o = 0, lse = -inf.
   float mul[2], lse[2];
-  #pragma unroll
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(l_run[r]);
     mul[r] = l > 0.f ? p.drop_scale / l : 0.f;
@@ -137,7 +137,7 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) fwd_kernel(Params p) {
     store_rows<float, HD>(o, p.Dv, 1, row0, p.Lq, p.Dv, acc_o, mul);
   }
   if ((lane & 3) == 0) {
-    #pragma unroll
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int i = row0 + acc_row(lane, 2 * r);
       if (i >= p.Lq) continue;

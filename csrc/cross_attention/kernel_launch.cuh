@@ -57,7 +57,8 @@ void dispatch(at::ScalarType dtype, int head_dim, F&& f) {
     case at::kHalf:
       return by_dim(TypeTag<half_t>{});
     default:
-      TORCH_CHECK(false, "mmfast cross_attention (cuda): query must be float32, bfloat16 or float16, got ", dtype);
+      TORCH_CHECK(false, "mmfast cross_attention (cuda): query must be float32, bfloat16 or float16, got ",
+                  dtype);
   }
 }
 
@@ -83,14 +84,14 @@ struct Inputs {
 // q: B x Hq x Lq x D, k: B x Hkv x Lk x D, v: B x Hkv x Lk x Dv; kpm: B x Lk bool; mask: bool or
 // float, broadcastable to B x Hq x Lq x Lk.
 inline Inputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                      const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask, bool causal,
-                      double scale, double dropout_p, int64_t seed) {
+                      const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask,
+                      bool causal, double scale, double dropout_p, int64_t seed) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
               "query, key, value must be 4-D (B, H, L, D), got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
               v_in.sizes());
   TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
-              "query, key, value must have one dtype, got ", q_in.scalar_type(), ", ", k_in.scalar_type(), ", ",
-              v_in.scalar_type());
+              "query, key, value must have one dtype, got ", q_in.scalar_type(), ", ", k_in.scalar_type(),
+              ", ", v_in.scalar_type());
   TORCH_CHECK(k_in.device() == q_in.device() && v_in.device() == q_in.device(),
               "query, key, value must be on one device");
   Inputs in;
@@ -103,8 +104,8 @@ inline Inputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::
   TORCH_CHECK(k_in.size(0) == p.B && v_in.size(0) == p.B, "key and value must have query's batch size ", p.B);
   TORCH_CHECK(k_in.size(3) == p.D, "key must have query's head dim ", p.D, ", got ", k_in.size(3));
   TORCH_CHECK(v_in.size(1) == p.Hkv && v_in.size(2) == p.Lk, "value must have key's heads and length");
-  TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "query heads (", p.Hq, ") must be a multiple of key heads (", p.Hkv,
-              ")");
+  TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "query heads (", p.Hq, ") must be a multiple of key heads (",
+              p.Hkv, ")");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   auto strides = [](const at::Tensor& x, int64_t& sb, int64_t& sh, int64_t& sl) {
     sb = x.stride(0), sh = x.stride(1), sl = x.stride(2);
@@ -128,13 +129,14 @@ inline Inputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::
     TORCH_CHECK(mask->dim() <= 4, "attn_mask must have at most 4 dims, got ", mask->sizes());
     TORCH_CHECK(mask->device() == q_in.device(), "attn_mask must be on query's device");
     const bool is_bool = mask->scalar_type() == at::kBool;
-    TORCH_CHECK(is_bool || at::isFloatingType(mask->scalar_type()), "attn_mask must be bool or floating, got ",
-                mask->scalar_type());
+    TORCH_CHECK(is_bool || at::isFloatingType(mask->scalar_type()),
+                "attn_mask must be bool or floating, got ", mask->scalar_type());
     at::Tensor m = is_bool || mask->scalar_type() == at::kFloat ? *mask : mask->to(at::kFloat);
     in.mask = m.expand({p.B, p.Hq, p.Lq, p.Lk});  // raises on a shape that does not broadcast
     p.mask = in.mask.data_ptr();
     p.mask_kind = is_bool ? kMaskBool : kMaskFloat;
-    p.m_sb = in.mask.stride(0), p.m_sh = in.mask.stride(1), p.m_sq = in.mask.stride(2), p.m_sk = in.mask.stride(3);
+    p.m_sb = in.mask.stride(0), p.m_sh = in.mask.stride(1), p.m_sq = in.mask.stride(2),
+    p.m_sk = in.mask.stride(3);
   }
   p.causal = causal;
   p.scale = static_cast<float>(scale);
@@ -184,7 +186,8 @@ inline void run_forward(Inputs& in, const at::Tensor& out, const at::Tensor& lse
     const int64_t blocks = static_cast<int64_t>(m_blocks) * p.B * p.Hq;
     int splits = dev.force_splits;
     if (splits <= 0) {
-      splits = blocks >= dev.num_sms ? 1 : static_cast<int>(std::min<int64_t>(cdiv64(dev.num_sms, blocks), 16));
+      splits =
+          blocks >= dev.num_sms ? 1 : static_cast<int>(std::min<int64_t>(cdiv64(dev.num_sms, blocks), 16));
       splits = std::min(splits, std::max(1, k_blocks / 2));  // at least two key tiles per split
     }
     splits = std::max(1, std::min(splits, std::max(1, k_blocks)));
@@ -204,8 +207,8 @@ inline void run_forward(Inputs& in, const at::Tensor& out, const at::Tensor& lse
 
 // dq, dk, dv: contiguous, input dtype; dmask: B x Hq x Lq x Lk fp32 zeros or undefined.
 inline void run_backward(Inputs& in, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
-                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dmask,
-                         const Device& dev) {
+                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                         const at::Tensor& dmask, const Device& dev) {
   Params p = in.p;
   p.o = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2), p.o_sd = out.stride(3);
@@ -237,10 +240,11 @@ inline void run_backward(Inputs& in, const at::Tensor& dout, const at::Tensor& o
 }
 
 // ---- the ops (schemas in csrc/cross_attention/cpu.cpp) ------------------------------------------
-inline std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  const c10::optional<at::Tensor>& kpm,
-                                                  const c10::optional<at::Tensor>& mask, bool causal, double scale,
-                                                  double dropout_p, int64_t seed, const Device& dev) {
+inline std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, const c10::optional<at::Tensor>& kpm,
+                                                  const c10::optional<at::Tensor>& mask, bool causal,
+                                                  double scale, double dropout_p, int64_t seed,
+                                                  const Device& dev) {
   Inputs in = prepare(q, k, v, kpm, mask, causal, scale, dropout_p, seed);
   at::Tensor out = at::empty({in.p.B, in.p.Hq, in.p.Lq, in.p.Dv}, q.options());
   at::Tensor lse = at::empty({in.p.B, in.p.Hq, in.p.Lq}, q.options().dtype(at::kFloat));
@@ -251,8 +255,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at:
 // out: B x Hq x Lq x Dv, query's dtype, any strides.
 inline at::Tensor forward_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask,
-                              bool causal, double scale, double dropout_p, int64_t seed, const at::Tensor& out,
-                              const Device& dev) {
+                              bool causal, double scale, double dropout_p, int64_t seed,
+                              const at::Tensor& out, const Device& dev) {
   Inputs in = prepare(q, k, v, kpm, mask, causal, scale, dropout_p, seed);
   TORCH_CHECK(out.dim() == 4 && out.size(0) == in.p.B && out.size(1) == in.p.Hq && out.size(2) == in.p.Lq &&
                   out.size(3) == in.p.Dv,
@@ -268,18 +272,19 @@ inline at::Tensor forward_out(const at::Tensor& q, const at::Tensor& k, const at
 // Returns dq, dk, dv (input shapes, contiguous) and the float mask's gradient in the mask's own
 // shape and dtype (an empty tensor unless attn_mask_grad).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask, bool causal,
-    double scale, double dropout_p, int64_t seed, bool attn_mask_grad, const Device& dev) {
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& kpm,
+    const c10::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p, int64_t seed,
+    bool attn_mask_grad, const Device& dev) {
   Inputs in = prepare(q, k, v, kpm, mask, causal, scale, dropout_p, seed);
   const Params& p = in.p;
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.Hq &&
-                  out.size(2) == p.Lq && out.size(3) == p.Dv,
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B &&
+                  out.size(1) == p.Hq && out.size(2) == p.Lq && out.size(3) == p.Dv,
               "grad_out and out must have shape (B, Hq, Lq, Dv)");
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "grad_out and out must have query's dtype");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq &&
-                  lse.size(2) == p.Lq,
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B &&
+                  lse.size(1) == p.Hq && lse.size(2) == p.Lq,
               "lse must be float32 of shape (B, Hq, Lq)");
   const bool mask_grad = attn_mask_grad && p.mask_kind == kMaskFloat;
   TORCH_CHECK(!attn_mask_grad || mask_grad, "attn_mask_grad needs a floating attn_mask");
@@ -287,7 +292,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dq = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   at::Tensor dk = at::empty({p.B, p.Hkv, p.Lk, p.D}, q.options());
   at::Tensor dv = at::empty({p.B, p.Hkv, p.Lk, p.Dv}, q.options());
-  at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, q.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor dmask =
+      mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, q.options().dtype(at::kFloat)) : at::Tensor();
   run_backward(in, dout, out, lse_c, dq, dk, dv, dmask, dev);
   at::Tensor dmask_out = at::empty({0}, q.options());
   if (mask_grad) dmask_out = dmask.sum_to_size(mask->sizes()).to(mask->scalar_type());

@@ -20,8 +20,8 @@ void check_cpu(const at::Tensor& q) { TORCH_CHECK(q.device().is_cpu(), "the emul
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const c10::optional<at::Tensor>& kpm,
                                            const c10::optional<at::Tensor>& mask, bool causal, double scale,
-                                           double dropout_p, int64_t seed, const c10::optional<at::Tensor>& out,
-                                           int64_t splits) {
+                                           double dropout_p, int64_t seed,
+                                           const c10::optional<at::Tensor>& out, int64_t splits) {
   check_cpu(q);
   if (out.has_value() && out->defined()) {
     at::Tensor lse = mmfast::xattn::forward_out(q, k, v, kpm, mask, causal, scale, dropout_p, seed, *out,
@@ -32,9 +32,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask, bool causal,
-    double scale, double dropout_p, int64_t seed, bool attn_mask_grad) {
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& kpm,
+    const c10::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p, int64_t seed,
+    bool attn_mask_grad) {
   check_cpu(q);
   return mmfast::xattn::backward(grad_out, q, k, v, out, lse, kpm, mask, causal, scale, dropout_p, seed,
                                  attn_mask_grad, emu_device(0));
@@ -44,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "emulated cross_attention forward -> (out, lse)", py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("key_padding_mask"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
-        py::arg("dropout_p"), py::arg("seed"), py::arg("out") = py::none(), py::arg("splits") = 0);
+        py::arg("v"), py::arg("key_padding_mask"), py::arg("attn_mask"), py::arg("is_causal"),
+        py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("out") = py::none(),
+        py::arg("splits") = 0);
   m.def("backward", &backward, "emulated cross_attention backward -> (dq, dk, dv, dattn_mask)");
 }

@@ -116,7 +116,8 @@ bool close(const char* what, const std::vector<T>& got, const std::vector<double
     const double g = port::to_float(got[i]), w = want[i];
     const bool same_inf = std::isinf(w) && g == w;
     if (!same_inf && !(std::fabs(g - w) <= tol * (1 + std::fabs(w)))) {
-      why = std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(g) + ", want " + std::to_string(w);
+      why = std::string(what) + "[" + std::to_string(i) + "] = " + std::to_string(g) + ", want " +
+            std::to_string(w);
       return false;
     }
   }
@@ -130,7 +131,8 @@ bool run_case(const Case& c, std::string& why) {
   auto q = randn<T>(nq * c.D, rng), k = randn<T>(nk * c.D, rng), v = randn<T>(nk * c.Dv, rng);
   auto dout = randn<T>(nq * c.Dv, rng), mask = randn<float>(nq * c.Lk, rng);
   std::vector<uint8_t> kpm(size_t(c.B) * c.Lk);
-  for (size_t i = 0; i < kpm.size(); ++i) kpm[i] = (rng() % 3 == 0) || (i < size_t(c.Lk));  // item 0 all padding
+  for (size_t i = 0; i < kpm.size(); ++i)
+    kpm[i] = (rng() % 3 == 0) || (i < size_t(c.Lk));  // item 0 all padding
   auto qd = to_device_type<T>(q), kd = to_device_type<T>(k), vd = to_device_type<T>(v);
   auto dod = to_device_type<T>(dout);
   std::vector<T> o(nq * c.Dv), dq(nq * c.D), dk(nk * c.D), dv(nk * c.Dv);
@@ -142,11 +144,13 @@ bool run_case(const Case& c, std::string& why) {
   p.q_sb = int64_t(c.Hq) * c.Lq * c.D, p.q_sh = int64_t(c.Lq) * c.D, p.q_sl = c.D;
   p.k_sb = int64_t(c.Hkv) * c.Lk * c.D, p.k_sh = int64_t(c.Lk) * c.D, p.k_sl = c.D;
   p.v_sb = int64_t(c.Hkv) * c.Lk * c.Dv, p.v_sh = int64_t(c.Lk) * c.Dv, p.v_sl = c.Dv;
-  p.o = o.data(), p.o_sb = int64_t(c.Hq) * c.Lq * c.Dv, p.o_sh = int64_t(c.Lq) * c.Dv, p.o_sl = c.Dv, p.o_sd = 1;
+  p.o = o.data(), p.o_sb = int64_t(c.Hq) * c.Lq * c.Dv, p.o_sh = int64_t(c.Lq) * c.Dv, p.o_sl = c.Dv,
+  p.o_sd = 1;
   p.lse = lse.data();
   if (c.kpm) p.kpm = kpm.data(), p.kpm_sb = c.Lk, p.kpm_sl = 1;
   p.mask_kind = c.float_mask ? kMaskFloat : kMaskNone;
-  p.mask = mask.data(), p.m_sb = int64_t(c.Hq) * c.Lq * c.Lk, p.m_sh = int64_t(c.Lq) * c.Lk, p.m_sq = c.Lk, p.m_sk = 1;
+  p.mask = mask.data(), p.m_sb = int64_t(c.Hq) * c.Lq * c.Lk, p.m_sh = int64_t(c.Lq) * c.Lk, p.m_sq = c.Lk,
+  p.m_sk = 1;
   p.B = c.B, p.Hq = c.Hq, p.Hkv = c.Hkv, p.Lq = c.Lq, p.Lk = c.Lk, p.D = c.D, p.Dv = c.Dv;
   p.scale = 1.f / std::sqrt(float(c.D));
   p.causal = c.causal;
@@ -178,8 +182,9 @@ bool run_case(const Case& c, std::string& why) {
 
   const Naive n = naive(c, p, q, k, v, dout, kpm, mask);
   const double tol = sizeof(T) == 4 ? 1e-4 : 3e-2;
-  bool ok = close("out", o, n.out, tol, why) && close("lse", lse, n.lse, 1e-4, why) && close("dq", dq, n.dq, tol, why) &&
-            close("dk", dk, n.dk, tol, why) && close("dv", dv, n.dv, tol, why);
+  bool ok = close("out", o, n.out, tol, why) && close("lse", lse, n.lse, 1e-4, why) &&
+            close("dq", dq, n.dq, tol, why) && close("dk", dk, n.dk, tol, why) &&
+            close("dv", dv, n.dv, tol, why);
   if (ok && c.float_mask) ok = close("dmask", dmask, n.dmask, tol, why);
   return ok;
 }
