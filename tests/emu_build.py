@@ -30,10 +30,10 @@ BASE_FLAGS = ["-std=c++17", "-pthread", f"-I{CSRC}"]
 
 
 def _headers_digest() -> str:
-    """Hash of every header and emulation source under csrc/ (what an emulated build can include)."""
+    """Hash of every header under csrc/ and every source under csrc/emu (what an emulated build reads)."""
     h = hashlib.sha256()
     for p in sorted(CSRC.rglob("*")):
-        if p.suffix in (".h", ".cuh", ".cpp") and p.is_file():
+        if p.is_file() and (p.suffix in (".h", ".cuh") or (p.suffix == ".cpp" and p.parent.name == "emu")):
             h.update(str(p.relative_to(CSRC)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -88,7 +88,7 @@ def load_module(name: str, source: str, extra_cflags: tuple[str, ...] = ("-O2",)
         name=mod_name,
         sources=[str(CSRC / source)],
         extra_include_paths=[str(CSRC)],
-        extra_cflags=["-std=c++17", *extra_cflags],
+        extra_cflags=list(extra_cflags),
         extra_ldflags=["-pthread"],
         build_directory=str(build_dir),
         verbose=False,

@@ -5,9 +5,11 @@
 // API (namespace mmfast::port; everything is a device function unless said otherwise)
 //
 //   Qualifiers   MMFAST_DEVICE (inline device fn), MMFAST_HOST_DEVICE, MMFAST_GLOBAL (kernel),
-//                MMFAST_LAUNCH_BOUNDS(threads), MMFAST_DEVICE_ASSERT(cond), MMFAST_EMULATION
+//                MMFAST_LAUNCH_BOUNDS(threads), MMFAST_DEVICE_ASSERT(cond), MMFAST_UNROLL
+//                (#pragma unroll under nvcc), MMFAST_EMULATION
 //                (defined to 1 under emulation, 0 under nvcc), MMFAST_LAUNCH(kernel, grid, block,
-//                smem, stream, args...) (host: <<<>>> under nvcc, emu::launch otherwise).
+//                smem, stream, args...) (host: <<<>>> under nvcc, emu::launch otherwise);
+//                host types port::dim3_t, port::stream_t (cudaStream_t; int under emulation).
 //   Indices      thread_x/y/z(), block_x/y/z(), block_dim_x/y/z(), grid_dim_x/y/z(),
 //                lane_id() (threadIdx linearized % 32), warp_id() (linearized / 32).
 //   Memory       dynamic_smem<T>(): the block's dynamic shared memory (the ONLY shared memory a
@@ -61,6 +63,7 @@
   } while (0)
 #define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define MMFAST_UNROLL _Pragma("unroll")
 #else
 #define MMFAST_EMULATION 1
 #include "common/emu.h"
@@ -68,10 +71,10 @@
 #define MMFAST_HOST_DEVICE inline
 #define MMFAST_GLOBAL
 #define MMFAST_LAUNCH_BOUNDS(n)
-#define MMFAST_DEVICE_ASSERT(cond) \
-  ((cond) ? (void)0 : ::mmfast::emu::device_fail(#cond, __FILE__, __LINE__))
+#define MMFAST_DEVICE_ASSERT(cond) ((cond) ? (void)0 : ::mmfast::emu::device_fail(#cond, __FILE__, __LINE__))
 #define MMFAST_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::mmfast::emu::launch((grid), (block), (smem), [&] { kernel(__VA_ARGS__); })
+#define MMFAST_UNROLL
 #endif
 
 namespace mmfast {
@@ -79,8 +82,10 @@ namespace port {
 
 #if MMFAST_EMULATION
 using dim3_t = emu::Dim3;
+using stream_t = int;  // ignored: emulated launches are synchronous
 #else
 using dim3_t = dim3;
+using stream_t = cudaStream_t;
 #endif
 
 // ---- indices ------------------------------------------------------------------------------
@@ -270,7 +275,9 @@ MMFAST_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uin
       return o;
     };
     // A[r][k] lives in lane (r%8)*4 + (k%8)/2, register (r>=8) + 2*(k>=8), half k%2.
-    auto A = [&](int r, int k) { return unpack<T>(lane_ops((r % 8) * 4 + (k % 8) / 2).a[(r >= 8) + 2 * (k >= 8)], k % 2); };
+    auto A = [&](int r, int k) {
+      return unpack<T>(lane_ops((r % 8) * 4 + (k % 8) / 2).a[(r >= 8) + 2 * (k >= 8)], k % 2);
+    };
     // B[k][n] lives in lane n*4 + (k%8)/2, register (k>=8), half k%2.
     auto B = [&](int k, int n) { return unpack<T>(lane_ops(n * 4 + (k % 8) / 2).b[k >= 8], k % 2); };
     for (int i = 0; i < 4; ++i) {
@@ -320,7 +327,8 @@ MMFAST_DEVICE void ldmatrix_impl(uint32_t (&r)[NUM], const void* row_ptr) {
       return p;
     };
     for (int i = 0; i < 8 * NUM; ++i) {
-      MMFAST_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(row(i)) % 16 == 0);  // ldmatrix rows are 16-byte aligned
+      MMFAST_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(row(i)) % 16 ==
+                           0);  // ldmatrix rows are 16-byte aligned
     }
     for (int i = 0; i < NUM; ++i) {
       uint16_t lo, hi;
@@ -345,7 +353,9 @@ MMFAST_DEVICE void ldmatrix_impl(uint32_t (&r)[NUM], const void* row_ptr) {
   } else if constexpr (NUM == 1 && TRANS) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
   } else if constexpr (NUM == 2 && !TRANS) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
   } else if constexpr (NUM == 2 && TRANS) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                  : "=r"(r[0]), "=r"(r[1])

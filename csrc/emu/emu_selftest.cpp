@@ -84,9 +84,8 @@ bool test_barrier() {
   bool ok = true;
   for (int b = 0; b < blocks; ++b)
     for (int t = 0; t < n; ++t)
-      ok &= check(out[b * n + t] == (t + rounds) % n + 1000 * b + rounds, "relay value at block " +
-                                                                              std::to_string(b) + " thread " +
-                                                                              std::to_string(t));
+      ok &= check(out[b * n + t] == (t + rounds) % n + 1000 * b + rounds,
+                  "relay value at block " + std::to_string(b) + " thread " + std::to_string(t));
   return ok;
 }
 
@@ -211,10 +210,9 @@ bool run_mma(int m, int n, int k, int warps, bool b_kn, const char* what) {
       double want = 0;
       for (int kk = 0; kk < k; ++kk) want += static_cast<double>(af[i * k + kk]) * bf[j * k + kk];
       const double err = std::fabs(c[i * n + j] - want);
-      ok &= check(err <= 1e-4 * (1 + std::fabs(want)), std::string(what) + ": C[" + std::to_string(i) + "][" +
-                                                            std::to_string(j) + "] = " +
-                                                            std::to_string(c[i * n + j]) + ", want " +
-                                                            std::to_string(want));
+      ok &= check(err <= 1e-4 * (1 + std::fabs(want)),
+                  std::string(what) + ": C[" + std::to_string(i) + "][" + std::to_string(j) +
+                      "] = " + std::to_string(c[i * n + j]) + ", want " + std::to_string(want));
     }
   return ok;
 }
@@ -223,7 +221,9 @@ bool test_mma_bf16_tile() { return run_mma<bf16_t>(16, 8, 16, 1, false, "bf16 16
 bool test_mma_fp16_tile() { return run_mma<half_t>(16, 8, 16, 1, false, "fp16 16x8x16"); }
 bool test_mma_bf16_trans() { return run_mma<bf16_t>(16, 8, 16, 1, true, "bf16 16x8x16 ldmatrix.trans"); }
 bool test_mma_fp16_gemm() { return run_mma<half_t>(64, 32, 48, 4, false, "fp16 64x32x48, 4 warps"); }
-bool test_mma_bf16_gemm_trans() { return run_mma<bf16_t>(32, 24, 64, 2, true, "bf16 32x24x64 trans, 2 warps"); }
+bool test_mma_bf16_gemm_trans() {
+  return run_mma<bf16_t>(32, 24, 64, 2, true, "bf16 32x24x64 trans, 2 warps");
+}
 
 // ---- ldmatrix x1 / x4.trans directly against the documented element map -----------------------
 
@@ -283,7 +283,8 @@ bool test_cp_async() {
   for (int t = 0; t < 32; ++t) {
     ok &= check(out[t] == src[(4 * t + 5) % 128], "cp.async group 0 visible after wait<1>");
     for (int i = 0; i < 4; ++i)
-      ok &= check(out[32 + 4 * t + i] == (i < 2 ? src[4 * t + i] : 0.0f), "cp.async zero fill past src_bytes");
+      ok &=
+          check(out[32 + 4 * t + i] == (i < 2 ? src[4 * t + i] : 0.0f), "cp.async zero fill past src_bytes");
   }
   return ok;
 }
@@ -332,7 +333,8 @@ int main(int argc, char** argv) {
   int failed = 0, ran = 0;
   for (const Test& t : kTests) {
     bool wanted = argc == 1;
-    for (int i = 1; i < argc; ++i) wanted |= std::strcmp(argv[i], t.name) == 0 || std::strcmp(argv[i], "--list") == 0;
+    for (int i = 1; i < argc; ++i)
+      wanted |= std::strcmp(argv[i], t.name) == 0 || std::strcmp(argv[i], "--list") == 0;
     if (!wanted) continue;
     if (argc == 2 && std::strcmp(argv[1], "--list") == 0) {
       std::printf("%s\n", t.name);
