@@ -52,8 +52,10 @@ if [ -z "$ARCH" ]; then
   ARCH="$(timeout 60 "$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))' 2>/dev/null)"
 fi
 echo "arch: ${ARCH:-unknown}" | tee -a "$SUMMARY"
+# Each .cu file is one nvcc process; --split-compile=0 spreads its device optimization over all cores.
 step build "$BUILD_S" env TORCH_CUDA_ARCH_LIST="${ARCH:-9.0}" MMFAST_BUILD_CUDA=1 MAX_JOBS="$(nproc)" \
-  MMFAST_PTXAS_VERBOSE=1 "$PY" setup.py build_ext --inplace
+  NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} --split-compile=0" MMFAST_PTXAS_VERBOSE=1 \
+  "$PY" setup.py build_ext --inplace
 
 # 3. The gpu-marked tests.
 step gpu_tests "$TESTS_S" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" tests
