@@ -204,7 +204,7 @@ info_nce_case()
 write_tables()
 print(open(f"{OUT}/results.md").read())
 PYEOF
-step bench "$BENCH_S" "$PY" "$OUT/bench.py" "$OUT"
+step bench "$BENCH_S" env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$OUT/bench.py" "$OUT"
 
 echo
 cat "$SUMMARY"
