@@ -7,13 +7,14 @@
 //
 // InfoNCE (https://arxiv.org/abs/1807.03748, CLIP https://arxiv.org/abs/2103.00020):
 //   r_i = logsumexp_j S_ij (row LSE),  c_j = logsumexp_i S_ij (column LSE),  t_i = S_{i, l_i}
+//   (each LSE kept as the pair (max, log Σ exp(S - max)) and used as (S - max) - log Σ)
 //   image loss  L_img[i] = r_i - t_i;   text loss  L_txt[j] = c_j - t_{inv_j}   (inv = labels⁻¹)
 //   "both": row i = (L_img[i] + L_txt[i]) / 2.  "text" is "image" with x and y swapped.
 //   With a_i = dLoss/dL_img[i] and e_j = dLoss/dL_txt[j] (from grad_loss and the reduction):
 //     G_ij = a_i exp(S_ij - r_i) + e_j exp(S_ij - c_j) - [j == l_i] (a_i + e_j)     (= dLoss/dS_ij)
 //     dx = s G y,   dy = s Gᵀ x,   ds = Σ_ij G_ij U_ij.
-//   The target term ([j == l_i]) is applied outside the tiles in O(N D); the tiles only see the
-//   softmax part.
+//   The target logit t_i and the target term of G are taken from the same tile element as the
+//   softmax (so P_ii - 1 is formed before the GEMMs: no cancellation between two large terms).
 //
 // SigLIP (https://arxiv.org/abs/2303.15343): L_ij = s U_ij + b, z_ii = 1, z_ij = -1 (i != j):
 //   loss_ij = -log σ(z_ij L_ij) = softplus(-z_ij L_ij);  row i = Σ_j loss_ij
@@ -25,7 +26,8 @@
 //   forward   1. U = x_blk y_blkᵀ (one tile GEMM, fp32 accumulation; bf16/fp16 inputs stay in their
 //                dtype for the GEMM), S = s U.
 //             2. InfoNCE: online max / sum-exp per row (owned by the thread) and per column (a
-//                per-thread partial, merged in thread order after the pass). SigLIP: row sums.
+//                per-thread partial, merged in thread order after the pass); the target logit
+//                t_i = S_{i, l_i} when it lies in the tile. SigLIP: row sums.
 //   backward  1. recompute U (GEMM), 2. G from U and the saved LSEs, 3. dx_blk += s G y_blk (GEMM,
 //                rows owned by the thread), 4. dy_blk += s Gᵀ x_blk (GEMM into a per-thread partial
 //                dy, summed in thread order afterwards). No atomics: for a given thread count the
@@ -45,8 +47,10 @@
 
 // loss: 0 = InfoNCE, 1 = SigLIP; direction: 0 = both, 1 = image, 2 = text;
 // reduction: 0 = mean, 1 = sum, 2 = none. scale, bias: 0-dim floating tensors (bias unused by
-// InfoNCE). labels: (N,) int64 or absent. row_stat / col_stat: what the backward needs (InfoNCE:
-// row and column log-sum-exp in the accumulation dtype; SigLIP returns empty tensors).
+// InfoNCE). labels: (N,) int64 or absent. row_stat / col_stat: what the backward needs. InfoNCE:
+// (2, N) and (2, M) (col_stat (2, 0) unless direction is both) in the accumulation dtype, holding
+// the log-sum-exp split as [max; log Σ exp(S - max)], so that S - lse = (S - max) - log Σ keeps full
+// precision when the logits are large (|S| ~ 1e4: an fp32 lse alone is off by ~1e-3). SigLIP: (0,).
 TORCH_LIBRARY_FRAGMENT(mmfast, m) {
   m.def(
       "contrastive_forward(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor? labels, int loss, "
@@ -238,16 +242,20 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
   }
 }
 
-// Returns (row LSE (N,), column LSE (M,) or empty) in the accumulation dtype.
+// Returns (row stats (2, N), column stats (2, M) or (2, 0), target logits t_i = S_{i, l_i} (N,)) in
+// the accumulation dtype; stats are [max; log Σ exp(S - max)].
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x, const at::Tensor& y, double scale,
-                                                bool cols) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x, const at::Tensor& y,
+                                                            const at::Tensor& labels, double scale, bool cols) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = x.size(0), M = y.size(0);
   const Tiling tl = make_tiling(N, M);
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  at::Tensor row_lse = at::empty({N}, acc_opts);
+  at::Tensor row_stat = at::empty({2, N}, acc_opts);
+  at::Tensor target = at::empty({N}, acc_opts);
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  acc_t* tgt = target.data_ptr<acc_t>();
   // Per-chunk column statistics (max, sum-exp), merged in chunk order below.
   at::Tensor col_m = at::full({cols ? tl.chunks : 0, M}, neg_inf, acc_opts);
   at::Tensor col_l = at::zeros({cols ? tl.chunks : 0, M}, acc_opts);
@@ -257,27 +265,34 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x, const at::T
     row_l[c].assign(tl.bn, 0);
     col_tmp[c].resize(tl.bm);
   }
-  acc_t* lse = row_lse.data_ptr<acc_t>();
+  acc_t* rmax = row_stat.data_ptr<acc_t>();
+  acc_t* rlog = rmax + N;
   for_each_tile<scalar_t>(
       x, y, tl,
-      [&](int64_t c, int64_t, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U, const at::Tensor&) {
+      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U, const at::Tensor&) {
+        acc_t* S = U.data_ptr<acc_t>();
         acc_t* cm = cols ? col_m[c].data_ptr<acc_t>() + j0 : nullptr;
         acc_t* cl = cols ? col_l[c].data_ptr<acc_t>() + j0 : nullptr;
-        lse_tile<acc_t>(U.data_ptr<acc_t>(), tl.bm, bn, bm, static_cast<acc_t>(scale), row_m[c].data(), row_l[c].data(), cm, cl,
+        lse_tile<acc_t>(S, tl.bm, bn, bm, static_cast<acc_t>(scale), row_m[c].data(), row_l[c].data(), cm, cl,
                         col_tmp[c].data());
+        for (int64_t r = 0; r < bn; ++r) {  // the target logit, if it lies in this tile
+          const int64_t j = lab[i0 + r] - j0;
+          if (j >= 0 && j < bm) tgt[i0 + r] = S[r * tl.bm + j];
+        }
       },
       [&](int64_t c, int64_t i0, int64_t bn) {
         for (int64_t r = 0; r < bn; ++r) {
-          lse[i0 + r] = row_m[c][r] + std::log(row_l[c][r]);
+          rmax[i0 + r] = row_m[c][r];
+          rlog[i0 + r] = std::log(row_l[c][r]);
           row_m[c][r] = neg_inf;
           row_l[c][r] = 0;
         }
       });
-  if (!cols) return {row_lse, at::empty({0}, acc_opts)};
-  at::Tensor m = std::get<0>(col_m.max(0));  // merge: lse_j = m_j + log Σ_c l_cj e^(m_cj - m_j)
+  if (!cols) return {row_stat, at::empty({2, 0}, acc_opts), target};
+  at::Tensor m = std::get<0>(col_m.max(0));  // merge: m_j = max_c m_cj, l_j = Σ_c l_cj e^(m_cj - m_j)
   at::Tensor l = at::zeros({M}, acc_opts);
   for (int64_t c = 0; c < tl.chunks; ++c) l.add_(col_l[c] * (col_m[c] - m).exp());
-  return {row_lse, m + l.log()};
+  return {row_stat, at::stack({m, l.log()}), target};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -323,8 +338,11 @@ struct GradArgs {
   double s, b;
   const void* row_w;   // (N,) a_i (InfoNCE image weights) or w_i (SigLIP)
   const void* col_w;   // (M,) e_j or null (InfoNCE text weights)
-  const void* row_lse; // (N,) InfoNCE only
-  const void* col_lse; // (M,) or null
+  const void* row_stat;  // (2, N) [max; log Σ] (InfoNCE only)
+  const void* col_stat;  // (2, M) or null
+  int64_t n_rows, n_cols;
+  const int64_t* labels;  // (N,) InfoNCE targets l_i
+  const void* target_w;   // (N,) c_i = a_i + e_{l_i}: G_{i, l_i} -= c_i
   bool siglip;
 };
 
@@ -346,26 +364,58 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
     }
     return {gu, gs};
   }
-  const acc_t ri = static_cast<const acc_t*>(g.row_lse)[i];
+  const acc_t* rs = static_cast<const acc_t*>(g.row_stat);
+  const acc_t rm = rs[i], rl = rs[g.n_rows + i];  // e^(S - r_i) = e^((S - max) - log Σ)
   if (g.col_w == nullptr) {  // G = a_i e^(S - r_i)
 #pragma omp simd reduction(+ : gu)
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = w * exp_(s * u[j] - ri);
+      const acc_t v = w * exp_((s * u[j] - rm) - rl);
       gu += v * u[j];
       G[j] = v;
     }
     return {gu, 0};
   }
   const acc_t* e = static_cast<const acc_t*>(g.col_w) + j0;  // + e_j e^(S - c_j)
-  const acc_t* cl = static_cast<const acc_t*>(g.col_lse) + j0;
+  const acc_t* cm = static_cast<const acc_t*>(g.col_stat) + j0;
+  const acc_t* cl = cm + g.n_cols;
 #pragma omp simd reduction(+ : gu)
   for (int64_t j = 0; j < n; ++j) {
     const acc_t sij = s * u[j];
-    const acc_t v = w * exp_(sij - ri) + e[j] * exp_(sij - cl[j]);
+    const acc_t v = w * exp_((sij - rm) - rl) + e[j] * exp_((sij - cm[j]) - cl[j]);
     gu += v * u[j];
     G[j] = v;
   }
   return {gu, 0};
+}
+
+// G for row i of a tile (columns j0 .. j0 + bm - 1), softmax or sigmoid part plus InfoNCE's target
+// term; returns (Σ G U, Σ G). G may alias u (fp32/fp64: G overwrites the U tile in place).
+template <typename acc_t>
+std::pair<acc_t, acc_t> grad_tile_row(const GradArgs& g, int64_t i, int64_t j0, int64_t bm, const acc_t* u,
+                                      acc_t* G) {
+  const int64_t l = g.siglip ? -1 : g.labels[i] - j0;  // target column in this tile, if any
+  const bool has_target = l >= 0 && l < bm;
+  const acc_t ul = has_target ? u[l] : acc_t(0);  // read before G overwrites it
+  const int64_t d = g.siglip ? i - j0 : -1;       // SigLIP's diagonal column, if any
+  std::pair<acc_t, acc_t> t{0, 0};
+  auto add = [&](int64_t a, int64_t n, bool diag) {
+    const auto p = grad_row<acc_t>(g, i, j0 + a, u + a, G + a, n, diag);
+    t.first += p.first;
+    t.second += p.second;
+  };
+  if (d < 0 || d >= bm) {
+    add(0, bm, false);
+  } else {  // the diagonal element has z = +1
+    add(0, d, false);
+    add(d, 1, true);
+    add(d + 1, bm - d - 1, false);
+  }
+  if (has_target) {  // G_{i, l_i} -= c_i
+    const acc_t ci = static_cast<const acc_t*>(g.target_w)[i];
+    G[l] -= ci;
+    t.first -= ci * ul;
+  }
+  return t;
 }
 
 // Returns (dx, dy) in the accumulation dtype and (Σ G U, Σ G) over all tiles.
@@ -377,7 +427,8 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   const Tiling tl = make_tiling(N, M);
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor dx = at::zeros({N, D}, acc_opts);
-  at::Tensor dy_part = at::zeros({tl.chunks, M, D}, acc_opts);  // per-chunk partial dy
+  std::vector<at::Tensor> dy_part(tl.chunks);  // per-chunk partial dy (separate tensors: no views escape)
+  for (auto& t : dy_part) t = at::zeros({M, D}, acc_opts);
   std::vector<double> gu_sum(tl.chunks, 0.0), g_sum(tl.chunks, 0.0);
   // G in the input dtype (so bf16/fp16 GEMMs run on their units); aliases U for fp32/fp64.
   std::vector<at::Tensor> gbuf(tl.chunks);
@@ -395,20 +446,7 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
         for (int64_t r = 0; r < bn; ++r) {
           const acc_t* u = U.data_ptr<acc_t>() + r * tl.bm;
           acc_t* G = Gacc ? Gacc + r * tl.bm : row_tmp.data();
-          const int64_t d = g.siglip ? i0 + r - j0 : -1;
-          std::pair<acc_t, acc_t> t{0, 0};
-          auto add = [&](int64_t a, int64_t n, bool diag) {
-            const auto p = grad_row<acc_t>(g, i0 + r, j0 + a, u + a, G + a, n, diag);
-            t.first += p.first;
-            t.second += p.second;
-          };
-          if (d < 0 || d >= bm) {
-            add(0, bm, false);
-          } else {  // SigLIP's diagonal element has z = +1
-            add(0, d, false);
-            add(d, 1, true);
-            add(d + 1, bm - d - 1, false);
-          }
+          const auto t = grad_tile_row<acc_t>(g, i0 + r, j0, bm, u, G);
           gu_sum[c] += t.first;
           g_sum[c] += t.second;
           if (!Gacc) std::copy(G, G + bm, Gout + r * tl.bm);
@@ -500,15 +538,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(const at::Ten
     return {reduce(rows, reduction, x.size(0)), empty.clone(), empty.clone()};
   }
   const bool both = direction == kBoth;
-  at::Tensor row_lse, col_lse;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "info_nce_forward",
-                                  [&] { std::tie(row_lse, col_lse) = info_nce_lse<scalar_t>(x, y, s, both); });
   const at::Tensor tgt = targets(labels, x.size(0), x);
-  // t_i = s <x_i, y_{l_i}>, accumulated in acc dtype (O(N D)).
-  const at::Tensor t = (x.to(acc) * y.index_select(0, tgt).to(acc)).sum(1) * s;
-  at::Tensor rows = row_lse - t;
-  if (both) rows = 0.5 * (rows + (col_lse - t.index_select(0, inverse_permutation(tgt))));
-  return {reduce(rows, reduction, rows.size(0)), row_lse, col_lse};
+  at::Tensor row_stat, col_stat, t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "info_nce_forward", [&] {
+    std::tie(row_stat, col_stat, t) = info_nce_lse<scalar_t>(x, y, tgt, s, both);
+  });
+  at::Tensor rows = (row_stat[0] - t) + row_stat[1];  // lse - t = (max - t) + log Σ
+  if (both) rows = 0.5 * (rows + ((col_stat[0] - t.index_select(0, inverse_permutation(tgt))) + col_stat[1]));
+  return {reduce(rows, reduction, rows.size(0)), row_stat, col_stat};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
@@ -526,14 +563,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   // Per-row weights: a_i (and e_j for "both"; each direction counts half), or SigLIP's w_i.
   const at::Tensor row_w = row_weights(grad_loss, N, reduction, both ? 0.5 : 1.0, acc);
   const at::Tensor col_w = both ? row_w : at::Tensor();
-  const at::Tensor rlse = loss == kInfoNce ? row_stat.to(acc).contiguous() : at::Tensor();
-  const at::Tensor clse = both ? col_stat.to(acc).contiguous() : at::Tensor();
+  const at::Tensor rstat = loss == kInfoNce ? row_stat.to(acc).contiguous() : at::Tensor();
+  const at::Tensor cstat = both ? col_stat.to(acc).contiguous() : at::Tensor();
+  TORCH_CHECK(!rstat.defined() || rstat.sizes() == at::IntArrayRef({2, N}), "contrastive: row_stat must be (2, ", N,
+              "), got ", rstat.sizes());
+  TORCH_CHECK(!cstat.defined() || cstat.sizes() == at::IntArrayRef({2, y.size(0)}),
+              "contrastive: col_stat must be (2, ", y.size(0), "), got ", cstat.sizes());
+  const at::Tensor tgt = targets(labels, N, x);
+  const at::Tensor cw = both ? row_w + col_w.index_select(0, tgt) : row_w;  // c_i = a_i + e_{l_i}
   GradArgs g{s,
              loss == kSigLip ? bias.item<double>() : 0.0,
              row_w.data_ptr(),
              both ? col_w.data_ptr() : nullptr,
-             rlse.defined() ? rlse.data_ptr() : nullptr,
-             both ? clse.data_ptr() : nullptr,
+             rstat.defined() ? rstat.data_ptr() : nullptr,
+             both ? cstat.data_ptr() : nullptr,
+             N,
+             y.size(0),
+             tgt.data_ptr<int64_t>(),
+             cw.data_ptr(),
              loss == kSigLip};
   at::Tensor dx, dy;
   double gu = 0, gs = 0;
@@ -541,14 +588,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
                                   [&] { std::tie(dx, dy, gu, gs) = tile_grads<scalar_t>(x, y, g); });
   at::Tensor dscale = at::scalar_tensor(gu, scale.options());
   at::Tensor dbias = at::scalar_tensor(gs, bias.options());
-  if (loss == kInfoNce) {  // target term: G_{i, l_i} -= c_i = a_i + e_{l_i}
-    const at::Tensor tgt = targets(labels, N, x);
-    const at::Tensor cw = both ? row_w + col_w.index_select(0, tgt) : row_w;
-    const at::Tensor xa = x.to(acc), yl = y.index_select(0, tgt).to(acc);
-    dscale -= (cw * (xa * yl).sum(1)).sum().to(dscale.scalar_type());
-    dx -= (s * cw).unsqueeze(1) * yl;
-    dy.index_add_(0, tgt, (-s * cw).unsqueeze(1) * xa);
-  }
   dx = dx.to(x.scalar_type());
   dy = dy.to(x.scalar_type());
   if (swap) std::swap(dx, dy);
