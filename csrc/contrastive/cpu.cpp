@@ -100,8 +100,8 @@ inline float exp_(float x) {
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   const float p =
-      1.0f +
-      r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
+      1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f +
+                                          r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
@@ -153,7 +153,8 @@ void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double 
     }
     const BlasOperand A = blas_operand(a), B = blas_operand(b);
     fn(kRowMajor, A.trans, B.trans, c.size(0), c.size(1), a.size(1), static_cast<float>(alpha),
-       A.t.data_ptr(), A.ld, B.t.data_ptr(), B.ld, static_cast<float>(beta), c.data_ptr<float>(), c.stride(0));
+       A.t.data_ptr(), A.ld, B.t.data_ptr(), B.ld, static_cast<float>(beta), c.data_ptr<float>(),
+       c.stride(0));
   }
 }
 
@@ -176,7 +177,8 @@ Tiling make_tiling(int64_t N, int64_t M) {
 // thread's (BN x BM) acc-dtype workspace (row-major, ld = BM) holding the tile in its top-left corner.
 // Chunks run in parallel; per_row_block(chunk, i0, bn) runs after each row block's last tile.
 template <typename scalar_t, typename TileFn, typename RowFn>
-void for_each_tile(const at::Tensor& x, const at::Tensor& y, const Tiling& tl, TileFn&& fn, RowFn&& per_row_block) {
+void for_each_tile(const at::Tensor& x, const at::Tensor& y, const Tiling& tl, TileFn&& fn,
+                   RowFn&& per_row_block) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = x.size(0), M = y.size(0);
   at::parallel_for(0, tl.chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -246,7 +248,8 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
 // the accumulation dtype; stats are [max; log Σ exp(S - max)].
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x, const at::Tensor& y,
-                                                            const at::Tensor& labels, double scale, bool cols) {
+                                                            const at::Tensor& labels, double scale,
+                                                            bool cols) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = x.size(0), M = y.size(0);
   const Tiling tl = make_tiling(N, M);
@@ -336,8 +339,8 @@ at::Tensor siglip_rows(const at::Tensor& x, const at::Tensor& y, double scale, d
 // ---------------------------------------------------------------------------------------------
 struct GradArgs {
   double s, b;
-  const void* row_w;   // (N,) a_i (InfoNCE image weights) or w_i (SigLIP)
-  const void* col_w;   // (M,) e_j or null (InfoNCE text weights)
+  const void* row_w;     // (N,) a_i (InfoNCE image weights) or w_i (SigLIP)
+  const void* col_w;     // (M,) e_j or null (InfoNCE text weights)
   const void* row_stat;  // (2, N) [max; log Σ] (InfoNCE only)
   const void* col_stat;  // (2, M) or null
   int64_t n_rows, n_cols;
@@ -348,8 +351,8 @@ struct GradArgs {
 
 // G for one row segment: columns [j0, j0 + n) of row i; returns Σ G U and Σ G (for ds, db).
 template <typename acc_t>
-std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const acc_t* u, acc_t* G, int64_t n,
-                                 bool diag) {
+std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const acc_t* u, acc_t* G,
+                                 int64_t n, bool diag) {
   const acc_t s = g.s, b = g.b;
   const acc_t w = static_cast<const acc_t*>(g.row_w)[i];
   acc_t gu = 0, gs = 0;
@@ -366,7 +369,7 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
   }
   const acc_t* rs = static_cast<const acc_t*>(g.row_stat);
   const acc_t rm = rs[i], rl = rs[g.n_rows + i];  // e^(S - r_i) = e^((S - max) - log Σ)
-  if (g.col_w == nullptr) {  // G = a_i e^(S - r_i)
+  if (g.col_w == nullptr) {                       // G = a_i e^(S - r_i)
 #pragma omp simd reduction(+ : gu)
     for (int64_t j = 0; j < n; ++j) {
       const acc_t v = w * exp_((s * u[j] - rm) - rl);
@@ -437,7 +440,8 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   }
   for_each_tile<scalar_t>(
       x, y, tl,
-      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U, const at::Tensor& xb) {
+      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U,
+          const at::Tensor& xb) {
         constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;  // G overwrites U
         acc_t* Gacc = in_place ? U.data_ptr<acc_t>() : nullptr;
         std::vector<acc_t> row_tmp(in_place ? 0 : bm);
@@ -469,12 +473,14 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
 // ---------------------------------------------------------------------------------------------
 // Entry points.
 // ---------------------------------------------------------------------------------------------
-at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
-void check_inputs(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels, int64_t loss,
-                  int64_t direction, int64_t reduction) {
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "contrastive: x and y must be 2-D (N x D, M x D), got ", x.sizes(),
-              " and ", y.sizes());
+void check_inputs(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels,
+                  int64_t loss, int64_t direction, int64_t reduction) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "contrastive: x and y must be 2-D (N x D, M x D), got ",
+              x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.size(1) == y.size(1), "contrastive: x has D=", x.size(1), " but y has D=", y.size(1));
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "contrastive: x is ", x.scalar_type(), " but y is ",
               y.scalar_type());
@@ -519,11 +525,9 @@ at::Tensor reduce(const at::Tensor& rows, int64_t reduction, double mean_divisor
   return rows.sum() / mean_divisor;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(const at::Tensor& x_in, const at::Tensor& y_in,
-                                                                   const at::Tensor& scale, const at::Tensor& bias,
-                                                                   const std::optional<at::Tensor>& labels,
-                                                                   int64_t loss, int64_t direction,
-                                                                   int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& bias,
+    const std::optional<at::Tensor>& labels, int64_t loss, int64_t direction, int64_t reduction) {
   check_inputs(x_in, y_in, labels, loss, direction, reduction);
   const bool swap = loss == kInfoNce && direction == kText;  // "text" = "image" with x and y swapped
   const at::Tensor x = (swap ? y_in : x_in).contiguous();
@@ -565,8 +569,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   const at::Tensor col_w = both ? row_w : at::Tensor();
   const at::Tensor rstat = loss == kInfoNce ? row_stat.to(acc).contiguous() : at::Tensor();
   const at::Tensor cstat = both ? col_stat.to(acc).contiguous() : at::Tensor();
-  TORCH_CHECK(!rstat.defined() || rstat.sizes() == at::IntArrayRef({2, N}), "contrastive: row_stat must be (2, ", N,
-              "), got ", rstat.sizes());
+  TORCH_CHECK(!rstat.defined() || rstat.sizes() == at::IntArrayRef({2, N}),
+              "contrastive: row_stat must be (2, ", N, "), got ", rstat.sizes());
   TORCH_CHECK(!cstat.defined() || cstat.sizes() == at::IntArrayRef({2, y.size(0)}),
               "contrastive: col_stat must be (2, ", y.size(0), "), got ", cstat.sizes());
   const at::Tensor tgt = targets(labels, N, x);
