@@ -287,6 +287,17 @@ def test_bad_input(case):
         fn()
 
 
+def test_op_checks_labels_and_shapes():
+    """The C++ op checks what the Python layer normally validates (it can be called directly)."""
+    x, y, s, b = torch.randn(4, 8), torch.randn(4, 8), torch.tensor(1.0), torch.tensor(0.0)
+    with pytest.raises(RuntimeError, match="labels must lie"):
+        torch.ops.mmfast.contrastive_forward(x, y, s, b, torch.tensor([0, 1, 2, 4]), 0, 0, 0)
+    with pytest.raises(RuntimeError, match="D="):
+        torch.ops.mmfast.contrastive_forward(x, torch.randn(4, 7), s, b, None, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="default labels"):
+        torch.ops.mmfast.contrastive_forward(x, y[:2], s, b, None, 0, 1, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Custom-op registrations: opcheck and torch.compile.
 # ---------------------------------------------------------------------------------------------

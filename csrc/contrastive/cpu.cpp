@@ -501,8 +501,18 @@ void check_inputs(const at::Tensor& x, const at::Tensor& y, const std::optional<
 }
 
 // Targets of the image direction (default arange) and, for "both", their inverse permutation.
-at::Tensor targets(const std::optional<at::Tensor>& labels, int64_t n, const at::Tensor& like) {
-  return labels.has_value() ? labels->contiguous() : at::arange(n, like.options().dtype(at::kLong));
+// `classes`: the number of candidates (columns); a label outside [0, classes) would never be found.
+at::Tensor targets(const std::optional<at::Tensor>& labels, int64_t n, int64_t classes,
+                   const at::Tensor& like) {
+  if (!labels.has_value()) {
+    TORCH_CHECK(n <= classes, "contrastive: default labels need at least as many columns (", classes,
+                ") as rows (", n, ")");
+    return at::arange(n, like.options().dtype(at::kLong));
+  }
+  const at::Tensor t = labels->contiguous();
+  TORCH_CHECK(n == 0 || (t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < classes),
+              "contrastive: labels must lie in [0, ", classes, ")");
+  return t;
 }
 at::Tensor inverse_permutation(const at::Tensor& perm) {
   at::Tensor inv = at::empty_like(perm);
@@ -542,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
     return {reduce(rows, reduction, x.size(0)), empty.clone(), empty.clone()};
   }
   const bool both = direction == kBoth;
-  const at::Tensor tgt = targets(labels, x.size(0), x);
+  const at::Tensor tgt = targets(labels, x.size(0), y.size(0), x);
   at::Tensor row_stat, col_stat, t;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "info_nce_forward", [&] {
     std::tie(row_stat, col_stat, t) = info_nce_lse<scalar_t>(x, y, tgt, s, both);
@@ -573,7 +583,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
               "contrastive: row_stat must be (2, ", N, "), got ", rstat.sizes());
   TORCH_CHECK(!cstat.defined() || cstat.sizes() == at::IntArrayRef({2, y.size(0)}),
               "contrastive: col_stat must be (2, ", y.size(0), "), got ", cstat.sizes());
-  const at::Tensor tgt = targets(labels, N, x);
+  const at::Tensor tgt = targets(labels, N, y.size(0), x);
   const at::Tensor cw = both ? row_w + col_w.index_select(0, tgt) : row_w;  // c_i = a_i + e_{l_i}
   GradArgs g{s,
              loss == kSigLip ? bias.item<double>() : 0.0,
