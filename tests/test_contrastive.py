@@ -232,6 +232,21 @@ def test_deterministic():
         assert torch.equal(u, v)
 
 
+def test_one_thread_matches():
+    """The per-thread partials (column LSE, dy) merge to the same answer with one thread."""
+    inp = contrastive_inputs(N=300, M=300, D=64)
+    x, y, s = inp["image_features"], inp["text_features"], inp["logit_scale"]
+    a = _loss_and_grads(mmfast.info_nce, x, y, s, None, None, backend="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        b = _loss_and_grads(mmfast.info_nce, x, y, s, None, None, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5)
+
+
 def test_auto_picks_cpu_and_cuda_reasons():
     args = dict(dtype=torch.float32, N=4, M=4, D=8, direction="both", reduction="mean")
     assert _dispatch.select("info_nce", "auto", torch.device("cpu"), args).name == "cpu"

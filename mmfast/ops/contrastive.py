@@ -67,7 +67,7 @@ def info_nce(
         text_features: (M, D), same dtype and device.
         logit_scale: the multiplier s (open_clip passes ``logit_scale.exp()``); a float, or a 0-dim
             tensor, which then receives a gradient.
-        labels: optional (N,) int64 targets of the image direction ((M,) for direction="text");
+        labels: optional (N,) int64 (or int32) targets of the image direction ((M,) for "text");
             default ``arange``. For "both", a permutation: text j's target is the image i with
             labels[i] == j.
         direction: "both" (CLIP, N == M, mean of both directions), "image" (each image over the M
