@@ -1,12 +1,56 @@
-// Contrastive losses (InfoNCE / CLIP, SigLIP) on the CPU. Schemas are declared here (the CPU file
-// always compiles); the CUDA file registers its own implementations of the same ops.
+// Contrastive losses (InfoNCE / CLIP, SigLIP) on the CPU, without ever building the N x M logits.
+// Schemas are declared here (the CPU file always compiles); the CUDA file registers its own
+// implementations of the same ops.
+//
+// Notation: x = image features (N x D), y = text features (M x D), s = logit scale, b = logit bias,
+// U = x yᵀ (raw dot products), S = s U (logits).
+//
+// InfoNCE (https://arxiv.org/abs/1807.03748, CLIP https://arxiv.org/abs/2103.00020):
+//   r_i = logsumexp_j S_ij (row LSE),  c_j = logsumexp_i S_ij (column LSE),  t_i = S_{i, l_i}
+//   (each LSE kept as the pair (max, log Σ exp(S - max)) and used as (S - max) - log Σ)
+//   image loss  L_img[i] = r_i - t_i;   text loss  L_txt[j] = c_j - t_{inv_j}   (inv = labels⁻¹)
+//   "both": row i = (L_img[i] + L_txt[i]) / 2.  "text" is "image" with x and y swapped.
+//   With a_i = dLoss/dL_img[i] and e_j = dLoss/dL_txt[j] (from grad_loss and the reduction):
+//     G_ij = a_i exp(S_ij - r_i) + e_j exp(S_ij - c_j) - [j == l_i] (a_i + e_j)     (= dLoss/dS_ij)
+//     dx = s G y,   dy = s Gᵀ x,   ds = Σ_ij G_ij U_ij.
+//   The target logit t_i and the target term of G are taken from the same tile element as the
+//   softmax (so P_ii - 1 is formed before the GEMMs: no cancellation between two large terms).
+//
+// SigLIP (https://arxiv.org/abs/2303.15343): L_ij = s U_ij + b, z_ii = 1, z_ij = -1 (i != j):
+//   loss_ij = -log σ(z_ij L_ij) = softplus(-z_ij L_ij);  row i = Σ_j loss_ij
+//   dLoss/dL_ij = G_ij = -w_i z_ij σ(-z_ij L_ij);  dx = s G y,  dy = s Gᵀ x,  ds = Σ G U,  db = Σ G.
+//
+// Algorithm (4 GEMM-equivalents for forward + backward, memory O((N + M) D) + per-thread tiles):
+//   The rows are cut into one contiguous chunk per thread; a thread walks its row blocks (BN rows)
+//   and, for each, every column block (BM columns):
+//   forward   1. U = x_blk y_blkᵀ (one tile GEMM, fp32 accumulation; bf16/fp16 inputs stay in their
+//                dtype for the GEMM), S = s U.
+//             2. InfoNCE: online max / sum-exp per row (owned by the thread) and per column (a
+//                per-thread partial, merged in thread order after the pass); the target logit
+//                t_i = S_{i, l_i} when it lies in the tile. SigLIP: row sums.
+//   backward  1. recompute U (GEMM), 2. G from U and the saved LSEs, 3. dx_blk += s G y_blk (GEMM,
+//                rows owned by the thread), 4. dy_blk += s Gᵀ x_blk (GEMM into a per-thread partial
+//                dy, summed in thread order afterwards). No atomics: for a given thread count the
+//                result is the same run to run.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
 // loss: 0 = InfoNCE, 1 = SigLIP; direction: 0 = both, 1 = image, 2 = text;
-// reduction: 0 = mean, 1 = sum, 2 = none. scale, bias: 0-dim float32 tensors (bias unused by
-// InfoNCE). labels: (N,) int64 or absent. row_stat / col_stat: what the backward needs (InfoNCE:
-// row and column log-sum-exp in float32; SigLIP may return empty tensors).
+// reduction: 0 = mean, 1 = sum, 2 = none. scale, bias: 0-dim floating tensors (bias unused by
+// InfoNCE). labels: (N,) int64 or absent. row_stat / col_stat: what the backward needs. InfoNCE:
+// (2, N) and (2, M) (col_stat (2, 0) unless direction is both) in the accumulation dtype, holding
+// the log-sum-exp split as [max; log Σ exp(S - max)], so that S - lse = (S - max) - log Σ keeps full
+// precision when the logits are large (|S| ~ 1e4: an fp32 lse alone is off by ~1e-3). SigLIP: (0,).
 TORCH_LIBRARY_FRAGMENT(mmfast, m) {
   m.def(
       "contrastive_forward(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor? labels, int loss, "
@@ -16,3 +60,560 @@ TORCH_LIBRARY_FRAGMENT(mmfast, m) {
       "Tensor? labels, Tensor row_stat, Tensor col_stat, int loss, int direction, int reduction) "
       "-> (Tensor dx, Tensor dy, Tensor dscale, Tensor dbias)");
 }
+
+// MKL's mixed-precision GEMMs (bf16/fp16 inputs, fp32 accumulation and output), exported by
+// libtorch_cpu when torch is built with MKL. Weak: absent symbols resolve to null and the code falls
+// back to an fp32 GEMM. Integer arguments are declared 64-bit so both LP64 and ILP64 MKL read them
+// right on x86-64 (the low half is the 32-bit value).
+extern "C" {
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
+                            const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c,
+                            int64_t ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
+                          const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c,
+                          int64_t ldc) __attribute__((weak));
+}
+
+namespace mmfast {
+namespace contrastive {
+namespace {
+
+enum Loss : int64_t { kInfoNce = 0, kSigLip = 1 };
+enum Direction : int64_t { kBoth = 0, kImage = 1, kText = 2 };
+enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
+
+constexpr int64_t kBlockRows = 256;  // BN: rows of a tile (image features)
+constexpr int64_t kBlockCols = 256;  // BM: columns of a tile (text features)
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise math. exp_ for float is branch-free so the loops below vectorize: exp(x) = 2^n e^r,
+// n = round(x log2 e), r = x - n ln 2 (two-part ln 2), e^r by its degree-6 Taylor polynomial
+// (|r| <= ln2/2: relative error < 2e-7). Inputs are clamped to the normal range; NaN stays NaN
+// (the comparisons are false for NaN, and the polynomial carries it).
+// ---------------------------------------------------------------------------------------------
+inline float exp_(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  const float p =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f +
+                                          r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+inline double exp_(double x) { return std::exp(x); }
+
+// softplus(v) = log(1 + e^v) = max(v, 0) + log1p(e^-|v|);  σ(v) = 1 / (1 + e^-v).
+template <typename T>
+inline T softplus_(T v) {
+  return std::max(v, T(0)) + std::log1p(exp_(-std::abs(v)));
+}
+template <typename T>
+inline T sigmoid_(T v) {
+  return T(1) / (T(1) + exp_(-v));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile GEMM: c (m x n, acc dtype, rows contiguous) = beta c + alpha a (m x k) b (k x n).
+// a and b are views in the input dtype (row-major or transposed); beta is 0 or 1 (beta = 0 ignores
+// whatever c held, NaN included).
+// ---------------------------------------------------------------------------------------------
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// BLAS view of a 2-D tensor: (transposed?, leading dimension), or contiguous() when neither fits.
+struct BlasOperand {
+  at::Tensor t;
+  int trans;
+  int64_t ld;
+};
+BlasOperand blas_operand(const at::Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(cols, 1)) return {t, kNoTrans, t.stride(0)};
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(rows, 1)) return {t, kTrans, t.stride(1)};
+  at::Tensor c = t.contiguous();
+  return {c, kNoTrans, std::max<int64_t>(cols, 1)};
+}
+
+template <typename scalar_t>
+void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha, bool accumulate) {
+  const double beta = accumulate ? 1.0 : 0.0;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    const_cast<at::Tensor&>(c).addmm_(a, b, beta, alpha);
+  } else {
+    auto* fn = std::is_same_v<scalar_t, at::BFloat16> ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+    if (fn == nullptr) {  // no MKL: fp32 GEMM on upcast tiles (correct, slower)
+      const_cast<at::Tensor&>(c).addmm_(a.to(at::kFloat), b.to(at::kFloat), beta, alpha);
+      return;
+    }
+    const BlasOperand A = blas_operand(a), B = blas_operand(b);
+    fn(kRowMajor, A.trans, B.trans, c.size(0), c.size(1), a.size(1), static_cast<float>(alpha),
+       A.t.data_ptr(), A.ld, B.t.data_ptr(), B.ld, static_cast<float>(beta), c.data_ptr<float>(),
+       c.stride(0));
+  }
+}
+
+// How the rows are cut: one contiguous chunk of row blocks per thread.
+struct Tiling {
+  int64_t bn, bm, chunks, rows_per_chunk;
+};
+Tiling make_tiling(int64_t N, int64_t M) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Smaller row blocks when N is small, so every thread gets rows (multiples of 16 rows).
+  int64_t bn = std::min<int64_t>(kBlockRows, (N + threads - 1) / threads);
+  bn = std::max<int64_t>(16, (bn + 15) / 16 * 16);
+  const int64_t row_blocks = (N + bn - 1) / bn;
+  const int64_t chunks = std::min(threads, row_blocks);
+  const int64_t rows_per_chunk = (row_blocks + chunks - 1) / chunks * bn;
+  return {bn, std::min<int64_t>(kBlockCols, M), chunks, rows_per_chunk};
+}
+
+// Calls fn(chunk, i0, bn_actual, j0, bm_actual, U, x_blk) for every tile of U = x yᵀ: U is the
+// thread's (BN x BM) acc-dtype workspace (row-major, ld = BM) holding the tile in its top-left corner.
+// Chunks run in parallel; per_row_block(chunk, i0, bn) runs after each row block's last tile.
+template <typename scalar_t, typename TileFn, typename RowFn>
+void for_each_tile(const at::Tensor& x, const at::Tensor& y, const Tiling& tl, TileFn&& fn,
+                   RowFn&& per_row_block) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = x.size(0), M = y.size(0);
+  at::parallel_for(0, tl.chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::Tensor U = at::empty({tl.bn, tl.bm}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r_end = std::min(N, (c + 1) * tl.rows_per_chunk);
+      for (int64_t i0 = c * tl.rows_per_chunk; i0 < r_end; i0 += tl.bn) {
+        const int64_t bn = std::min(tl.bn, N - i0);
+        const at::Tensor xb = x.narrow(0, i0, bn);
+        for (int64_t j0 = 0; j0 < M; j0 += tl.bm) {
+          const int64_t bm = std::min(tl.bm, M - j0);
+          at::Tensor u = U.narrow(0, 0, bn).narrow(1, 0, bm);
+          gemm<scalar_t>(xb, y.narrow(0, j0, bm).t(), u, 1.0, false);
+          fn(c, i0, bn, j0, bm, U, xb);
+        }
+        per_row_block(c, i0, bn);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// InfoNCE forward: row and column log-sum-exp in one pass over the tiles.
+// ---------------------------------------------------------------------------------------------
+
+// Online LSE update of one tile (steps of the forward, after the GEMM):
+//   1. S = s U; row max and (if cols) column max of the tile.
+//   2. rows: m' = max(m, tile max), l = l e^(m - m') + Σ_j e^(S_ij - m').
+//   3. columns: the same along i, vectorized across the tile's columns.
+template <typename acc_t>
+void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_m, acc_t* row_l, acc_t* col_m,
+              acc_t* col_l, acc_t* col_tmp) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  if (col_m != nullptr) std::copy(col_m, col_m + bm, col_tmp);
+  for (int64_t r = 0; r < bn; ++r) {  // 1. scale, row and column maxima
+    acc_t* row = S + r * ld;
+    acc_t mx = neg_inf;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < bm; ++j) {
+      row[j] *= s;
+      mx = row[j] > mx ? row[j] : mx;
+    }
+    if (col_m != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < bm; ++j) col_tmp[j] = row[j] > col_tmp[j] ? row[j] : col_tmp[j];
+    }
+    const acc_t m_new = std::max(row_m[r], mx);  // 2. rows
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < bm; ++j) sum += exp_(row[j] - m_new);
+    row_l[r] = row_l[r] * exp_(row_m[r] - m_new) + sum;
+    row_m[r] = m_new;
+  }
+  if (col_m == nullptr) return;
+  for (int64_t j = 0; j < bm; ++j) {  // 3. columns
+    col_l[j] *= exp_(col_m[j] - col_tmp[j]);
+    col_m[j] = col_tmp[j];
+  }
+  for (int64_t r = 0; r < bn; ++r) {
+    const acc_t* row = S + r * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < bm; ++j) col_l[j] += exp_(row[j] - col_m[j]);
+  }
+}
+
+// Returns (row stats (2, N), column stats (2, M) or (2, 0), target logits t_i = S_{i, l_i} (N,)) in
+// the accumulation dtype; stats are [max; log Σ exp(S - max)].
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x, const at::Tensor& y,
+                                                            const at::Tensor& labels, double scale,
+                                                            bool cols) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = x.size(0), M = y.size(0);
+  const Tiling tl = make_tiling(N, M);
+  const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  at::Tensor row_stat = at::empty({2, N}, acc_opts);
+  at::Tensor target = at::empty({N}, acc_opts);
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  acc_t* tgt = target.data_ptr<acc_t>();
+  // Per-chunk column statistics (max, sum-exp), merged in chunk order below.
+  at::Tensor col_m = at::full({cols ? tl.chunks : 0, M}, neg_inf, acc_opts);
+  at::Tensor col_l = at::zeros({cols ? tl.chunks : 0, M}, acc_opts);
+  std::vector<std::vector<acc_t>> row_m(tl.chunks), row_l(tl.chunks), col_tmp(tl.chunks);
+  for (int64_t c = 0; c < tl.chunks; ++c) {
+    row_m[c].assign(tl.bn, neg_inf);
+    row_l[c].assign(tl.bn, 0);
+    col_tmp[c].resize(tl.bm);
+  }
+  acc_t* rmax = row_stat.data_ptr<acc_t>();
+  acc_t* rlog = rmax + N;
+  for_each_tile<scalar_t>(
+      x, y, tl,
+      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U, const at::Tensor&) {
+        acc_t* S = U.data_ptr<acc_t>();
+        acc_t* cm = cols ? col_m[c].data_ptr<acc_t>() + j0 : nullptr;
+        acc_t* cl = cols ? col_l[c].data_ptr<acc_t>() + j0 : nullptr;
+        lse_tile<acc_t>(S, tl.bm, bn, bm, static_cast<acc_t>(scale), row_m[c].data(), row_l[c].data(), cm, cl,
+                        col_tmp[c].data());
+        for (int64_t r = 0; r < bn; ++r) {  // the target logit, if it lies in this tile
+          const int64_t j = lab[i0 + r] - j0;
+          if (j >= 0 && j < bm) tgt[i0 + r] = S[r * tl.bm + j];
+        }
+      },
+      [&](int64_t c, int64_t i0, int64_t bn) {
+        for (int64_t r = 0; r < bn; ++r) {
+          rmax[i0 + r] = row_m[c][r];
+          rlog[i0 + r] = std::log(row_l[c][r]);
+          row_m[c][r] = neg_inf;
+          row_l[c][r] = 0;
+        }
+      });
+  if (!cols) return {row_stat, at::empty({2, 0}, acc_opts), target};
+  at::Tensor m = std::get<0>(col_m.max(0));  // merge: m_j = max_c m_cj, l_j = Σ_c l_cj e^(m_cj - m_j)
+  at::Tensor l = at::zeros({M}, acc_opts);
+  for (int64_t c = 0; c < tl.chunks; ++c) l.add_(col_l[c] * (col_m[c] - m).exp());
+  return {row_stat, at::stack({m, l.log()}), target};
+}
+
+// ---------------------------------------------------------------------------------------------
+// SigLIP forward: per-row sums of softplus(V), V_ij = L_ij off the diagonal and -L_ii on it.
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+acc_t softplus_sum(const acc_t* u, int64_t n, acc_t s, acc_t b) {
+  acc_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += softplus_(s * u[j] + b);
+  return sum;
+}
+
+template <typename scalar_t>
+at::Tensor siglip_rows(const at::Tensor& x, const at::Tensor& y, double scale, double bias) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = x.size(0);
+  const Tiling tl = make_tiling(N, y.size(0));
+  at::Tensor rows = at::zeros({N}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* out = rows.data_ptr<acc_t>();
+  const acc_t s = scale, b = bias;
+  for_each_tile<scalar_t>(
+      x, y, tl,
+      [&](int64_t, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U, const at::Tensor&) {
+        for (int64_t r = 0; r < bn; ++r) {
+          const acc_t* u = U.data_ptr<acc_t>() + r * tl.bm;
+          const int64_t d = i0 + r - j0;  // the diagonal's column in this tile, if 0 <= d < bm
+          if (d < 0 || d >= bm) {
+            out[i0 + r] += softplus_sum(u, bm, s, b);
+          } else {
+            out[i0 + r] += softplus_sum(u, d, s, b) + softplus_(-(s * u[d] + b)) +
+                           softplus_sum(u + d + 1, bm - d - 1, s, b);
+          }
+        }
+      },
+      [](int64_t, int64_t, int64_t) {});
+  return rows;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: recompute U, G (softmax or sigmoid part), then dx += s G y and dy += s Gᵀ x.
+// ---------------------------------------------------------------------------------------------
+struct GradArgs {
+  double s, b;
+  const void* row_w;     // (N,) a_i (InfoNCE image weights) or w_i (SigLIP)
+  const void* col_w;     // (M,) e_j or null (InfoNCE text weights)
+  const void* row_stat;  // (2, N) [max; log Σ] (InfoNCE only)
+  const void* col_stat;  // (2, M) or null
+  int64_t n_rows, n_cols;
+  const int64_t* labels;  // (N,) InfoNCE targets l_i
+  const void* target_w;   // (N,) c_i = a_i + e_{l_i}: G_{i, l_i} -= c_i
+  bool siglip;
+};
+
+// G for one row segment: columns [j0, j0 + n) of row i; returns Σ G U and Σ G (for ds, db).
+template <typename acc_t>
+std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const acc_t* u, acc_t* G,
+                                 int64_t n, bool diag) {
+  const acc_t s = g.s, b = g.b;
+  const acc_t w = static_cast<const acc_t*>(g.row_w)[i];
+  acc_t gu = 0, gs = 0;
+  if (g.siglip) {  // G = w σ(L) off the diagonal, -w σ(-L) on it
+    const acc_t sign = diag ? -1 : 1;
+#pragma omp simd reduction(+ : gu, gs)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = sign * w * sigmoid_(sign * (s * u[j] + b));
+      gu += v * u[j];
+      gs += v;
+      G[j] = v;
+    }
+    return {gu, gs};
+  }
+  const acc_t* rs = static_cast<const acc_t*>(g.row_stat);
+  const acc_t rm = rs[i], rl = rs[g.n_rows + i];  // e^(S - r_i) = e^((S - max) - log Σ)
+  if (g.col_w == nullptr) {                       // G = a_i e^(S - r_i)
+#pragma omp simd reduction(+ : gu)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = w * exp_((s * u[j] - rm) - rl);
+      gu += v * u[j];
+      G[j] = v;
+    }
+    return {gu, 0};
+  }
+  const acc_t* e = static_cast<const acc_t*>(g.col_w) + j0;  // + e_j e^(S - c_j)
+  const acc_t* cm = static_cast<const acc_t*>(g.col_stat) + j0;
+  const acc_t* cl = cm + g.n_cols;
+#pragma omp simd reduction(+ : gu)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t sij = s * u[j];
+    const acc_t v = w * exp_((sij - rm) - rl) + e[j] * exp_((sij - cm[j]) - cl[j]);
+    gu += v * u[j];
+    G[j] = v;
+  }
+  return {gu, 0};
+}
+
+// G for row i of a tile (columns j0 .. j0 + bm - 1), softmax or sigmoid part plus InfoNCE's target
+// term; returns (Σ G U, Σ G). G may alias u (fp32/fp64: G overwrites the U tile in place).
+template <typename acc_t>
+std::pair<acc_t, acc_t> grad_tile_row(const GradArgs& g, int64_t i, int64_t j0, int64_t bm, const acc_t* u,
+                                      acc_t* G) {
+  const int64_t l = g.siglip ? -1 : g.labels[i] - j0;  // target column in this tile, if any
+  const bool has_target = l >= 0 && l < bm;
+  const acc_t ul = has_target ? u[l] : acc_t(0);  // read before G overwrites it
+  const int64_t d = g.siglip ? i - j0 : -1;       // SigLIP's diagonal column, if any
+  std::pair<acc_t, acc_t> t{0, 0};
+  auto add = [&](int64_t a, int64_t n, bool diag) {
+    const auto p = grad_row<acc_t>(g, i, j0 + a, u + a, G + a, n, diag);
+    t.first += p.first;
+    t.second += p.second;
+  };
+  if (d < 0 || d >= bm) {
+    add(0, bm, false);
+  } else {  // the diagonal element has z = +1
+    add(0, d, false);
+    add(d, 1, true);
+    add(d + 1, bm - d - 1, false);
+  }
+  if (has_target) {  // G_{i, l_i} -= c_i
+    const acc_t ci = static_cast<const acc_t*>(g.target_w)[i];
+    G[l] -= ci;
+    t.first -= ci * ul;
+  }
+  return t;
+}
+
+// Returns (dx, dy) in the accumulation dtype and (Σ G U, Σ G) over all tiles.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& x, const at::Tensor& y,
+                                                              const GradArgs& g) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = x.size(0), M = y.size(0), D = x.size(1);
+  const Tiling tl = make_tiling(N, M);
+  const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor dx = at::zeros({N, D}, acc_opts);
+  std::vector<at::Tensor> dy_part(tl.chunks);  // per-chunk partial dy (separate tensors: no views escape)
+  for (auto& t : dy_part) t = at::zeros({M, D}, acc_opts);
+  std::vector<double> gu_sum(tl.chunks, 0.0), g_sum(tl.chunks, 0.0);
+  // G in the input dtype (so bf16/fp16 GEMMs run on their units); aliases U for fp32/fp64.
+  std::vector<at::Tensor> gbuf(tl.chunks);
+  if (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    for (auto& t : gbuf) t = at::empty({tl.bn, tl.bm}, x.options());
+  }
+  for_each_tile<scalar_t>(
+      x, y, tl,
+      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U,
+          const at::Tensor& xb) {
+        constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;  // G overwrites U
+        acc_t* Gacc = in_place ? U.data_ptr<acc_t>() : nullptr;
+        std::vector<acc_t> row_tmp(in_place ? 0 : bm);
+        const at::Tensor& Gfull = in_place ? U : gbuf[c];
+        scalar_t* Gout = Gfull.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < bn; ++r) {
+          const acc_t* u = U.data_ptr<acc_t>() + r * tl.bm;
+          acc_t* G = Gacc ? Gacc + r * tl.bm : row_tmp.data();
+          const auto t = grad_tile_row<acc_t>(g, i0 + r, j0, bm, u, G);
+          gu_sum[c] += t.first;
+          g_sum[c] += t.second;
+          if (!Gacc) std::copy(G, G + bm, Gout + r * tl.bm);
+        }
+        const at::Tensor Gt = Gfull.narrow(0, 0, bn).narrow(1, 0, bm);
+        gemm<scalar_t>(Gt, y.narrow(0, j0, bm), dx.narrow(0, i0, bn), g.s, true);
+        gemm<scalar_t>(Gt.t(), xb, dy_part[c].narrow(0, j0, bm), g.s, true);
+      },
+      [](int64_t, int64_t, int64_t) {});
+  at::Tensor dy = dy_part[0];
+  for (int64_t c = 1; c < tl.chunks; ++c) dy.add_(dy_part[c]);
+  double gu = 0, gs = 0;
+  for (int64_t c = 0; c < tl.chunks; ++c) {
+    gu += gu_sum[c];
+    gs += g_sum[c];
+  }
+  return {dx, dy, gu, gs};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+// ---------------------------------------------------------------------------------------------
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels,
+                  int64_t loss, int64_t direction, int64_t reduction) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "contrastive: x and y must be 2-D (N x D, M x D), got ",
+              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.size(1) == y.size(1), "contrastive: x has D=", x.size(1), " but y has D=", y.size(1));
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "contrastive: x is ", x.scalar_type(), " but y is ",
+              y.scalar_type());
+  TORCH_CHECK(x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0, "contrastive: empty input ", x.sizes(), ", ",
+              y.sizes());
+  TORCH_CHECK(loss == kInfoNce || loss == kSigLip, "contrastive: loss must be 0 or 1, got ", loss);
+  TORCH_CHECK(direction >= kBoth && direction <= kText, "contrastive: direction must be 0, 1 or 2");
+  TORCH_CHECK(reduction >= kMean && reduction <= kNone, "contrastive: reduction must be 0, 1 or 2");
+  TORCH_CHECK((direction == kImage && loss == kInfoNce) || x.size(0) == y.size(0) || direction == kText,
+              "contrastive: this loss and direction need N == M, got ", x.size(0), " and ", y.size(0));
+  if (labels.has_value()) {
+    TORCH_CHECK(loss == kInfoNce, "contrastive: labels are for InfoNCE only");
+    TORCH_CHECK(labels->scalar_type() == at::kLong, "contrastive: labels must be int64");
+    const int64_t rows = direction == kText ? y.size(0) : x.size(0);
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == rows, "contrastive: labels must have shape (", rows,
+                ",), got ", labels->sizes());
+  }
+}
+
+// Targets of the image direction (default arange) and, for "both", their inverse permutation.
+// `classes`: the number of candidates (columns); a label outside [0, classes) would never be found.
+at::Tensor targets(const std::optional<at::Tensor>& labels, int64_t n, int64_t classes,
+                   const at::Tensor& like) {
+  if (!labels.has_value()) {
+    TORCH_CHECK(n <= classes, "contrastive: default labels need at least as many columns (", classes,
+                ") as rows (", n, ")");
+    return at::arange(n, like.options().dtype(at::kLong));
+  }
+  const at::Tensor t = labels->contiguous();
+  TORCH_CHECK(n == 0 || (t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < classes),
+              "contrastive: labels must lie in [0, ", classes, ")");
+  return t;
+}
+at::Tensor inverse_permutation(const at::Tensor& perm) {
+  at::Tensor inv = at::empty_like(perm);
+  inv.index_put_({perm}, at::arange(perm.size(0), perm.options()));
+  return inv;
+}
+
+// Per-row weight of a loss vector of length n under `reduction`: g_i, g / n or g, times `factor`.
+at::Tensor row_weights(const at::Tensor& grad_loss, int64_t n, int64_t reduction, double factor,
+                       at::ScalarType acc) {
+  at::Tensor g = grad_loss.to(acc);
+  if (reduction == kNone) return (g * factor).contiguous();
+  if (reduction == kMean) g = g / static_cast<double>(n);
+  return (g * factor).reshape({1}).expand({n}).contiguous();
+}
+
+at::Tensor reduce(const at::Tensor& rows, int64_t reduction, double mean_divisor) {
+  if (reduction == kNone) return rows;
+  if (reduction == kSum) return rows.sum();
+  return rows.sum() / mean_divisor;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& bias,
+    const std::optional<at::Tensor>& labels, int64_t loss, int64_t direction, int64_t reduction) {
+  check_inputs(x_in, y_in, labels, loss, direction, reduction);
+  const bool swap = loss == kInfoNce && direction == kText;  // "text" = "image" with x and y swapped
+  const at::Tensor x = (swap ? y_in : x_in).contiguous();
+  const at::Tensor y = (swap ? x_in : y_in).contiguous();
+  const double s = scale.item<double>();
+  const auto acc = acc_dtype(x);
+  const at::Tensor empty = at::empty({0}, x.options().dtype(acc));
+  if (loss == kSigLip) {
+    at::Tensor rows;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "siglip_forward",
+                                    [&] { rows = siglip_rows<scalar_t>(x, y, s, bias.item<double>()); });
+    return {reduce(rows, reduction, x.size(0)), empty.clone(), empty.clone()};
+  }
+  const bool both = direction == kBoth;
+  const at::Tensor tgt = targets(labels, x.size(0), y.size(0), x);
+  at::Tensor row_stat, col_stat, t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "info_nce_forward", [&] {
+    std::tie(row_stat, col_stat, t) = info_nce_lse<scalar_t>(x, y, tgt, s, both);
+  });
+  at::Tensor rows = (row_stat[0] - t) + row_stat[1];  // lse - t = (max - t) + log Σ
+  if (both) rows = 0.5 * (rows + ((col_stat[0] - t.index_select(0, inverse_permutation(tgt))) + col_stat[1]));
+  return {reduce(rows, reduction, rows.size(0)), row_stat, col_stat};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
+    const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale,
+    const at::Tensor& bias, const std::optional<at::Tensor>& labels, const at::Tensor& row_stat,
+    const at::Tensor& col_stat, int64_t loss, int64_t direction, int64_t reduction) {
+  check_inputs(x_in, y_in, labels, loss, direction, reduction);
+  const bool swap = loss == kInfoNce && direction == kText;
+  const at::Tensor x = (swap ? y_in : x_in).contiguous();
+  const at::Tensor y = (swap ? x_in : y_in).contiguous();
+  const int64_t N = x.size(0);
+  const auto acc = acc_dtype(x);
+  const double s = scale.item<double>();
+  const bool both = loss == kInfoNce && direction == kBoth;
+  // Per-row weights: a_i (and e_j for "both"; each direction counts half), or SigLIP's w_i.
+  const at::Tensor row_w = row_weights(grad_loss, N, reduction, both ? 0.5 : 1.0, acc);
+  const at::Tensor col_w = both ? row_w : at::Tensor();
+  const at::Tensor rstat = loss == kInfoNce ? row_stat.to(acc).contiguous() : at::Tensor();
+  const at::Tensor cstat = both ? col_stat.to(acc).contiguous() : at::Tensor();
+  TORCH_CHECK(!rstat.defined() || rstat.sizes() == at::IntArrayRef({2, N}),
+              "contrastive: row_stat must be (2, ", N, "), got ", rstat.sizes());
+  TORCH_CHECK(!cstat.defined() || cstat.sizes() == at::IntArrayRef({2, y.size(0)}),
+              "contrastive: col_stat must be (2, ", y.size(0), "), got ", cstat.sizes());
+  const at::Tensor tgt = targets(labels, N, y.size(0), x);
+  const at::Tensor cw = both ? row_w + col_w.index_select(0, tgt) : row_w;  // c_i = a_i + e_{l_i}
+  GradArgs g{s,
+             loss == kSigLip ? bias.item<double>() : 0.0,
+             row_w.data_ptr(),
+             both ? col_w.data_ptr() : nullptr,
+             rstat.defined() ? rstat.data_ptr() : nullptr,
+             both ? cstat.data_ptr() : nullptr,
+             N,
+             y.size(0),
+             tgt.data_ptr<int64_t>(),
+             cw.data_ptr(),
+             loss == kSigLip};
+  at::Tensor dx, dy;
+  double gu = 0, gs = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "contrastive_backward",
+                                  [&] { std::tie(dx, dy, gu, gs) = tile_grads<scalar_t>(x, y, g); });
+  at::Tensor dscale = at::scalar_tensor(gu, scale.options());
+  at::Tensor dbias = at::scalar_tensor(gs, bias.options());
+  dx = dx.to(x.scalar_type());
+  dy = dy.to(x.scalar_type());
+  if (swap) std::swap(dx, dy);
+  return {dx, dy, dscale, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
+  m.impl("contrastive_forward", &contrastive_forward);
+  m.impl("contrastive_backward", &contrastive_backward);
+}
+
+}  // namespace contrastive
+}  // namespace mmfast
