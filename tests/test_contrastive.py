@@ -253,7 +253,7 @@ def test_auto_picks_cpu_and_cuda_reasons():
     assert _dispatch.select("siglip_loss", "auto", torch.device("cpu"), args).name == "cpu"
     reasons = _dispatch._OPS["info_nce"].backends["cuda"].reasons(**{**args, "dtype": torch.float64})
     assert reasons and "float64" in reasons[0]
-    assert mmfast.backends()["info_nce"]["cuda"]["note"] == "CUDA kernels not yet verified on hardware"
+    assert "not yet verified on hardware" in mmfast.backends()["info_nce"]["cuda"]["note"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,6 +162,8 @@ def _forward_fake(
     out = x.new_empty((rows,) if reduction == _REDUCTION["none"] else (), dtype=acc)
     if loss == _LOSS["siglip"]:
         return out, x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+    if x.device.type == "cuda":  # the CUDA kernels keep one fp32 LSE per row and column (csrc/contrastive/glue.h)
+        return out, x.new_empty((x.shape[0],), dtype=acc), x.new_empty((y.shape[0],), dtype=acc)
     # InfoNCE stats: each log-sum-exp as [max; log sum exp(S - max)] (see csrc/contrastive/cpu.cpp).
     cols = y.shape[0] if direction == _DIRECTION["both"] else 0
     return out, x.new_empty((2, rows), dtype=acc), x.new_empty((2, cols), dtype=acc)
@@ -200,7 +202,7 @@ def _backward(ctx, grad_loss: Tensor, _grad_row: Tensor | None, _grad_col: Tenso
 
 def _register_custom_ops() -> bool:
     """Add fake and autograd registrations to the C++ ops; False when the extension is missing."""
-    if _dispatch.extension()[0] is None:
+    if not _dispatch.has_ops("contrastive_forward", "contrastive_backward"):
         return False
     torch.library.register_fake("mmfast::contrastive_forward")(_forward_fake)
     torch.library.register_fake("mmfast::contrastive_backward")(_backward_fake)
