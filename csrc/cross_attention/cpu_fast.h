@@ -270,19 +270,26 @@ struct FastArgs {
   const float* lse;  // B x Hq x Lq, contiguous
   float scale;
   const Masking& mk;
+  View4<float> dK, dV;  // fp32 outputs: the (b, g) task accumulates into them directly
 };
 
-// Per-thread buffers of the fast backward (transposed blocks and fp32 dk / dv accumulators).
+// Per-thread buffers of the fast backward (transposed blocks).
 struct FastBackwardScratch {
   FastBackwardScratch(int64_t Mb, int64_t D, int64_t Dv, int64_t Lk)
       : qt(D * Mb), dot(Dv * Mb), pt(std::max<int64_t>(Lk, 1) * Mb), dpt(std::max<int64_t>(Lk, 1) * Mb),
-        dqt(D * Mb), di(Mb), lse(Mb), dk(Lk * D), dv(Lk * Dv) {}
-  std::vector<float> qt, dot, pt, dpt, dqt, di, lse, dk, dv;
+        dqt(D * Mb), di(Mb), lse(Mb) {}
+  std::vector<float> qt, dot, pt, dpt, dqt, di, lse;
 };
 
-// Steps 1-7 of the backward for rows [i0, i0 + rows) of head h (kv head g), all allowed keys.
-void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, int64_t h,
-                         int64_t g, int64_t i0, int64_t rows, const View4<float>& dQ) {
+// Rows [j0, j1) of a row-major matrix with n columns (row stride ld) = 0.
+void zero_rows(float* x, int64_t ld, int64_t j0, int64_t j1, int64_t n) {
+  for (int64_t j = j0; j < j1; ++j) std::fill(x + j * ld, x + j * ld + n, 0.f);
+}
+
+// Steps 1-7 of the backward for rows [i0, i0 + rows) of head h (kv head g), all allowed keys. The
+// task's first block writes dk, dv of head g (zeros outside its keys), later blocks add to them.
+void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, int64_t h, int64_t g,
+                         int64_t i0, int64_t rows, const View4<float>& dQ, bool first) {
   const int64_t Mb = a.Mb, D = a.D, Dv = a.Dv;
   const float* q = a.Q.row(b, h, i0);
   const float* d_o = a.dO.row(b, h, i0);
@@ -302,6 +309,12 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
   auto [lo, hi] = a.mk.key_range(b, i0, i0 + rows);
   const int64_t cols = std::max<int64_t>(hi - lo, 0);
   const float* kb = a.K.row(b, g, lo);
+  float* dk = a.dK.row(b, g, 0);
+  float* dv = a.dV.row(b, g, 0);
+  if (first) {
+    zero_rows(dk, a.dK.sl, 0, lo, D), zero_rows(dk, a.dK.sl, lo + cols, a.Lk, D);
+    zero_rows(dv, a.dV.sl, 0, lo, Dv), zero_rows(dv, a.dV.sl, lo + cols, a.Lk, Dv);
+  }
   // 2. P^T = exp(scale K Q^T + masks - lse), 3. dP^T = V dO^T.
   small_gemm(cols, Mb, D, a.scale, kb, a.K.sl, 1, w.qt.data(), Mb, w.pt.data(), Mb, false);
   mask_transposed(a.mk, b, i0, Mb, lo, cols, w.pt.data());
@@ -314,7 +327,7 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
     }
   }
   // 4. dv += P^T dO, 5. dS^T = P^T (dP^T - D) in place.
-  small_gemm(cols, Dv, rows, 1.f, w.pt.data(), Mb, 1, d_o, a.dO.sl, w.dv.data() + lo * Dv, Dv, true);
+  small_gemm(cols, Dv, rows, 1.f, w.pt.data(), Mb, 1, d_o, a.dO.sl, dv + lo * a.dV.sl, a.dV.sl, !first);
   for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
     const __m256 vd = _mm256_loadu_ps(&w.di[v8]);
     for (int64_t jj = 0; jj < cols; ++jj) {
@@ -324,7 +337,7 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
     }
   }
   // 6. dk += scale dS^T Q, 7. dq^T = scale K^T dS^T, written back transposed.
-  small_gemm(cols, D, rows, a.scale, w.pt.data(), Mb, 1, q, a.Q.sl, w.dk.data() + lo * D, D, true);
+  small_gemm(cols, D, rows, a.scale, w.pt.data(), Mb, 1, q, a.Q.sl, dk + lo * a.dK.sl, a.dK.sl, !first);
   small_gemm(D, Mb, cols, a.scale, kb, 1, a.K.sl, w.pt.data(), Mb, w.dqt.data(), Mb, false);
   for (int64_t r = 0; r < rows; ++r) {
     float* dqrow = dQ.row(b, h, i0 + r);
@@ -340,20 +353,17 @@ void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
   const int64_t Mb = std::min<int64_t>(32, (Lq + 7) / 8 * 8);
   const FastArgs a{Hq, Lq, D, Lk, Dv, Mb, view4<float>(q), view4<float>(k), view4<float>(v), view4<float>(out),
-                   view4<float>(dout), lse.data_ptr<float>(), static_cast<float>(scale), mk};
-  const View4<float> dQ = view4<float>(dq), dK = view4<float>(dk), dV = view4<float>(dv);
+                   view4<float>(dout), lse.data_ptr<float>(), static_cast<float>(scale), mk,
+                   view4<float>(dk),  view4<float>(dv)};
+  const View4<float> dQ = view4<float>(dq);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     FastBackwardScratch w(Mb, D, Dv, Lk);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, g = t % Hkv;
-      std::fill(w.dk.begin(), w.dk.end(), 0.f);
-      std::fill(w.dv.begin(), w.dv.end(), 0.f);
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-        for (int64_t i0 = 0; i0 < Lq; i0 += Mb) backward_fast_block(a, w, b, h, g, i0, std::min(Mb, Lq - i0), dQ);
-      }
-      for (int64_t j = 0; j < Lk; ++j) {
-        std::copy(&w.dk[j * D], &w.dk[j * D] + D, dK.row(b, g, j));
-        std::copy(&w.dv[j * Dv], &w.dv[j * Dv] + Dv, dV.row(b, g, j));
+        for (int64_t i0 = 0; i0 < Lq; i0 += Mb) {
+          backward_fast_block(a, w, b, h, g, i0, std::min(Mb, Lq - i0), dQ, h == g * group && i0 == 0);
+        }
       }
     }
   });
