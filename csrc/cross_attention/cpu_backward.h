@@ -171,8 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     backward_fast(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_backward",
-        [&] { backward_kernel<scalar_t>(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv, dmask_full); });
+        at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_backward", [&] {
+          backward_kernel<scalar_t>(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv, dmask_full);
+        });
   }
   at::Tensor dmask;
   if (want_dmask) {  // sum over the dims the mask was broadcast along, back to its shape and dtype

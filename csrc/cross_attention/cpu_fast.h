@@ -122,9 +122,9 @@ __attribute__((target("avx512f"))) void gemm_rows_z(int64_t rows, int64_t K, flo
 }
 
 // small_gemm with AVX-512 tiles; N a multiple of 16.
-__attribute__((target("avx512f"))) void small_gemm_z(int64_t M, int64_t N, int64_t K, float alpha, const float* a,
-                                                     int64_t sm, int64_t sk, const float* b, int64_t ldb,
-                                                     float* c, int64_t ldc, bool accumulate) {
+__attribute__((target("avx512f"))) void small_gemm_z(int64_t M, int64_t N, int64_t K, float alpha,
+                                                     const float* a, int64_t sm, int64_t sk, const float* b,
+                                                     int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   for (int64_t m = 0; m < M; m += 8) {
     const int64_t rows = std::min<int64_t>(8, M - m);
     for (int64_t n = 0; n < N; n += 32) {
@@ -196,7 +196,8 @@ void transpose_block(const float* x, int64_t ldx, int64_t rows, int64_t cols, in
 
 // Step 2 in the transposed layout: S^T row jj (key lo + jj) = -inf where padded or, causal, for
 // the lanes r whose row i0 + r may not see it (j > i + Lk - Lq).
-void mask_transposed(const Masking& mk, int64_t b, int64_t i0, int64_t Mb, int64_t lo, int64_t cols, float* st) {
+void mask_transposed(const Masking& mk, int64_t b, int64_t i0, int64_t Mb, int64_t lo, int64_t cols,
+                     float* st) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t jj = 0; jj < cols; ++jj) {
     const int64_t j = lo + jj;
@@ -347,14 +348,27 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
 
 // Backward, one task per (b, g) as in the generic kernel (the task owns dk, dv of its kv head).
 void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& out, const at::Tensor& lse, const Masking& mk, double scale, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv) {
+                   const at::Tensor& out, const at::Tensor& lse, const Masking& mk, double scale,
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
   const int64_t Mb = std::min<int64_t>(32, (Lq + 7) / 8 * 8);
-  const FastArgs a{Hq, Lq, D, Lk, Dv, Mb, view4<float>(q), view4<float>(k), view4<float>(v), view4<float>(out),
-                   view4<float>(dout), lse.data_ptr<float>(), static_cast<float>(scale), mk,
-                   view4<float>(dk),  view4<float>(dv)};
+  const FastArgs a{Hq,
+                   Lq,
+                   D,
+                   Lk,
+                   Dv,
+                   Mb,
+                   view4<float>(q),
+                   view4<float>(k),
+                   view4<float>(v),
+                   view4<float>(out),
+                   view4<float>(dout),
+                   lse.data_ptr<float>(),
+                   static_cast<float>(scale),
+                   mk,
+                   view4<float>(dk),
+                   view4<float>(dv)};
   const View4<float> dQ = view4<float>(dq);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     FastBackwardScratch w(Mb, D, Dv, Lk);
@@ -373,10 +387,11 @@ void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 bool fast_path_ok(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
   return false;
 }
-void forward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double, at::Tensor&,
-                  at::Tensor&) {}
-void backward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                   const at::Tensor&, const Masking&, double, at::Tensor&, at::Tensor&, at::Tensor&) {}
+void forward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double,
+                  at::Tensor&, at::Tensor&) {}
+void backward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, const at::Tensor&, const Masking&, double, at::Tensor&, at::Tensor&,
+                   at::Tensor&) {}
 #endif
 
 }  // namespace
