@@ -70,7 +70,8 @@ def timeit(fns: dict, reps: int) -> dict:
 
 
 def setup(c: Case, provider: str, dtype: torch.dtype, backward: bool) -> Callable[[], object]:
-    """Inputs for one case and a closure running it with ``provider`` ("mmfast" or "sdpa")."""
+    """Inputs for one case and a closure running it with ``provider``: "mmfast", "mmfast-generic" (fp32
+    fast path off), "mmfast-avx2" (fast path without its AVX-512 tiles) or "sdpa"."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(c.B, c.H, c.Lq, c.D, generator=g).to(dtype).requires_grad_(backward)
     k = torch.randn(c.B, c.H, c.Lk, c.D, generator=g).to(dtype).requires_grad_(backward)
@@ -80,8 +81,15 @@ def setup(c: Case, provider: str, dtype: torch.dtype, backward: bool) -> Callabl
         kpm = torch.zeros(c.B, c.Lk, dtype=torch.bool)
         kpm[::2, c.Lk // 2 :] = True
     grad = torch.randn(c.B, c.H, c.Lq, c.D, generator=g).to(dtype)
-    if provider == "mmfast":
-        run = lambda: mmfast.cross_attention(q, k, v, key_padding_mask=kpm, backend="cpu")  # noqa: E731
+    if provider.startswith("mmfast"):
+        fast = "0" if provider == "mmfast-generic" else "1"  # generic: the MKL-GEMM kernels, no fast path
+        avx512 = "0" if provider == "mmfast-avx2" else "1"  # avx2: the fast path without AVX-512 tiles
+
+        def run() -> torch.Tensor:
+            os.environ["MMFAST_XATTN_CPU_FAST"] = fast
+            os.environ["MMFAST_XATTN_CPU_AVX512"] = avx512
+            return mmfast.cross_attention(q, k, v, key_padding_mask=kpm, backend="cpu")
+
     else:
         mask = None if kpm is None else (~kpm).view(c.B, 1, 1, c.Lk)  # SDPA: True = take part
         run = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
@@ -108,20 +116,30 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="text->image only, fewer repetitions")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--generic", action="store_true", help="also time the fp32 kernel without its fast path")
+    ap.add_argument("--avx2", action="store_true", help="also time the fp32 fast path without AVX-512")
+    ap.add_argument("--cases", default="", help="comma-separated case indices (default: all)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = CASES[:2] if args.quick else CASES
+    if args.cases:
+        cases = [CASES[int(i)] for i in args.cases.split(",")]
     reps = 5 if args.quick else args.reps
     rate = {dt: matmul_rate(dt, reps) for dt in (torch.float32, torch.bfloat16)}
     print(
-        f"threads {torch.get_num_threads()}; torch.mm 1024^3: fp32 {rate[torch.float32] / 1e9:.1f} GFLOP/s, "
+        f"load {os.getloadavg()[0]:.1f}; threads {torch.get_num_threads()}; "
+        f"torch.mm 1024^3: fp32 {rate[torch.float32] / 1e9:.1f} GFLOP/s, "
         f"bf16 {rate[torch.bfloat16] / 1e9:.1f} GFLOP/s"
     )
     rows = []
     for c in cases:
         for backward in (False, True):
-            providers = (("mmfast", torch.float32), ("sdpa", torch.float32), ("mmfast", torch.bfloat16))
+            providers = [("mmfast", torch.float32), ("sdpa", torch.float32), ("mmfast", torch.bfloat16)]
+            if args.generic:
+                providers.append(("mmfast-generic", torch.float32))
+            if args.avx2:
+                providers.append(("mmfast-avx2", torch.float32))
             res = timeit({pd: setup(c, *pd, backward) for pd in providers}, reps)
             t_mm, t_sdpa = res[("mmfast", torch.float32)]["median"], res[("sdpa", torch.float32)]["median"]
             t_bf16 = res[("mmfast", torch.bfloat16)]["median"]
@@ -140,12 +158,18 @@ def main() -> None:
                     f"{p}_{d}".replace("torch.", ""): [1e3 * v["q20"], 1e3 * v["q80"]] for (p, d), v in res.items()
                 },
             }
+            if args.generic:
+                row["generic_fp32_ms"] = 1e3 * res[("mmfast-generic", torch.float32)]["median"]
+            if args.avx2:
+                row["avx2_fp32_ms"] = 1e3 * res[("mmfast-avx2", torch.float32)]["median"]
             rows.append(row)
             print(
                 f"{c.name:26s} {row['pass']:8s} mmfast {row['mmfast_fp32_ms']:8.2f} ms  sdpa "
                 f"{row['sdpa_fp32_ms']:8.2f} ms  x{row['speedup_vs_sdpa']:.2f}  | bf16 {row['mmfast_bf16_ms']:8.2f} ms "
                 f"x{row['bf16_vs_fp32']:.2f} of fp32 | floor {row['floor_fp32_ms']:.2f} ms "
                 f"({100 * row['fraction_of_matmul_rate']:.0f}% of mm rate)"
+                + (f" | generic {row['generic_fp32_ms']:8.2f} ms" if args.generic else "")
+                + (f" | avx2 {row['avx2_fp32_ms']:8.2f} ms" if args.avx2 else "")
             )
     if args.json:
         with open(args.json, "w") as f:

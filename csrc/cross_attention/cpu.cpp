@@ -24,6 +24,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cross_attention/cpu_blas.h"
@@ -262,6 +265,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   });
 }
 
+}  // namespace
+}  // namespace mmfast::xattn
+
+#include "cross_attention/cpu_fast.h"
+
+namespace mmfast::xattn {
+namespace {
+
 // Checks shared by the three ops; returns the masks in the form the kernels read.
 struct Prepared {
   at::Tensor q, k, v, mask;
@@ -318,8 +329,12 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& q_in, const at
   const auto acc_dtype = p.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({B, Hq, Lq}, p.q.options().dtype(acc_dtype));
   Masking mk = make_masking(p.q, p.k, p.kpm, p.mask, is_causal, dropout_p, seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_forward",
-                                  [&] { forward_kernel<scalar_t>(p.q, p.k, p.v, mk, scale, target, lse); });
+  if (fast_path_ok(p.q, p.k, p.v, p.mask, dropout_p)) {
+    forward_fast(p.q, p.k, p.v, mk, scale, target, lse);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_forward",
+                                    [&] { forward_kernel<scalar_t>(p.q, p.k, p.v, mk, scale, target, lse); });
+  }
   if (!target.is_same(out)) out.copy_(target);
   return {out, lse};
 }

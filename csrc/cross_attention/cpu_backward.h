@@ -167,9 +167,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor dmask_full =
       want_dmask ? at::zeros({B, Hq, Lq, Lk}, p.q.options().dtype(acc_dtype)) : at::Tensor();
   Masking mk = make_masking(p.q, p.k, p.kpm, p.mask, is_causal, dropout_p, seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_backward",
-      [&] { backward_kernel<scalar_t>(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv, dmask_full); });
+  if (fast_path_ok(p.q, p.k, p.v, p.mask, dropout_p)) {  // fp32, no attn_mask, no dropout
+    backward_fast(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_backward", [&] {
+          backward_kernel<scalar_t>(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv, dmask_full);
+        });
+  }
   at::Tensor dmask;
   if (want_dmask) {  // sum over the dims the mask was broadcast along, back to its shape and dtype
     dmask = at::sum_to(dmask_full, attn_mask->sizes()).to(attn_mask->scalar_type());

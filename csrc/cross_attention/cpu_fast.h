@@ -1,0 +1,398 @@
+// Fast path of the CPU cross-attention for fp32 without attn_mask or dropout (key padding and causal
+// allowed), with its own small AVX2 GEMM instead of MKL calls (included by cpu.cpp, after the
+// helpers and the generic kernels).
+//
+// Why: for a block of 32 query rows every GEMM of attention has one dimension of 32 or 64, where
+// MKL's packing per call leaves it at 40-60% of its large-GEMM rate. Here the block is kept
+// transposed: S^T (keys x rows) = scale K Q^T, so the softmax over keys runs down the columns with
+// the block's rows across the SIMD lanes (no horizontal reductions), and every product is one
+// shape, C = alpha A B (+ C), with B row-major and A read one broadcast scalar at a time:
+//   forward:  S^T = scale K Q^T,  P^T = exp(S^T - m) / l per lane,  O^T = V^T P^T
+//   backward: P^T = exp(S^T - lse),  dP^T = V dO^T,  dv += P^T dO,  dS^T = P^T (dP^T - D),
+//             dk += scale dS^T Q,  dq^T = scale K^T dS^T
+#pragma once
+
+namespace mmfast::xattn {
+namespace {
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+// One MR x (8 NV) tile of C = alpha A B (+ C when accumulate); A(m, k) = a[m * sm + k * sk].
+// MR * NV accumulators + NV B vectors + 1 broadcast fit the 16 ymm registers for (6, 2).
+template <int MR, int NV>
+inline void gemm_tile(int64_t K, float alpha, const float* a, int64_t sm, int64_t sk, const float* b,
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 bv[NV];
+    const float* bk = b + k * ldb;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(bk + 8 * v);
+    const float* ak = a + k * sk;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ak + r * sm);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + r * ldc + 8 * v;
+      __m256 x = _mm256_mul_ps(acc[r][v], va);
+      if (accumulate) x = _mm256_add_ps(x, _mm256_loadu_ps(cp));
+      _mm256_storeu_ps(cp, x);
+    }
+  }
+}
+
+// Rows [m, m + rows) (rows < 6) of one column panel.
+template <int NV>
+inline void gemm_tail(int64_t rows, int64_t K, float alpha, const float* a, int64_t sm, int64_t sk,
+                      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  switch (rows) {
+    case 5: return gemm_tile<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 4: return gemm_tile<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 3: return gemm_tile<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 2: return gemm_tile<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 1: return gemm_tile<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    default: return;
+  }
+}
+
+// The same tile with AVX-512 (runtime-checked): 32 registers, so 8 rows x 32 columns (16 zmm
+// accumulators). Zen 4 runs a 512-bit FMA as two 256-bit halves: the gain is fewer instructions,
+// loads and broadcasts per FLOP, not wider units.
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void gemm_tile_z(int64_t K, float alpha, const float* a, int64_t sm,
+                                                    int64_t sk, const float* b, int64_t ldb, float* c,
+                                                    int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    const float* ak = a + k * sk;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(ak[r * sm]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + r * ldc + 16 * v;
+      __m512 x = _mm512_mul_ps(acc[r][v], va);
+      if (accumulate) x = _mm512_add_ps(x, _mm512_loadu_ps(cp));
+      _mm512_storeu_ps(cp, x);
+    }
+  }
+}
+
+template <int NV>
+__attribute__((target("avx512f"))) void gemm_rows_z(int64_t rows, int64_t K, float alpha, const float* a,
+                                                    int64_t sm, int64_t sk, const float* b, int64_t ldb,
+                                                    float* c, int64_t ldc, bool accumulate) {
+  switch (rows) {
+    case 8: return gemm_tile_z<8, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 7: return gemm_tile_z<7, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 6: return gemm_tile_z<6, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 5: return gemm_tile_z<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 4: return gemm_tile_z<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 3: return gemm_tile_z<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 2: return gemm_tile_z<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 1: return gemm_tile_z<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    default: return;
+  }
+}
+
+// small_gemm with AVX-512 tiles; N a multiple of 16.
+__attribute__((target("avx512f"))) void small_gemm_z(int64_t M, int64_t N, int64_t K, float alpha,
+                                                     const float* a, int64_t sm, int64_t sk, const float* b,
+                                                     int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; m += 8) {
+    const int64_t rows = std::min<int64_t>(8, M - m);
+    for (int64_t n = 0; n < N; n += 32) {
+      if (N - n >= 32) {
+        gemm_rows_z<2>(rows, K, alpha, a + m * sm, sm, sk, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+      } else {
+        gemm_rows_z<1>(rows, K, alpha, a + m * sm, sm, sk, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+      }
+    }
+  }
+}
+
+// Whether small_gemm uses the AVX-512 tiles: CPU support, unless MMFAST_XATTN_CPU_AVX512=0 (set per
+// op call by fast_path_ok, for A/B runs).
+std::atomic<bool> g_use_avx512{false};
+
+// Row-major C[M x N] (ldc) = alpha sum_k A(m, k) B[k, :] (+ C when accumulate), N a multiple of 8.
+// Tiles of 6 rows x 16 columns; the 6 rows of A stay in L1 while the tile walks across N.
+void small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t sm, int64_t sk,
+                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if (N % 16 == 0 && g_use_avx512.load(std::memory_order_relaxed)) {
+    return small_gemm_z(M, N, K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+  }
+  for (int64_t m = 0; m < M; m += 6) {
+    const int64_t rows = std::min<int64_t>(6, M - m);
+    const float* am = a + m * sm;
+    float* cm = c + m * ldc;
+    for (int64_t n = 0; n < N; n += 16) {
+      if (N - n >= 16) {
+        if (rows == 6) {
+          gemm_tile<6, 2>(K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, accumulate);
+        } else {
+          gemm_tail<2>(rows, K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, accumulate);
+        }
+      } else {  // 8 columns left
+        if (rows == 6) {
+          gemm_tile<6, 1>(K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, accumulate);
+        } else {
+          gemm_tail<1>(rows, K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, accumulate);
+        }
+      }
+    }
+  }
+}
+
+// Whether the fast path takes these inputs (MMFAST_XATTN_CPU_FAST=0 turns it off, for A/B runs).
+constexpr int64_t kMaxFastKeys = 16384;  // S^T and dP^T of a block: 2 x Lk x 32 floats per thread
+
+bool fast_path_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                  double dropout_p) {
+  const char* e = std::getenv("MMFAST_XATTN_CPU_FAST");  // read per call: benchmarks toggle it
+  const bool enabled = e == nullptr || std::string(e) != "0";
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  const char* z = std::getenv("MMFAST_XATTN_CPU_AVX512");
+  g_use_avx512.store(has_avx512 && (z == nullptr || std::string(z) != "0"), std::memory_order_relaxed);
+  return enabled && q.scalar_type() == at::kFloat && !mask.defined() && dropout_p == 0.0 &&
+         q.size(3) % 8 == 0 && v.size(3) % 8 == 0 && q.size(3) > 0 && v.size(3) > 0 && q.size(2) > 0 &&
+         k.size(2) > 0 && k.size(2) <= kMaxFastKeys;
+}
+
+// Rows = query block of the transposed layout: x^T[d, r] = x[i0 + r, d], zero beyond `rows`.
+void transpose_block(const float* x, int64_t ldx, int64_t rows, int64_t cols, int64_t Mb, float* xt) {
+  for (int64_t d = 0; d < cols; ++d) {
+    float* dst = xt + d * Mb;
+    for (int64_t r = 0; r < rows; ++r) dst[r] = x[r * ldx + d];
+    for (int64_t r = rows; r < Mb; ++r) dst[r] = 0.f;
+  }
+}
+
+// Step 2 in the transposed layout: S^T row jj (key lo + jj) = -inf where padded or, causal, for
+// the lanes r whose row i0 + r may not see it (j > i + Lk - Lq).
+void mask_transposed(const Masking& mk, int64_t b, int64_t i0, int64_t Mb, int64_t lo, int64_t cols,
+                     float* st) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t jj = 0; jj < cols; ++jj) {
+    const int64_t j = lo + jj;
+    float* row = st + jj * Mb;
+    if (mk.kpm && mk.kpm[b * mk.kpm_sb + j * mk.kpm_sj]) {
+      std::fill(row, row + Mb, kNegInf);
+    } else if (mk.causal) {
+      const int64_t first_ok = std::min<int64_t>(std::max<int64_t>(j - (mk.Lk - mk.Lq) - i0, 0), Mb);
+      std::fill(row, row + first_ok, kNegInf);
+    }
+  }
+}
+
+// Forward, one task per (b, h, block of Mb query rows; Mb in {8, 16, 32}).
+void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Masking& mk,
+                  double scale_d, at::Tensor& out, at::Tensor& lse) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
+  const View4<float> Q = view4<float>(q), K = view4<float>(k), V = view4<float>(v), O = view4<float>(out);
+  float* lse_p = lse.data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  int64_t Mb = 32;
+  while (Mb > 8 && B * Hq * ((Lq + Mb - 1) / Mb) < 4 * at::get_num_threads()) Mb /= 2;
+  const int64_t nqb = (Lq + Mb - 1) / Mb;
+
+  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qt(D * Mb), st(std::max<int64_t>(Lk, 1) * Mb), ot(Dv * Mb), m(Mb), l(Mb);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * Mb, g = h / group;
+      const int64_t rows = std::min(Mb, Lq - i0);
+      auto [lo, hi] = mk.key_range(b, i0, i0 + rows);
+      const int64_t cols = std::max<int64_t>(hi - lo, 0);
+      // 1. Q^T, 2. S^T = scale K Q^T, masks.
+      transpose_block(Q.row(b, h, i0), Q.sl, rows, D, Mb, qt.data());
+      small_gemm(cols, Mb, D, scale, K.row(b, g, lo), K.sl, 1, qt.data(), Mb, st.data(), Mb, false);
+      mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
+      // 3. Softmax down the columns: m = max_j s, p = exp(s - m), l = sum_j p (8 lanes at a time).
+      for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+        __m256 mx = _mm256_set1_ps(kNegInf);
+        for (int64_t jj = 0; jj < cols; ++jj) mx = _mm256_max_ps(mx, _mm256_loadu_ps(&st[jj * Mb + v8]));
+        const __m256 none = _mm256_cmp_ps(mx, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
+        const __m256 mu = _mm256_andnot_ps(none, mx);  // all masked: subtract 0, p = exp(-inf) = 0
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t jj = 0; jj < cols; ++jj) {
+          float* sp = &st[jj * Mb + v8];
+          const __m256 e = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), mu));
+          _mm256_storeu_ps(sp, e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        _mm256_storeu_ps(&m[v8], mx);
+        _mm256_storeu_ps(&l[v8], sum);
+      }
+      // 4. O^T = V^T P^T, 5. out = O / l, lse = m + log l; rows without an allowed key: 0, -inf.
+      small_gemm(Dv, Mb, cols, 1.f, V.row(b, g, lo), 1, V.sl, st.data(), Mb, ot.data(), Mb, false);
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = !(l[r] > 0.f);
+        const float inv = empty ? 0.f : 1.f / l[r];
+        float* orow = O.row(b, h, i0 + r);
+        for (int64_t d = 0; d < Dv; ++d) orow[d] = ot[d * Mb + r] * inv;
+        lse_p[(b * Hq + h) * Lq + i0 + r] = empty ? kNegInf : m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+// Shapes and views shared by every task of one fast backward call.
+struct FastArgs {
+  int64_t Hq, Lq, D, Lk, Dv, Mb;
+  View4<float> Q, K, V, O, dO;
+  const float* lse;  // B x Hq x Lq, contiguous
+  float scale;
+  const Masking& mk;
+  View4<float> dK, dV;  // fp32 outputs: the (b, g) task accumulates into them directly
+};
+
+// Per-thread buffers of the fast backward (transposed blocks).
+struct FastBackwardScratch {
+  FastBackwardScratch(int64_t Mb, int64_t D, int64_t Dv, int64_t Lk)
+      : qt(D * Mb), dot(Dv * Mb), pt(std::max<int64_t>(Lk, 1) * Mb), dpt(std::max<int64_t>(Lk, 1) * Mb),
+        dqt(D * Mb), di(Mb), lse(Mb) {}
+  std::vector<float> qt, dot, pt, dpt, dqt, di, lse;
+};
+
+// Rows [j0, j1) of a row-major matrix with n columns (row stride ld) = 0.
+void zero_rows(float* x, int64_t ld, int64_t j0, int64_t j1, int64_t n) {
+  for (int64_t j = j0; j < j1; ++j) std::fill(x + j * ld, x + j * ld + n, 0.f);
+}
+
+// Steps 1-7 of the backward for rows [i0, i0 + rows) of head h (kv head g), all allowed keys. The
+// task's first block writes dk, dv of head g (zeros outside its keys), later blocks add to them.
+void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, int64_t h, int64_t g,
+                         int64_t i0, int64_t rows, const View4<float>& dQ, bool first) {
+  const int64_t Mb = a.Mb, D = a.D, Dv = a.Dv;
+  const float* q = a.Q.row(b, h, i0);
+  const float* d_o = a.dO.row(b, h, i0);
+  // 1. Q^T, dO^T; D_i = <do_i, o_i>; per-lane lse, +inf for padding lanes and empty rows (p = 0).
+  transpose_block(q, a.Q.sl, rows, D, Mb, w.qt.data());
+  transpose_block(d_o, a.dO.sl, rows, Dv, Mb, w.dot.data());
+  for (int64_t r = 0; r < Mb; ++r) {
+    float di = 0.f, l = std::numeric_limits<float>::infinity();
+    if (r < rows) {
+      const float* o = a.O.row(b, h, i0 + r);
+      for (int64_t d = 0; d < Dv; ++d) di += d_o[r * a.dO.sl + d] * o[d];
+      const float x = a.lse[(b * a.Hq + h) * a.Lq + i0 + r];
+      if (x != -std::numeric_limits<float>::infinity()) l = x;
+    }
+    w.di[r] = di, w.lse[r] = l;
+  }
+  auto [lo, hi] = a.mk.key_range(b, i0, i0 + rows);
+  const int64_t cols = std::max<int64_t>(hi - lo, 0);
+  const float* kb = a.K.row(b, g, lo);
+  float* dk = a.dK.row(b, g, 0);
+  float* dv = a.dV.row(b, g, 0);
+  if (first) {
+    zero_rows(dk, a.dK.sl, 0, lo, D), zero_rows(dk, a.dK.sl, lo + cols, a.Lk, D);
+    zero_rows(dv, a.dV.sl, 0, lo, Dv), zero_rows(dv, a.dV.sl, lo + cols, a.Lk, Dv);
+  }
+  // 2. P^T = exp(scale K Q^T + masks - lse), 3. dP^T = V dO^T.
+  small_gemm(cols, Mb, D, a.scale, kb, a.K.sl, 1, w.qt.data(), Mb, w.pt.data(), Mb, false);
+  mask_transposed(a.mk, b, i0, Mb, lo, cols, w.pt.data());
+  small_gemm(cols, Mb, Dv, 1.f, a.V.row(b, g, lo), a.V.sl, 1, w.dot.data(), Mb, w.dpt.data(), Mb, false);
+  for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+    const __m256 vl = _mm256_loadu_ps(&w.lse[v8]);
+    for (int64_t jj = 0; jj < cols; ++jj) {
+      float* sp = &w.pt[jj * Mb + v8];
+      _mm256_storeu_ps(sp, fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), vl)));
+    }
+  }
+  // 4. dv += P^T dO, 5. dS^T = P^T (dP^T - D) in place.
+  small_gemm(cols, Dv, rows, 1.f, w.pt.data(), Mb, 1, d_o, a.dO.sl, dv + lo * a.dV.sl, a.dV.sl, !first);
+  for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+    const __m256 vd = _mm256_loadu_ps(&w.di[v8]);
+    for (int64_t jj = 0; jj < cols; ++jj) {
+      float* sp = &w.pt[jj * Mb + v8];
+      const __m256 dp = _mm256_sub_ps(_mm256_loadu_ps(&w.dpt[jj * Mb + v8]), vd);
+      _mm256_storeu_ps(sp, _mm256_mul_ps(_mm256_loadu_ps(sp), dp));
+    }
+  }
+  // 6. dk += scale dS^T Q, 7. dq^T = scale K^T dS^T, written back transposed.
+  small_gemm(cols, D, rows, a.scale, w.pt.data(), Mb, 1, q, a.Q.sl, dk + lo * a.dK.sl, a.dK.sl, !first);
+  small_gemm(D, Mb, cols, a.scale, kb, 1, a.K.sl, w.pt.data(), Mb, w.dqt.data(), Mb, false);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dqrow = dQ.row(b, h, i0 + r);
+    for (int64_t d = 0; d < D; ++d) dqrow[d] = w.dqt[d * Mb + r];
+  }
+}
+
+// Backward, one task per (b, g) as in the generic kernel (the task owns dk, dv of its kv head).
+void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, const Masking& mk, double scale,
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
+  const int64_t Mb = std::min<int64_t>(32, (Lq + 7) / 8 * 8);
+  const FastArgs a{Hq,
+                   Lq,
+                   D,
+                   Lk,
+                   Dv,
+                   Mb,
+                   view4<float>(q),
+                   view4<float>(k),
+                   view4<float>(v),
+                   view4<float>(out),
+                   view4<float>(dout),
+                   lse.data_ptr<float>(),
+                   static_cast<float>(scale),
+                   mk,
+                   view4<float>(dk),
+                   view4<float>(dv)};
+  const View4<float> dQ = view4<float>(dq);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    FastBackwardScratch w(Mb, D, Dv, Lk);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, g = t % Hkv;
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < Lq; i0 += Mb) {
+          backward_fast_block(a, w, b, h, g, i0, std::min(Mb, Lq - i0), dQ, h == g * group && i0 == 0);
+        }
+      }
+    }
+  });
+}
+
+#else
+bool fast_path_ok(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
+  return false;
+}
+void forward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double,
+                  at::Tensor&, at::Tensor&) {}
+void backward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, const at::Tensor&, const Masking&, double, at::Tensor&, at::Tensor&,
+                   at::Tensor&) {}
+#endif
+
+}  // namespace
+}  // namespace mmfast::xattn
