@@ -7,9 +7,9 @@
 #define MMFAST_CHECK_DTYPE(x, dt) \
   TORCH_CHECK((x).scalar_type() == (dt), #x " must have dtype ", (dt), ", got ", (x).scalar_type())
 #define MMFAST_CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must have ", (n), " dims, got ", (x).dim())
-#define MMFAST_CHECK_SHAPE(x, ...)                                                          \
-  TORCH_CHECK((x).sizes() == torch::IntArrayRef({__VA_ARGS__}), #x " must have shape (", \
-              #__VA_ARGS__, "), got ", (x).sizes())
+#define MMFAST_CHECK_SHAPE(x, ...)                                                                     \
+  TORCH_CHECK((x).sizes() == torch::IntArrayRef({__VA_ARGS__}), #x " must have shape (", #__VA_ARGS__, \
+              "), got ", (x).sizes())
 #define MMFAST_CHECK_LAST_CONTIGUOUS(x) \
   TORCH_CHECK((x).stride(-1) == 1 || (x).size(-1) == 1, #x " must have a contiguous last dimension")
 

@@ -58,12 +58,18 @@ template <int NV>
 inline void gemm_tail(int64_t rows, int64_t K, float alpha, const float* a, int64_t sm, int64_t sk,
                       const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   switch (rows) {
-    case 5: return gemm_tile<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 4: return gemm_tile<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 3: return gemm_tile<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 2: return gemm_tile<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 1: return gemm_tile<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    default: return;
+    case 5:
+      return gemm_tile<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 4:
+      return gemm_tile<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 3:
+      return gemm_tile<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 2:
+      return gemm_tile<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 1:
+      return gemm_tile<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    default:
+      return;
   }
 }
 
@@ -109,15 +115,24 @@ __attribute__((target("avx512f"))) void gemm_rows_z(int64_t rows, int64_t K, flo
                                                     int64_t sm, int64_t sk, const float* b, int64_t ldb,
                                                     float* c, int64_t ldc, bool accumulate) {
   switch (rows) {
-    case 8: return gemm_tile_z<8, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 7: return gemm_tile_z<7, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 6: return gemm_tile_z<6, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 5: return gemm_tile_z<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 4: return gemm_tile_z<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 3: return gemm_tile_z<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 2: return gemm_tile_z<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    case 1: return gemm_tile_z<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
-    default: return;
+    case 8:
+      return gemm_tile_z<8, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 7:
+      return gemm_tile_z<7, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 6:
+      return gemm_tile_z<6, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 5:
+      return gemm_tile_z<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 4:
+      return gemm_tile_z<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 3:
+      return gemm_tile_z<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 2:
+      return gemm_tile_z<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    case 1:
+      return gemm_tile_z<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    default:
+      return;
   }
 }
 
@@ -277,8 +292,13 @@ struct FastArgs {
 // Per-thread buffers of the fast backward (transposed blocks).
 struct FastBackwardScratch {
   FastBackwardScratch(int64_t Mb, int64_t D, int64_t Dv, int64_t Lk)
-      : qt(D * Mb), dot(Dv * Mb), pt(std::max<int64_t>(Lk, 1) * Mb), dpt(std::max<int64_t>(Lk, 1) * Mb),
-        dqt(D * Mb), di(Mb), lse(Mb) {}
+      : qt(D * Mb),
+        dot(Dv * Mb),
+        pt(std::max<int64_t>(Lk, 1) * Mb),
+        dpt(std::max<int64_t>(Lk, 1) * Mb),
+        dqt(D * Mb),
+        di(Mb),
+        lse(Mb) {}
   std::vector<float> qt, dot, pt, dpt, dqt, di, lse;
 };
 
