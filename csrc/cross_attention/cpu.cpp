@@ -29,7 +29,11 @@
 #include <string>
 #include <vector>
 
-#include "cross_attention/cpu_blas.h"
+#include "common/cpu_blas.h"
+
+namespace mmfast::xattn {
+using namespace mmfast::cpu;  // gemm, fast_exp, dropout hash
+}  // namespace mmfast::xattn
 
 // q: B x Hq x Lq x D, k: B x Hkv x Lk x D, v: B x Hkv x Lk x Dv (any strides, last dim contiguous
 // or size 1); key_padding_mask: B x Lk bool (True = ignore); attn_mask: bool (True = take part) or

@@ -1,5 +1,5 @@
-// Small building blocks of the CPU cross-attention kernels: row-major GEMM on raw pointers, a
-// vectorizable exp, and the dropout counter hash shared by every backend.
+// Small building blocks of the CPU kernels (cross-attention, contrastive): row-major GEMM on raw
+// pointers, a vectorizable exp, and the dropout counter hash shared by every backend.
 //
 // GEMM: MKL's Fortran entry points (SGEMM, DGEMM, GEMM_BF16BF16F32, GEMM_F16F16F32) are exported by
 // the libtorch_cpu of MKL builds; calling them on raw pointers costs ~1 us, where at::mm on
@@ -30,7 +30,7 @@ void GEMM_F16F16F32(const char*, const char*, const int*, const int*, const int*
                     const int*) __attribute__((weak));
 }
 
-namespace mmfast::xattn {
+namespace mmfast::cpu {
 
 // Accumulation type: float for fp32/bf16/fp16 inputs, double for fp64 (gradcheck).
 template <typename T>
@@ -216,4 +216,4 @@ inline uint32_t dropout_threshold(double p) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
 }
 
-}  // namespace mmfast::xattn
+}  // namespace mmfast::cpu
