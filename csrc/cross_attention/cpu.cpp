@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_alloc.h"
 #include "common/cpu_blas.h"
 
 namespace mmfast::xattn {
@@ -347,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& kpm,
                                                const std::optional<at::Tensor>& attn_mask, bool is_causal,
                                                double scale, double dropout_p, int64_t seed) {
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor out = empty_hugepage({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   return forward_into(q, k, v, kpm, attn_mask, is_causal, scale, dropout_p, seed, out);
 }
 

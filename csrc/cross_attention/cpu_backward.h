@@ -160,9 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
               "cross_attention_backward: lse must be (B, Hq, Lq)");
   at::Tensor lse_c = lse.to(acc_dtype).contiguous();
   at::Tensor dout = rows_ready(grad_out.to(p.q.scalar_type())), out = rows_ready(out_in);
-  at::Tensor dq = at::empty(p.q.sizes(), p.q.options());
-  at::Tensor dk = at::empty(p.k.sizes(), p.k.options());
-  at::Tensor dv = at::empty(p.v.sizes(), p.v.options());
+  at::Tensor dq = empty_hugepage(p.q.sizes(), p.q.options());
+  at::Tensor dk = empty_hugepage(p.k.sizes(), p.k.options());
+  at::Tensor dv = empty_hugepage(p.v.sizes(), p.v.options());
   const bool want_dmask = attn_mask_grad && attn_mask.has_value() && attn_mask->scalar_type() != at::kBool;
   at::Tensor dmask_full =
       want_dmask ? at::zeros({B, Hq, Lq, Lk}, p.q.options().dtype(acc_dtype)) : at::Tensor();
