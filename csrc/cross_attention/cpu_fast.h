@@ -185,6 +185,35 @@ void small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, in
   }
 }
 
+// Whether the fast path hands out its tasks from a shared counter (default) or in static chunks
+// (MMFAST_XATTN_CPU_DYNAMIC=0, set per op call by fast_path_ok, for A/B runs).
+std::atomic<bool> g_dynamic{true};
+
+// Runs body(scratch, t) for t in [0, n) on at::get_num_threads() workers, each with its own
+// scratch = init(). Dynamic: each worker takes the next task from an atomic counter, so a worker
+// whose core is shared with another process takes fewer tasks (static chunks wait for the slowest
+// core), and tasks of unequal cost (padding, causal) balance themselves.
+template <class Init, class Body>
+void parallel_tasks(int64_t n, Init init, Body body) {
+  if (!g_dynamic.load(std::memory_order_relaxed)) {
+    at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+      auto scratch = init();
+      for (int64_t t = t0; t < t1; ++t) body(scratch, t);
+    });
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    if (w0 >= w1) return;
+    auto scratch = init();
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(scratch, t);
+    }
+  });
+}
+
 // Whether the fast path takes these inputs (MMFAST_XATTN_CPU_FAST=0 turns it off, for A/B runs).
 constexpr int64_t kMaxFastKeys = 16384;  // S^T and dP^T of a block: 2 x Lk x 32 floats per thread
 
@@ -195,6 +224,8 @@ bool fast_path_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
   const char* z = std::getenv("MMFAST_XATTN_CPU_AVX512");
   g_use_avx512.store(has_avx512 && (z == nullptr || std::string(z) != "0"), std::memory_order_relaxed);
+  const char* dyn = std::getenv("MMFAST_XATTN_CPU_DYNAMIC");
+  g_dynamic.store(dyn == nullptr || std::string(dyn) != "0", std::memory_order_relaxed);
   return enabled && q.scalar_type() == at::kFloat && !mask.defined() && dropout_p == 0.0 &&
          q.size(3) % 8 == 0 && v.size(3) % 8 == 0 && q.size(3) > 0 && v.size(3) > 0 && q.size(2) > 0 &&
          k.size(2) > 0 && k.size(2) <= kMaxFastKeys;
@@ -239,9 +270,16 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   while (Mb > 8 && B * Hq * ((Lq + Mb - 1) / Mb) < 4 * at::get_num_threads()) Mb /= 2;
   const int64_t nqb = (Lq + Mb - 1) / Mb;
 
-  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qt(D * Mb), st(std::max<int64_t>(Lk, 1) * Mb), ot(Dv * Mb), m(Mb), l(Mb);
-    for (int64_t t = t0; t < t1; ++t) {
+  struct Scratch {
+    std::vector<float> qt, st, ot, m, l;
+  };
+  auto init = [&] {
+    return Scratch{std::vector<float>(D * Mb), std::vector<float>(std::max<int64_t>(Lk, 1) * Mb),
+                   std::vector<float>(Dv * Mb), std::vector<float>(Mb), std::vector<float>(Mb)};
+  };
+  parallel_tasks(B * Hq * nqb, init, [&](Scratch& w, int64_t t) {
+    std::vector<float>&qt = w.qt, &st = w.st, &ot = w.ot, &m = w.m, &l = w.l;
+    {
       const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * Mb, g = h / group;
       const int64_t rows = std::min(Mb, Lq - i0);
       auto [lo, hi] = mk.key_range(b, i0, i0 + rows);
@@ -390,9 +428,9 @@ void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    view4<float>(dk),
                    view4<float>(dv)};
   const View4<float> dQ = view4<float>(dq);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    FastBackwardScratch w(Mb, D, Dv, Lk);
-    for (int64_t t = t0; t < t1; ++t) {
+  auto init = [&] { return FastBackwardScratch(Mb, D, Dv, Lk); };
+  parallel_tasks(B * Hkv, init, [&](FastBackwardScratch& w, int64_t t) {
+    {
       const int64_t b = t / Hkv, g = t % Hkv;
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < Lq; i0 += Mb) {
