@@ -17,11 +17,16 @@ namespace {
 
 #if defined(__AVX2__) && defined(__FMA__)
 
+// Epilogue flags of the tiles: kAccumulate adds the old C; kStream writes C with non-temporal
+// stores where the tile's rows are aligned (the final write of dk, dv: no read-for-ownership of the
+// output lines, no eviction of the working set; the task ends with an sfence).
+constexpr int kAccumulate = 1, kStream = 2;
+
 // One MR x (8 NV) tile of C = alpha A B (+ C when accumulate); A(m, k) = a[m * sm + k * sk].
 // MR * NV accumulators + NV B vectors + 1 broadcast fit the 16 ymm registers for (6, 2).
 template <int MR, int NV>
 inline void gemm_tile(int64_t K, float alpha, const float* a, int64_t sm, int64_t sk, const float* b,
-                      int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+                      int64_t ldb, float* c, int64_t ldc, int flags) {
   __m256 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -41,14 +46,19 @@ inline void gemm_tile(int64_t K, float alpha, const float* a, int64_t sm, int64_
     }
   }
   const __m256 va = _mm256_set1_ps(alpha);
+  const bool stream = (flags & kStream) && ((reinterpret_cast<uintptr_t>(c) | (ldc * 4)) % 32 == 0);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       float* cp = c + r * ldc + 8 * v;
       __m256 x = _mm256_mul_ps(acc[r][v], va);
-      if (accumulate) x = _mm256_add_ps(x, _mm256_loadu_ps(cp));
-      _mm256_storeu_ps(cp, x);
+      if (flags & kAccumulate) x = _mm256_add_ps(x, _mm256_loadu_ps(cp));
+      if (stream) {
+        _mm256_stream_ps(cp, x);
+      } else {
+        _mm256_storeu_ps(cp, x);
+      }
     }
   }
 }
@@ -56,18 +66,18 @@ inline void gemm_tile(int64_t K, float alpha, const float* a, int64_t sm, int64_
 // Rows [m, m + rows) (rows < 6) of one column panel.
 template <int NV>
 inline void gemm_tail(int64_t rows, int64_t K, float alpha, const float* a, int64_t sm, int64_t sk,
-                      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+                      const float* b, int64_t ldb, float* c, int64_t ldc, int flags) {
   switch (rows) {
     case 5:
-      return gemm_tile<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 4:
-      return gemm_tile<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 3:
-      return gemm_tile<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 2:
-      return gemm_tile<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 1:
-      return gemm_tile<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     default:
       return;
   }
@@ -79,7 +89,7 @@ inline void gemm_tail(int64_t rows, int64_t K, float alpha, const float* a, int6
 template <int MR, int NV>
 __attribute__((target("avx512f"))) void gemm_tile_z(int64_t K, float alpha, const float* a, int64_t sm,
                                                     int64_t sk, const float* b, int64_t ldb, float* c,
-                                                    int64_t ldc, bool accumulate) {
+                                                    int64_t ldc, int flags) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -98,14 +108,19 @@ __attribute__((target("avx512f"))) void gemm_tile_z(int64_t K, float alpha, cons
     }
   }
   const __m512 va = _mm512_set1_ps(alpha);
+  const bool stream = (flags & kStream) && ((reinterpret_cast<uintptr_t>(c) | (ldc * 4)) % 64 == 0);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
       float* cp = c + r * ldc + 16 * v;
       __m512 x = _mm512_mul_ps(acc[r][v], va);
-      if (accumulate) x = _mm512_add_ps(x, _mm512_loadu_ps(cp));
-      _mm512_storeu_ps(cp, x);
+      if (flags & kAccumulate) x = _mm512_add_ps(x, _mm512_loadu_ps(cp));
+      if (stream) {
+        _mm512_stream_ps(cp, x);
+      } else {
+        _mm512_storeu_ps(cp, x);
+      }
     }
   }
 }
@@ -113,24 +128,24 @@ __attribute__((target("avx512f"))) void gemm_tile_z(int64_t K, float alpha, cons
 template <int NV>
 __attribute__((target("avx512f"))) void gemm_rows_z(int64_t rows, int64_t K, float alpha, const float* a,
                                                     int64_t sm, int64_t sk, const float* b, int64_t ldb,
-                                                    float* c, int64_t ldc, bool accumulate) {
+                                                    float* c, int64_t ldc, int flags) {
   switch (rows) {
     case 8:
-      return gemm_tile_z<8, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile_z<8, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 7:
-      return gemm_tile_z<7, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile_z<7, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 6:
-      return gemm_tile_z<6, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile_z<6, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 5:
-      return gemm_tile_z<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile_z<5, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 4:
-      return gemm_tile_z<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile_z<4, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 3:
-      return gemm_tile_z<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile_z<3, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 2:
-      return gemm_tile_z<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile_z<2, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     case 1:
-      return gemm_tile_z<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+      return gemm_tile_z<1, NV>(K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
     default:
       return;
   }
@@ -139,14 +154,14 @@ __attribute__((target("avx512f"))) void gemm_rows_z(int64_t rows, int64_t K, flo
 // small_gemm with AVX-512 tiles; N a multiple of 16.
 __attribute__((target("avx512f"))) void small_gemm_z(int64_t M, int64_t N, int64_t K, float alpha,
                                                      const float* a, int64_t sm, int64_t sk, const float* b,
-                                                     int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+                                                     int64_t ldb, float* c, int64_t ldc, int flags) {
   for (int64_t m = 0; m < M; m += 8) {
     const int64_t rows = std::min<int64_t>(8, M - m);
     for (int64_t n = 0; n < N; n += 32) {
       if (N - n >= 32) {
-        gemm_rows_z<2>(rows, K, alpha, a + m * sm, sm, sk, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+        gemm_rows_z<2>(rows, K, alpha, a + m * sm, sm, sk, b + n, ldb, c + m * ldc + n, ldc, flags);
       } else {
-        gemm_rows_z<1>(rows, K, alpha, a + m * sm, sm, sk, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+        gemm_rows_z<1>(rows, K, alpha, a + m * sm, sm, sk, b + n, ldb, c + m * ldc + n, ldc, flags);
       }
     }
   }
@@ -156,12 +171,13 @@ __attribute__((target("avx512f"))) void small_gemm_z(int64_t M, int64_t N, int64
 // op call by fast_path_ok, for A/B runs).
 std::atomic<bool> g_use_avx512{false};
 
-// Row-major C[M x N] (ldc) = alpha sum_k A(m, k) B[k, :] (+ C when accumulate), N a multiple of 8.
+// Row-major C[M x N] (ldc) = alpha sum_k A(m, k) B[k, :] (+ C with kAccumulate; kStream: see the
+// tiles), N a multiple of 8.
 // Tiles of 6 rows x 16 columns; the 6 rows of A stay in L1 while the tile walks across N.
 void small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t sm, int64_t sk,
-                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+                const float* b, int64_t ldb, float* c, int64_t ldc, int flags) {
   if (N % 16 == 0 && g_use_avx512.load(std::memory_order_relaxed)) {
-    return small_gemm_z(M, N, K, alpha, a, sm, sk, b, ldb, c, ldc, accumulate);
+    return small_gemm_z(M, N, K, alpha, a, sm, sk, b, ldb, c, ldc, flags);
   }
   for (int64_t m = 0; m < M; m += 6) {
     const int64_t rows = std::min<int64_t>(6, M - m);
@@ -170,15 +186,15 @@ void small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, in
     for (int64_t n = 0; n < N; n += 16) {
       if (N - n >= 16) {
         if (rows == 6) {
-          gemm_tile<6, 2>(K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, accumulate);
+          gemm_tile<6, 2>(K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, flags);
         } else {
-          gemm_tail<2>(rows, K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, accumulate);
+          gemm_tail<2>(rows, K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, flags);
         }
       } else {  // 8 columns left
         if (rows == 6) {
-          gemm_tile<6, 1>(K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, accumulate);
+          gemm_tile<6, 1>(K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, flags);
         } else {
-          gemm_tail<1>(rows, K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, accumulate);
+          gemm_tail<1>(rows, K, alpha, am, sm, sk, b + n, ldb, cm + n, ldc, flags);
         }
       }
     }
@@ -340,15 +356,25 @@ struct FastBackwardScratch {
   std::vector<float> qt, dot, pt, dpt, dqt, di, lse;
 };
 
-// Rows [j0, j1) of a row-major matrix with n columns (row stride ld) = 0.
+// Rows [j0, j1) of a row-major matrix with n columns (row stride ld, n a multiple of 8) = 0;
+// non-temporal stores where aligned (the output lines are not read again by this task).
 void zero_rows(float* x, int64_t ld, int64_t j0, int64_t j1, int64_t n) {
-  for (int64_t j = j0; j < j1; ++j) std::fill(x + j * ld, x + j * ld + n, 0.f);
+  const bool stream = (reinterpret_cast<uintptr_t>(x) | (ld * 4)) % 32 == 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    float* row = x + j * ld;
+    if (stream) {
+      for (int64_t d = 0; d < n; d += 8) _mm256_stream_ps(row + d, _mm256_setzero_ps());
+    } else {
+      std::fill(row, row + n, 0.f);
+    }
+  }
 }
 
 // Steps 1-7 of the backward for rows [i0, i0 + rows) of head h (kv head g), all allowed keys. The
-// task's first block writes dk, dv of head g (zeros outside its keys), later blocks add to them.
+// task's first block writes dk, dv of head g (zeros outside its keys), later blocks add to them;
+// the last one writes them with non-temporal stores.
 void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, int64_t h, int64_t g,
-                         int64_t i0, int64_t rows, const View4<float>& dQ, bool first) {
+                         int64_t i0, int64_t rows, const View4<float>& dQ, bool first, bool last) {
   const int64_t Mb = a.Mb, D = a.D, Dv = a.Dv;
   const float* q = a.Q.row(b, h, i0);
   const float* d_o = a.dO.row(b, h, i0);
@@ -385,8 +411,9 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
       _mm256_storeu_ps(sp, fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), vl)));
     }
   }
+  const int flags = (first ? 0 : kAccumulate) | (last ? kStream : 0);
   // 4. dv += P^T dO, 5. dS^T = P^T (dP^T - D) in place.
-  small_gemm(cols, Dv, rows, 1.f, w.pt.data(), Mb, 1, d_o, a.dO.sl, dv + lo * a.dV.sl, a.dV.sl, !first);
+  small_gemm(cols, Dv, rows, 1.f, w.pt.data(), Mb, 1, d_o, a.dO.sl, dv + lo * a.dV.sl, a.dV.sl, flags);
   for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
     const __m256 vd = _mm256_loadu_ps(&w.di[v8]);
     for (int64_t jj = 0; jj < cols; ++jj) {
@@ -396,7 +423,7 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
     }
   }
   // 6. dk += scale dS^T Q, 7. dq^T = scale K^T dS^T, written back transposed.
-  small_gemm(cols, D, rows, a.scale, w.pt.data(), Mb, 1, q, a.Q.sl, dk + lo * a.dK.sl, a.dK.sl, !first);
+  small_gemm(cols, D, rows, a.scale, w.pt.data(), Mb, 1, q, a.Q.sl, dk + lo * a.dK.sl, a.dK.sl, flags);
   small_gemm(D, Mb, cols, a.scale, kb, 1, a.K.sl, w.pt.data(), Mb, w.dqt.data(), Mb, false);
   for (int64_t r = 0; r < rows; ++r) {
     float* dqrow = dQ.row(b, h, i0 + r);
@@ -434,9 +461,11 @@ void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       const int64_t b = t / Hkv, g = t % Hkv;
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < Lq; i0 += Mb) {
-          backward_fast_block(a, w, b, h, g, i0, std::min(Mb, Lq - i0), dQ, h == g * group && i0 == 0);
+          const bool first = h == g * group && i0 == 0, last = h == (g + 1) * group - 1 && i0 + Mb >= Lq;
+          backward_fast_block(a, w, b, h, g, i0, std::min(Mb, Lq - i0), dQ, first, last);
         }
       }
+      _mm_sfence();  // the non-temporal stores of dk, dv are visible before the task counts as done
     }
   });
 }
