@@ -201,6 +201,80 @@ void small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, in
   }
 }
 
+// 2^x for 16 lanes with AVX-512: n = round(x), r = x - n in [-1/2, 1/2], 2^r by its degree-6
+// Taylor polynomial (relative error < 2e-7), then vscalefps multiplies by 2^n (no exponent-bit
+// arithmetic, underflow to 0 handled by the instruction). x = -inf (masked) gives 0 through the
+// clamp at -160. 12 instructions per 16 lanes against 18 per 8 for fast_exp8.
+__attribute__((target("avx512f"))) inline __m512 exp2_z(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln2^6 / 720
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 120
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 24
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 6
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071e-1f));  // ln2^2 / 2
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994531e-1f));  // ln2
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Forward softmax of a transposed block with AVX-512 (Mb = 16 NV lanes, scores in log2 units: the
+// S^T GEMM was scaled by log2 e): m = max_j s, p = 2^(s - m) in place, l = sum_j p. One pass over
+// the rows for the max and one for the exponentials, all lanes of a row at once.
+template <int NV>
+__attribute__((target("avx512f"))) void softmax_cols_z(float* st, int64_t cols, float* m, float* l) {
+  constexpr int Mb = 16 * NV;
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mx[NV], sum[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) mx[v] = ninf, sum[v] = _mm512_setzero_ps();
+  for (int64_t jj = 0; jj < cols; ++jj) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) mx[v] = _mm512_max_ps(mx[v], _mm512_loadu_ps(st + jj * Mb + 16 * v));
+  }
+  __m512 mu[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {  // all masked: subtract 0, p = 2^-inf = 0
+    mu[v] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx[v], ninf, _CMP_EQ_OQ), mx[v], _mm512_setzero_ps());
+  }
+  for (int64_t jj = 0; jj < cols; ++jj) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      float* sp = st + jj * Mb + 16 * v;
+      const __m512 e = exp2_z(_mm512_sub_ps(_mm512_loadu_ps(sp), mu[v]));
+      _mm512_storeu_ps(sp, e);
+      sum[v] = _mm512_add_ps(sum[v], e);
+    }
+  }
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(m + 16 * v, mx[v]), _mm512_storeu_ps(l + 16 * v, sum[v]);
+}
+
+// Backward: P^T = 2^(S^T - lse2) in place (log2 units; lse2 = +inf on padding lanes gives 0).
+template <int NV>
+__attribute__((target("avx512f"))) void exp_cols_z(float* pt, int64_t cols, const float* lse2) {
+  constexpr int Mb = 16 * NV;
+  __m512 vl[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) vl[v] = _mm512_loadu_ps(lse2 + 16 * v);
+  for (int64_t jj = 0; jj < cols; ++jj) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      float* sp = pt + jj * Mb + 16 * v;
+      _mm512_storeu_ps(sp, exp2_z(_mm512_sub_ps(_mm512_loadu_ps(sp), vl[v])));
+    }
+  }
+}
+
+// Whether the softmax of a block of Mb lanes runs the AVX-512 exp2 code (scores scaled by log2 e):
+// AVX-512 on, Mb a multiple of 16, and not switched off by MMFAST_XATTN_CPU_PASS3=0 (A/B runs).
+std::atomic<bool> g_pass3{true};
+bool use_exp2_z(int64_t Mb) {
+  return Mb % 16 == 0 && g_use_avx512.load(std::memory_order_relaxed) && g_pass3.load(std::memory_order_relaxed);
+}
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
 // Whether the fast path hands out its tasks from a shared counter (default) or in static chunks
 // (MMFAST_XATTN_CPU_DYNAMIC=0, set per op call by fast_path_ok, for A/B runs).
 std::atomic<bool> g_dynamic{true};
@@ -240,6 +314,8 @@ bool fast_path_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
   const char* z = std::getenv("MMFAST_XATTN_CPU_AVX512");
   g_use_avx512.store(has_avx512 && (z == nullptr || std::string(z) != "0"), std::memory_order_relaxed);
+  const char* p3 = std::getenv("MMFAST_XATTN_CPU_PASS3");
+  g_pass3.store(p3 == nullptr || std::string(p3) != "0", std::memory_order_relaxed);
   const char* dyn = std::getenv("MMFAST_XATTN_CPU_DYNAMIC");
   g_dynamic.store(dyn == nullptr || std::string(dyn) != "0", std::memory_order_relaxed);
   return enabled && q.scalar_type() == at::kFloat && !mask.defined() && dropout_p == 0.0 &&
@@ -285,6 +361,8 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   int64_t Mb = 32;
   while (Mb > 8 && B * Hq * ((Lq + Mb - 1) / Mb) < 4 * at::get_num_threads()) Mb /= 2;
   const int64_t nqb = (Lq + Mb - 1) / Mb;
+  const bool z = use_exp2_z(Mb);
+  const float lg = z ? kLog2e : 1.f;  // scores in log2 units for the base-2 softmax
 
   struct Scratch {
     std::vector<float> qt, st, ot, m, l;
@@ -302,10 +380,16 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t cols = std::max<int64_t>(hi - lo, 0);
       // 1. Q^T, 2. S^T = scale K Q^T, masks.
       transpose_block(Q.row(b, h, i0), Q.sl, rows, D, Mb, qt.data());
-      small_gemm(cols, Mb, D, scale, K.row(b, g, lo), K.sl, 1, qt.data(), Mb, st.data(), Mb, false);
+      small_gemm(cols, Mb, D, scale * lg, K.row(b, g, lo), K.sl, 1, qt.data(), Mb, st.data(), Mb, false);
       mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
-      // 3. Softmax down the columns: m = max_j s, p = exp(s - m), l = sum_j p (8 lanes at a time).
-      for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+      // 3. Softmax down the columns: m = max_j s, p = exp(s - m), l = sum_j p (AVX-512: all lanes of
+      // a row at once, base 2; AVX2: 8 lanes at a time).
+      if (z && Mb == 32) {
+        softmax_cols_z<2>(st.data(), cols, m.data(), l.data());
+      } else if (z) {
+        softmax_cols_z<1>(st.data(), cols, m.data(), l.data());
+      }
+      for (int64_t v8 = 0; v8 < Mb && !z; v8 += 8) {
         __m256 mx = _mm256_set1_ps(kNegInf);
         for (int64_t jj = 0; jj < cols; ++jj) mx = _mm256_max_ps(mx, _mm256_loadu_ps(&st[jj * Mb + v8]));
         const __m256 none = _mm256_cmp_ps(mx, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
@@ -327,7 +411,7 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const float inv = empty ? 0.f : 1.f / l[r];
         float* orow = O.row(b, h, i0 + r);
         for (int64_t d = 0; d < Dv; ++d) orow[d] = ot[d * Mb + r] * inv;
-        lse_p[(b * Hq + h) * Lq + i0 + r] = empty ? kNegInf : m[r] + std::log(l[r]);
+        lse_p[(b * Hq + h) * Lq + i0 + r] = empty ? kNegInf : m[r] / lg + std::log(l[r]);
       }
     }
   });
@@ -341,6 +425,8 @@ struct FastArgs {
   float scale;
   const Masking& mk;
   View4<float> dK, dV;  // fp32 outputs: the (b, g) task accumulates into them directly
+  bool z;               // AVX-512 base-2 exponentials (use_exp2_z)
+  float lg;             // log2 e with z (S^T and lse in log2 units), else 1
 };
 
 // Per-thread buffers of the fast backward (transposed blocks).
@@ -387,7 +473,7 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
       const float* o = a.O.row(b, h, i0 + r);
       for (int64_t d = 0; d < Dv; ++d) di += d_o[r * a.dO.sl + d] * o[d];
       const float x = a.lse[(b * a.Hq + h) * a.Lq + i0 + r];
-      if (x != -std::numeric_limits<float>::infinity()) l = x;
+      if (x != -std::numeric_limits<float>::infinity()) l = x * a.lg;
     }
     w.di[r] = di, w.lse[r] = l;
   }
@@ -401,10 +487,15 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
     zero_rows(dv, a.dV.sl, 0, lo, Dv), zero_rows(dv, a.dV.sl, lo + cols, a.Lk, Dv);
   }
   // 2. P^T = exp(scale K Q^T + masks - lse), 3. dP^T = V dO^T.
-  small_gemm(cols, Mb, D, a.scale, kb, a.K.sl, 1, w.qt.data(), Mb, w.pt.data(), Mb, false);
+  small_gemm(cols, Mb, D, a.scale * a.lg, kb, a.K.sl, 1, w.qt.data(), Mb, w.pt.data(), Mb, false);
   mask_transposed(a.mk, b, i0, Mb, lo, cols, w.pt.data());
   small_gemm(cols, Mb, Dv, 1.f, a.V.row(b, g, lo), a.V.sl, 1, w.dot.data(), Mb, w.dpt.data(), Mb, false);
-  for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+  if (a.z && Mb == 32) {
+    exp_cols_z<2>(w.pt.data(), cols, w.lse.data());
+  } else if (a.z) {
+    exp_cols_z<1>(w.pt.data(), cols, w.lse.data());
+  }
+  for (int64_t v8 = 0; v8 < Mb && !a.z; v8 += 8) {
     const __m256 vl = _mm256_loadu_ps(&w.lse[v8]);
     for (int64_t jj = 0; jj < cols; ++jj) {
       float* sp = &w.pt[jj * Mb + v8];
@@ -453,7 +544,9 @@ void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    static_cast<float>(scale),
                    mk,
                    view4<float>(dk),
-                   view4<float>(dv)};
+                   view4<float>(dv),
+                   use_exp2_z(Mb),
+                   use_exp2_z(Mb) ? kLog2e : 1.f};
   const View4<float> dQ = view4<float>(dq);
   auto init = [&] { return FastBackwardScratch(Mb, D, Dv, Lk); };
   parallel_tasks(B * Hkv, init, [&](FastBackwardScratch& w, int64_t t) {
