@@ -2,7 +2,8 @@
 
 fp32 inputs without attn_mask or dropout take the fast path (its AVX-512 tiles where the CPU has
 them, else AVX2); everything else takes the generic kernel. The kernel reads
-MMFAST_XATTN_CPU_FAST / MMFAST_XATTN_CPU_AVX512 on every call, so each path is forced here.
+MMFAST_XATTN_CPU_FAST / MMFAST_XATTN_CPU_AVX512 / MMFAST_XATTN_CPU_PASS3 / MMFAST_XATTN_CPU_DYNAMIC /
+MMFAST_CPU_HUGEPAGES on every call, so each path is forced here.
 """
 
 import pytest
@@ -14,6 +15,8 @@ PATHS = {
     "fast-avx512": {},
     "fast-avx2": {"MMFAST_XATTN_CPU_AVX512": "0"},
     "generic": {"MMFAST_XATTN_CPU_FAST": "0"},
+    # the fast path without performance pass 3: AVX2 exp with AVX-512 tiles, static tasks, at::empty
+    "fast-pass2": {"MMFAST_XATTN_CPU_PASS3": "0", "MMFAST_XATTN_CPU_DYNAMIC": "0", "MMFAST_CPU_HUGEPAGES": "0"},
 }
 CASES = [
     # B, Hq, Hkv, Lq, Lk, D, pad_frac, is_causal
@@ -22,6 +25,8 @@ CASES = [
     (2, 2, 1, 77, 33, 16, 0.0, True),  # causal with Lq > Lk
     (1, 3, 3, 5, 1500, 32, 0.3, True),  # long keys, causal with Lq < Lk
     (2, 2, 2, 1, 1, 8, 0.0, False),
+    (1, 2, 1, 13, 300, 64, 0.2, False),  # backward blocks of 16 lanes (AVX-512 exp2, one zmm per row)
+    (1, 2, 2, 64, 200, 32, 0.0, True),  # forward blocks of 16 lanes with 2 threads; causal, 2 blocks
 ]
 
 
@@ -40,3 +45,17 @@ def test_cpu_path_matches_reference(path, case, monkeypatch):
         is_causal=causal,
         backend="cpu",
     )
+
+
+@pytest.mark.parametrize("path", ["fast-avx512", "fast-avx2", "generic"])
+def test_cpu_large_outputs_from_the_block_cache(path, monkeypatch):
+    """dk, dv >= 8 MB come from huge-page blocks that are reused after they are freed (stale contents):
+    two calls with different padding must both match the reference, every element written."""
+    for name, value in PATHS[path].items():
+        monkeypatch.setenv(name, value)
+    for seed, pad in ((0, 0.0), (1, 0.4)):  # the second call reuses the first one's blocks
+        torch.manual_seed(seed)
+        inp = attention_inputs(B=2, Hq=2, Hkv=2, Lq=5, Lk=8200, D=64, pad_frac=pad, dtype=torch.float32)
+        compare_with_reference(
+            inp["query"], inp["key"], inp["value"], key_padding_mask=inp["key_padding_mask"], backend="cpu"
+        )

@@ -209,7 +209,7 @@ __attribute__((target("avx512f"))) inline __m512 exp2_z(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln2^6 / 720
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);                  // ln2^6 / 720
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 120
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 24
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 6
@@ -271,7 +271,8 @@ __attribute__((target("avx512f"))) void exp_cols_z(float* pt, int64_t cols, cons
 // AVX-512 on, Mb a multiple of 16, and not switched off by MMFAST_XATTN_CPU_PASS3=0 (A/B runs).
 std::atomic<bool> g_pass3{true};
 bool use_exp2_z(int64_t Mb) {
-  return Mb % 16 == 0 && g_use_avx512.load(std::memory_order_relaxed) && g_pass3.load(std::memory_order_relaxed);
+  return Mb % 16 == 0 && g_use_avx512.load(std::memory_order_relaxed) &&
+         g_pass3.load(std::memory_order_relaxed);
 }
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
