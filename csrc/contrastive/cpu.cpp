@@ -40,10 +40,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#include "common/cpu_blas.h"
+#include "common/cpu_gemm_bf16.h"
 
 // loss: 0 = InfoNCE, 1 = SigLIP; direction: 0 = both, 1 = image, 2 = text;
 // reduction: 0 = mean, 1 = sum, 2 = none. scale, bias: 0-dim floating tensors (bias unused by
@@ -61,19 +67,6 @@ TORCH_LIBRARY_FRAGMENT(mmfast, m) {
       "-> (Tensor dx, Tensor dy, Tensor dscale, Tensor dbias)");
 }
 
-// MKL's mixed-precision GEMMs (bf16/fp16 inputs, fp32 accumulation and output), exported by
-// libtorch_cpu when torch is built with MKL. Weak: absent symbols resolve to null and the code falls
-// back to an fp32 GEMM. Integer arguments are declared 64-bit so both LP64 and ILP64 MKL read them
-// right on x86-64 (the low half is the 32-bit value).
-extern "C" {
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
-                            const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c,
-                            int64_t ldc) __attribute__((weak));
-void cblas_gemm_f16f16f32(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
-                          const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c,
-                          int64_t ldc) __attribute__((weak));
-}
-
 namespace mmfast {
 namespace contrastive {
 namespace {
@@ -85,8 +78,7 @@ enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
 constexpr int64_t kBlockRows = 256;  // BN: rows of a tile (image features)
 constexpr int64_t kBlockCols = 256;  // BM: columns of a tile (text features)
 
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+using cpu::acc_type;  // float for fp32 / bf16 / fp16, double for fp64
 
 // ---------------------------------------------------------------------------------------------
 // Elementwise math. exp_ for float is branch-free so the loops below vectorize: exp(x) = 2^n e^r,
@@ -120,43 +112,95 @@ inline T sigmoid_(T v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile GEMM: c (m x n, acc dtype, rows contiguous) = beta c + alpha a (m x k) b (k x n).
-// a and b are views in the input dtype (row-major or transposed); beta is 0 or 1 (beta = 0 ignores
-// whatever c held, NaN included).
+// The three tile products, on raw pointers (a tile is ~1 ms of work; ATen calls per tile would add
+// allocations and dispatch). x (N x D) and y (M x D) are contiguous.
+//   logits: U (bn x bm, row stride ldu) = x_blk y_blkᵀ
+//   grad_x: dx_blk (bn x D) += s G y_blk          G: bn x bm in the input dtype, row stride ldg
+//   grad_y: dy_blk (bm x D) += s Gᵀ x_blk
+// bf16 on a CPU with AVX512_BF16 runs the vdpbf16ps kernel (common/cpu_gemm_bf16.h) on operands
+// packed once per call (yᵀ for logits, y and x for the gradients; each the size of the input), and
+// grad_y then reads Gᵀ, which the caller writes beside G. Everything else goes to MKL (cpu::gemm:
+// SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 -> fp32). MMFAST_CONTRASTIVE_VNNI=0 forces MKL for bf16
+// (tests and benchmarks compare the two).
 // ---------------------------------------------------------------------------------------------
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-
-// BLAS view of a 2-D tensor: (transposed?, leading dimension), or contiguous() when neither fits.
-struct BlasOperand {
-  at::Tensor t;
-  int trans;
-  int64_t ld;
-};
-BlasOperand blas_operand(const at::Tensor& t) {
-  const int64_t rows = t.size(0), cols = t.size(1);
-  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(cols, 1)) return {t, kNoTrans, t.stride(0)};
-  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(rows, 1)) return {t, kTrans, t.stride(1)};
-  at::Tensor c = t.contiguous();
-  return {c, kNoTrans, std::max<int64_t>(cols, 1)};
+inline bool vnni_enabled() {
+  const char* env = std::getenv("MMFAST_CONTRASTIVE_VNNI");
+  return cpu::has_avx512_bf16() && (env == nullptr || std::string(env) != "0");
 }
 
 template <typename scalar_t>
-void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha, bool accumulate) {
-  const double beta = accumulate ? 1.0 : 0.0;
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-    const_cast<at::Tensor&>(c).addmm_(a, b, beta, alpha);
-  } else {
-    auto* fn = std::is_same_v<scalar_t, at::BFloat16> ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
-    if (fn == nullptr) {  // no MKL: fp32 GEMM on upcast tiles (correct, slower)
-      const_cast<at::Tensor&>(c).addmm_(a.to(at::kFloat), b.to(at::kFloat), beta, alpha);
-      return;
+class TileProducts {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  static constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+
+  TileProducts(const at::Tensor& x, const at::Tensor& y, bool backward)
+      : x_(x.data_ptr<scalar_t>()), y_(y.data_ptr<scalar_t>()), N_(x.size(0)), M_(y.size(0)), D_(x.size(1)) {
+    if constexpr (kBf16) {
+      vnni_ = vnni_enabled();
+      if (vnni_) {
+        yt_ = pack(raw(y_), 1, D_, D_, M_);  // yᵀ: K = D, columns = texts
+        if (backward) {
+          y_rows_ = pack(raw(y_), D_, 1, M_, D_);  // y: K = texts, columns = D
+          x_rows_ = pack(raw(x_), D_, 1, N_, D_);  // x: K = images, columns = D
+        }
+      }
     }
-    const BlasOperand A = blas_operand(a), B = blas_operand(b);
-    fn(kRowMajor, A.trans, B.trans, c.size(0), c.size(1), a.size(1), static_cast<float>(alpha),
-       A.t.data_ptr(), A.ld, B.t.data_ptr(), B.ld, static_cast<float>(beta), c.data_ptr<float>(),
-       c.stride(0));
   }
-}
+  bool vnni() const { return vnni_; }
+
+  void logits(int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U, int64_t ldu) const {
+    if constexpr (kBf16) {
+      if (vnni_) {  // j0 is a multiple of the column block, so of the panel width
+        const int64_t ps = cpu::vnni_panel_stride(D_);
+        cpu::gemm_bf16_vnni(bn, bm, D_, 1.f, raw(x_ + i0 * D_), D_, yt_.get() + j0 / cpu::kVnniCols * ps, ps, U, ldu,
+                            false);
+        return;
+      }
+    }
+    cpu::gemm<scalar_t>(false, true, bn, bm, D_, acc_t(1), x_ + i0 * D_, D_, y_ + j0 * D_, D_, acc_t(0), U, ldu);
+  }
+  void grad_x(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg, acc_t s,
+              acc_t* dx) const {
+    if constexpr (kBf16) {
+      if (vnni_) {  // j0 is even: the packed rows of y start at pair j0 / 2
+        cpu::gemm_bf16_vnni(bn, D_, bm, s, raw(G), ldg, y_rows_.get() + j0 * cpu::kVnniCols,
+                            cpu::vnni_panel_stride(M_), dx + i0 * D_, D_, true);
+        return;
+      }
+    }
+    cpu::gemm<scalar_t>(false, false, bn, D_, bm, s, G, ldg, y_ + j0 * D_, D_, acc_t(1), dx + i0 * D_, D_);
+  }
+  // G (bn x bm, ldg) feeds MKL; Gᵀ (bm x bn, ldgt) the vdpbf16ps kernel.
+  void grad_y(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg, const scalar_t* Gt,
+              int64_t ldgt, acc_t s, acc_t* dy) const {
+    if constexpr (kBf16) {
+      if (vnni_) {  // i0 is even (a multiple of the row block)
+        cpu::gemm_bf16_vnni(bm, D_, bn, s, raw(Gt), ldgt, x_rows_.get() + i0 * cpu::kVnniCols,
+                            cpu::vnni_panel_stride(N_), dy + j0 * D_, D_, true);
+        return;
+      }
+    }
+    cpu::gemm<scalar_t>(true, false, bm, D_, bn, s, G, ldg, x_ + i0 * D_, D_, acc_t(1), dy + j0 * D_, D_);
+  }
+
+ private:
+  static const uint16_t* raw(const scalar_t* p) { return reinterpret_cast<const uint16_t*>(p); }
+  // B (K x cols; element (k, n) at b[k * sk + n * sn]) packed for gemm_bf16_vnni, panels in parallel.
+  static std::unique_ptr<uint16_t[]> pack(const uint16_t* b, int64_t sk, int64_t sn, int64_t K, int64_t cols) {
+    std::unique_ptr<uint16_t[]> dst(new uint16_t[cpu::vnni_packed_size(K, cols)]);
+    const int64_t panels = (cols + cpu::kVnniCols - 1) / cpu::kVnniCols;
+    at::parallel_for(0, panels, 1,
+                     [&](int64_t p0, int64_t p1) { cpu::pack_vnni(b, sk, sn, K, cols, dst.get(), p0, p1); });
+    return dst;
+  }
+
+  const scalar_t* x_;
+  const scalar_t* y_;
+  int64_t N_, M_, D_;
+  bool vnni_ = false;
+  std::unique_ptr<uint16_t[]> yt_, y_rows_, x_rows_;
+};
 
 // How the rows are cut: one contiguous chunk of row blocks per thread.
 struct Tiling {
@@ -173,26 +217,23 @@ Tiling make_tiling(int64_t N, int64_t M) {
   return {bn, std::min<int64_t>(kBlockCols, M), chunks, rows_per_chunk};
 }
 
-// Calls fn(chunk, i0, bn_actual, j0, bm_actual, U, x_blk) for every tile of U = x yᵀ: U is the
-// thread's (BN x BM) acc-dtype workspace (row-major, ld = BM) holding the tile in its top-left corner.
+// Calls fn(chunk, i0, bn_actual, j0, bm_actual, U) for every tile of U = x yᵀ: U points to the
+// thread's BN x BM acc-dtype workspace (row-major, ld = BM) holding the tile in its top-left corner.
 // Chunks run in parallel; per_row_block(chunk, i0, bn) runs after each row block's last tile.
 template <typename scalar_t, typename TileFn, typename RowFn>
-void for_each_tile(const at::Tensor& x, const at::Tensor& y, const Tiling& tl, TileFn&& fn,
+void for_each_tile(const TileProducts<scalar_t>& tp, int64_t N, int64_t M, const Tiling& tl, TileFn&& fn,
                    RowFn&& per_row_block) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t N = x.size(0), M = y.size(0);
   at::parallel_for(0, tl.chunks, 1, [&](int64_t c0, int64_t c1) {
-    at::Tensor U = at::empty({tl.bn, tl.bm}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    std::vector<acc_t> U(tl.bn * tl.bm);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r_end = std::min(N, (c + 1) * tl.rows_per_chunk);
       for (int64_t i0 = c * tl.rows_per_chunk; i0 < r_end; i0 += tl.bn) {
         const int64_t bn = std::min(tl.bn, N - i0);
-        const at::Tensor xb = x.narrow(0, i0, bn);
         for (int64_t j0 = 0; j0 < M; j0 += tl.bm) {
           const int64_t bm = std::min(tl.bm, M - j0);
-          at::Tensor u = U.narrow(0, 0, bn).narrow(1, 0, bm);
-          gemm<scalar_t>(xb, y.narrow(0, j0, bm).t(), u, 1.0, false);
-          fn(c, i0, bn, j0, bm, U, xb);
+          tp.logits(i0, bn, j0, bm, U.data(), tl.bm);
+          fn(c, i0, bn, j0, bm, U.data());
         }
         per_row_block(c, i0, bn);
       }
@@ -270,10 +311,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
   }
   acc_t* rmax = row_stat.data_ptr<acc_t>();
   acc_t* rlog = rmax + N;
+  const TileProducts<scalar_t> tp(x, y, /*backward=*/false);
   for_each_tile<scalar_t>(
-      x, y, tl,
-      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U, const at::Tensor&) {
-        acc_t* S = U.data_ptr<acc_t>();
+      tp, N, M, tl, [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* S) {
         acc_t* cm = cols ? col_m[c].data_ptr<acc_t>() + j0 : nullptr;
         acc_t* cl = cols ? col_l[c].data_ptr<acc_t>() + j0 : nullptr;
         lse_tile<acc_t>(S, tl.bm, bn, bm, static_cast<acc_t>(scale), row_m[c].data(), row_l[c].data(), cm, cl,
@@ -316,11 +356,11 @@ at::Tensor siglip_rows(const at::Tensor& x, const at::Tensor& y, double scale, d
   at::Tensor rows = at::zeros({N}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* out = rows.data_ptr<acc_t>();
   const acc_t s = scale, b = bias;
+  const TileProducts<scalar_t> tp(x, y, /*backward=*/false);
   for_each_tile<scalar_t>(
-      x, y, tl,
-      [&](int64_t, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U, const at::Tensor&) {
+      tp, N, y.size(0), tl, [&](int64_t, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
         for (int64_t r = 0; r < bn; ++r) {
-          const acc_t* u = U.data_ptr<acc_t>() + r * tl.bm;
+          const acc_t* u = U + r * tl.bm;
           const int64_t d = i0 + r - j0;  // the diagonal's column in this tile, if 0 <= d < bm
           if (d < 0 || d >= bm) {
             out[i0 + r] += softplus_sum(u, bm, s, b);
@@ -433,31 +473,39 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   std::vector<at::Tensor> dy_part(tl.chunks);  // per-chunk partial dy (separate tensors: no views escape)
   for (auto& t : dy_part) t = at::zeros({M, D}, acc_opts);
   std::vector<double> gu_sum(tl.chunks, 0.0), g_sum(tl.chunks, 0.0);
-  // G in the input dtype (so bf16/fp16 GEMMs run on their units); aliases U for fp32/fp64.
-  std::vector<at::Tensor> gbuf(tl.chunks);
-  if (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    for (auto& t : gbuf) t = at::empty({tl.bn, tl.bm}, x.options());
+  const TileProducts<scalar_t> tp(x, y, /*backward=*/true);
+  // Per-chunk buffers: G in the input dtype for bf16/fp16 (so their GEMMs run on low-precision units;
+  // for fp32/fp64 G overwrites the U tile in place), Gᵀ for the vdpbf16ps kernel, one fp32 G row.
+  constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
+  std::vector<std::vector<scalar_t>> gbuf(tl.chunks), gtbuf(tl.chunks);
+  std::vector<std::vector<acc_t>> row_tmp(tl.chunks);
+  for (int64_t c = 0; c < tl.chunks; ++c) {
+    if (!in_place) gbuf[c].resize(tl.bn * tl.bm);
+    if (tp.vnni()) gtbuf[c].resize(tl.bm * tl.bn);
+    row_tmp[c].resize(tl.bm);
   }
+  acc_t* dx_ptr = dx.data_ptr<acc_t>();
   for_each_tile<scalar_t>(
-      x, y, tl,
-      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U,
-          const at::Tensor& xb) {
-        constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;  // G overwrites U
-        acc_t* Gacc = in_place ? U.data_ptr<acc_t>() : nullptr;
-        std::vector<acc_t> row_tmp(in_place ? 0 : bm);
-        const at::Tensor& Gfull = in_place ? U : gbuf[c];
-        scalar_t* Gout = Gfull.data_ptr<scalar_t>();
+      tp, N, M, tl, [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
+        scalar_t* Gout = in_place ? reinterpret_cast<scalar_t*>(U) : gbuf[c].data();
+        scalar_t* Gt = gtbuf[c].data();
         for (int64_t r = 0; r < bn; ++r) {
-          const acc_t* u = U.data_ptr<acc_t>() + r * tl.bm;
-          acc_t* G = Gacc ? Gacc + r * tl.bm : row_tmp.data();
+          const acc_t* u = U + r * tl.bm;
+          acc_t* G = in_place ? U + r * tl.bm : row_tmp[c].data();
           const auto t = grad_tile_row<acc_t>(g, i0 + r, j0, bm, u, G);
           gu_sum[c] += t.first;
           g_sum[c] += t.second;
-          if (!Gacc) std::copy(G, G + bm, Gout + r * tl.bm);
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            cpu::to_bf16(G, Gout + r * tl.bm, bm);
+          } else if constexpr (!in_place) {
+            std::copy(G, G + bm, Gout + r * tl.bm);
+          }
+          if (tp.vnni()) {  // Gᵀ column r
+            for (int64_t j = 0; j < bm; ++j) Gt[j * tl.bn + r] = Gout[r * tl.bm + j];
+          }
         }
-        const at::Tensor Gt = Gfull.narrow(0, 0, bn).narrow(1, 0, bm);
-        gemm<scalar_t>(Gt, y.narrow(0, j0, bm), dx.narrow(0, i0, bn), g.s, true);
-        gemm<scalar_t>(Gt.t(), xb, dy_part[c].narrow(0, j0, bm), g.s, true);
+        tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr);
+        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s), dy_part[c].data_ptr<acc_t>());
       },
       [](int64_t, int64_t, int64_t) {});
   at::Tensor dy = dy_part[0];
