@@ -39,8 +39,8 @@ inline int64_t vnni_packed_size(int64_t K, int64_t N) {
 
 // Packs panels [p0, p1) of B (K x N; element (k, n) at b[k * sk + n * sn]) into dst (laid out for the
 // whole matrix, vnni_packed_size(K, N) elements). Callers split the panels across threads.
-inline void pack_vnni(const uint16_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, uint16_t* dst, int64_t p0,
-                      int64_t p1) {
+inline void pack_vnni(const uint16_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, uint16_t* dst,
+                      int64_t p0, int64_t p1) {
   const int64_t pairs = vnni_pairs(K);
   for (int64_t p = p0; p < p1; ++p) {
     uint16_t* d = dst + p * vnni_panel_stride(K);
@@ -64,9 +64,10 @@ namespace detail {
 // One register tile: MR rows x 32 columns (n <= 32 valid) over pairs [0, pairs) of a packed panel,
 // plus the odd-K tail when `odd` (A's element k = 2 * pairs, B's zero-padded last pair).
 template <int MR>
-__attribute__((target("avx512f,avx512bf16"))) inline void vnni_tile(int64_t pairs, bool odd, const uint16_t* a,
-                                                                     int64_t lda, const uint16_t* b, float* c,
-                                                                     int64_t ldc, int n, float alpha, bool accumulate) {
+__attribute__((target("avx512f,avx512bf16"))) inline void vnni_tile(int64_t pairs, bool odd,
+                                                                    const uint16_t* a, int64_t lda,
+                                                                    const uint16_t* b, float* c, int64_t ldc,
+                                                                    int n, float alpha, bool accumulate) {
   __m512 acc[MR][2];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -109,9 +110,11 @@ template <int MR>
 inline void vnni_rows(int64_t m, int64_t pairs, bool odd, const uint16_t* a, int64_t lda, const uint16_t* b,
                       float* c, int64_t ldc, int n, float alpha, bool accumulate) {
   int64_t i = 0;
-  for (; i + MR <= m; i += MR) vnni_tile<MR>(pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
+  for (; i + MR <= m; i += MR)
+    vnni_tile<MR>(pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
   if constexpr (MR > 1) {
-    if (i < m) vnni_rows<MR / 2>(m - i, pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
+    if (i < m)
+      vnni_rows<MR / 2>(m - i, pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
   }
 }
 

@@ -81,34 +81,28 @@ constexpr int64_t kBlockCols = 256;  // BM: columns of a tile (text features)
 using cpu::acc_type;  // float for fp32 / bf16 / fp16, double for fp64
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise math. exp_ for float is branch-free so the loops below vectorize: exp(x) = 2^n e^r,
-// n = round(x log2 e), r = x - n ln 2 (two-part ln 2), e^r by its degree-6 Taylor polynomial
-// (|r| <= ln2/2: relative error < 2e-7). Inputs are clamped to the normal range; NaN stays NaN
-// (the comparisons are false for NaN, and the polynomial carries it).
+// Elementwise math. The loops over a tile's elements are written out with AVX2 intrinsics for float
+// (compilers leave the scalar forms unvectorized: the exp's rounding and bit tricks defeat them, and
+// they cost as much as the tile GEMMs), with a scalar tail and scalar code for double.
+// exp: cpu::fast_exp / fast_exp8 (relative error < 3e-7); exp8 keeps NaN, so a NaN feature gives a
+// NaN loss and NaN gradients instead of a clamped number.
 // ---------------------------------------------------------------------------------------------
-inline float exp_(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  const float p =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f +
-                                          r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
-}
+inline float exp_(float x) { return cpu::fast_exp(x); }
 inline double exp_(double x) { return std::exp(x); }
 
-// softplus(v) = log(1 + e^v) = max(v, 0) + log1p(e^-|v|);  σ(v) = 1 / (1 + e^-v).
+#if defined(__AVX2__) && defined(__FMA__)
+#define MMFAST_CONTRASTIVE_AVX2 1
+inline __m256 exp8(__m256 x) {
+  return _mm256_blendv_ps(cpu::fast_exp8(x), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#else
+#define MMFAST_CONTRASTIVE_AVX2 0
+#endif
+
+// softplus(v) = log(1 + e^v) = max(v, 0) + log1p(e^-|v|).
 template <typename T>
 inline T softplus_(T v) {
   return std::max(v, T(0)) + std::log1p(exp_(-std::abs(v)));
-}
-template <typename T>
-inline T sigmoid_(T v) {
-  return T(1) / (T(1) + exp_(-v));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,12 +147,13 @@ class TileProducts {
     if constexpr (kBf16) {
       if (vnni_) {  // j0 is a multiple of the column block, so of the panel width
         const int64_t ps = cpu::vnni_panel_stride(D_);
-        cpu::gemm_bf16_vnni(bn, bm, D_, 1.f, raw(x_ + i0 * D_), D_, yt_.get() + j0 / cpu::kVnniCols * ps, ps, U, ldu,
-                            false);
+        cpu::gemm_bf16_vnni(bn, bm, D_, 1.f, raw(x_ + i0 * D_), D_, yt_.get() + j0 / cpu::kVnniCols * ps, ps,
+                            U, ldu, false);
         return;
       }
     }
-    cpu::gemm<scalar_t>(false, true, bn, bm, D_, acc_t(1), x_ + i0 * D_, D_, y_ + j0 * D_, D_, acc_t(0), U, ldu);
+    cpu::gemm<scalar_t>(false, true, bn, bm, D_, acc_t(1), x_ + i0 * D_, D_, y_ + j0 * D_, D_, acc_t(0), U,
+                        ldu);
   }
   void grad_x(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg, acc_t s,
               acc_t* dx) const {
@@ -172,8 +167,8 @@ class TileProducts {
     cpu::gemm<scalar_t>(false, false, bn, D_, bm, s, G, ldg, y_ + j0 * D_, D_, acc_t(1), dx + i0 * D_, D_);
   }
   // G (bn x bm, ldg) feeds MKL; Gᵀ (bm x bn, ldgt) the vdpbf16ps kernel.
-  void grad_y(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg, const scalar_t* Gt,
-              int64_t ldgt, acc_t s, acc_t* dy) const {
+  void grad_y(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg,
+              const scalar_t* Gt, int64_t ldgt, acc_t s, acc_t* dy) const {
     if constexpr (kBf16) {
       if (vnni_) {  // i0 is even (a multiple of the row block)
         cpu::gemm_bf16_vnni(bm, D_, bn, s, raw(Gt), ldgt, x_rows_.get() + i0 * cpu::kVnniCols,
@@ -187,7 +182,8 @@ class TileProducts {
  private:
   static const uint16_t* raw(const scalar_t* p) { return reinterpret_cast<const uint16_t*>(p); }
   // B (K x cols; element (k, n) at b[k * sk + n * sn]) packed for gemm_bf16_vnni, panels in parallel.
-  static std::unique_ptr<uint16_t[]> pack(const uint16_t* b, int64_t sk, int64_t sn, int64_t K, int64_t cols) {
+  static std::unique_ptr<uint16_t[]> pack(const uint16_t* b, int64_t sk, int64_t sn, int64_t K,
+                                          int64_t cols) {
     std::unique_ptr<uint16_t[]> dst(new uint16_t[cpu::vnni_packed_size(K, cols)]);
     const int64_t panels = (cols + cpu::kVnniCols - 1) / cpu::kVnniCols;
     at::parallel_for(0, panels, 1,
@@ -249,28 +245,72 @@ void for_each_tile(const TileProducts<scalar_t>& tp, int64_t N, int64_t M, const
 //   1. S = s U; row max and (if cols) column max of the tile.
 //   2. rows: m' = max(m, tile max), l = l e^(m - m') + Σ_j e^(S_ij - m').
 //   3. columns: the same along i, vectorized across the tile's columns.
+// row[j] *= s over a row; returns the row's max and raises colmax[j] to row[j] (colmax may be null).
+template <typename acc_t>
+acc_t scale_row_max(acc_t* row, int64_t n, acc_t s, acc_t* colmax) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  int64_t j = 0;
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 vs = _mm256_set1_ps(s);
+    __m256 vm = _mm256_set1_ps(mx);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + j), vs);
+      _mm256_storeu_ps(row + j, v);
+      vm = _mm256_max_ps(vm, v);
+      if (colmax != nullptr) _mm256_storeu_ps(colmax + j, _mm256_max_ps(_mm256_loadu_ps(colmax + j), v));
+    }
+    mx = cpu::hmax8(vm);
+  }
+#endif
+  for (; j < n; ++j) {
+    row[j] *= s;
+    mx = row[j] > mx ? row[j] : mx;
+    if (colmax != nullptr) colmax[j] = row[j] > colmax[j] ? row[j] : colmax[j];
+  }
+  return mx;
+}
+
+// Σ_j exp(row[j] - m).
+template <typename acc_t>
+acc_t sum_exp(const acc_t* row, int64_t n, acc_t m) {
+  acc_t sum = 0;
+  int64_t j = 0;
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vm)));
+    sum = cpu::hsum8(acc);
+  }
+#endif
+  for (; j < n; ++j) sum += exp_(row[j] - m);
+  return sum;
+}
+
+// acc[j] += exp(row[j] - m[j]).
+template <typename acc_t>
+void add_exp(const acc_t* row, const acc_t* m, acc_t* acc, int64_t n) {
+  int64_t j = 0;
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(m + j)));
+      _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), e));
+    }
+  }
+#endif
+  for (; j < n; ++j) acc[j] += exp_(row[j] - m[j]);
+}
+
 template <typename acc_t>
 void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_m, acc_t* row_l, acc_t* col_m,
               acc_t* col_l, acc_t* col_tmp) {
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   if (col_m != nullptr) std::copy(col_m, col_m + bm, col_tmp);
-  for (int64_t r = 0; r < bn; ++r) {  // 1. scale, row and column maxima
+  for (int64_t r = 0; r < bn; ++r) {  // 1. scale, row and column maxima; 2. rows
     acc_t* row = S + r * ld;
-    acc_t mx = neg_inf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < bm; ++j) {
-      row[j] *= s;
-      mx = row[j] > mx ? row[j] : mx;
-    }
-    if (col_m != nullptr) {
-#pragma omp simd
-      for (int64_t j = 0; j < bm; ++j) col_tmp[j] = row[j] > col_tmp[j] ? row[j] : col_tmp[j];
-    }
-    const acc_t m_new = std::max(row_m[r], mx);  // 2. rows
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < bm; ++j) sum += exp_(row[j] - m_new);
-    row_l[r] = row_l[r] * exp_(row_m[r] - m_new) + sum;
+    const acc_t m_new = std::max(row_m[r], scale_row_max(row, bm, s, col_m != nullptr ? col_tmp : nullptr));
+    row_l[r] = row_l[r] * exp_(row_m[r] - m_new) + sum_exp(row, bm, m_new);
     row_m[r] = m_new;
   }
   if (col_m == nullptr) return;
@@ -278,11 +318,7 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
     col_l[j] *= exp_(col_m[j] - col_tmp[j]);
     col_m[j] = col_tmp[j];
   }
-  for (int64_t r = 0; r < bn; ++r) {
-    const acc_t* row = S + r * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < bm; ++j) col_l[j] += exp_(row[j] - col_m[j]);
-  }
+  for (int64_t r = 0; r < bn; ++r) add_exp(S + r * ld, col_m, col_l, bm);
 }
 
 // Returns (row stats (2, N), column stats (2, M) or (2, 0), target logits t_i = S_{i, l_i} (N,)) in
@@ -313,7 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
   acc_t* rlog = rmax + N;
   const TileProducts<scalar_t> tp(x, y, /*backward=*/false);
   for_each_tile<scalar_t>(
-      tp, N, M, tl, [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* S) {
+      tp, N, M, tl,
+      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* S) {
         acc_t* cm = cols ? col_m[c].data_ptr<acc_t>() + j0 : nullptr;
         acc_t* cl = cols ? col_l[c].data_ptr<acc_t>() + j0 : nullptr;
         lse_tile<acc_t>(S, tl.bm, bn, bm, static_cast<acc_t>(scale), row_m[c].data(), row_l[c].data(), cm, cl,
@@ -358,7 +395,8 @@ at::Tensor siglip_rows(const at::Tensor& x, const at::Tensor& y, double scale, d
   const acc_t s = scale, b = bias;
   const TileProducts<scalar_t> tp(x, y, /*backward=*/false);
   for_each_tile<scalar_t>(
-      tp, N, y.size(0), tl, [&](int64_t, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
+      tp, N, y.size(0), tl,
+      [&](int64_t, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
         for (int64_t r = 0; r < bn; ++r) {
           const acc_t* u = U + r * tl.bm;
           const int64_t d = i0 + r - j0;  // the diagonal's column in this tile, if 0 <= d < bm
@@ -396,11 +434,28 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
   const acc_t s = g.s, b = g.b;
   const acc_t w = static_cast<const acc_t*>(g.row_w)[i];
   acc_t gu = 0, gs = 0;
-  if (g.siglip) {  // G = w σ(L) off the diagonal, -w σ(-L) on it
+  int64_t j = 0;
+  if (g.siglip) {  // G = w σ(L) off the diagonal, -w σ(-L) on it; σ(v) = 1 / (1 + e^-v)
     const acc_t sign = diag ? -1 : 1;
-#pragma omp simd reduction(+ : gu, gs)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = sign * w * sigmoid_(sign * (s * u[j] + b));
+#if MMFAST_CONTRASTIVE_AVX2
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const __m256 vs = _mm256_set1_ps(-sign * s), vb = _mm256_set1_ps(-sign * b),
+                   vw = _mm256_set1_ps(sign * w);
+      const __m256 one = _mm256_set1_ps(1.f);
+      __m256 agu = _mm256_setzero_ps(), ags = _mm256_setzero_ps();
+      for (; j + 8 <= n; j += 8) {
+        const __m256 uj = _mm256_loadu_ps(u + j);
+        const __m256 v = _mm256_div_ps(vw, _mm256_add_ps(one, exp8(_mm256_fmadd_ps(vs, uj, vb))));
+        agu = _mm256_fmadd_ps(v, uj, agu);
+        ags = _mm256_add_ps(ags, v);
+        _mm256_storeu_ps(G + j, v);
+      }
+      gu = cpu::hsum8(agu);
+      gs = cpu::hsum8(ags);
+    }
+#endif
+    for (; j < n; ++j) {
+      const acc_t v = sign * w / (acc_t(1) + exp_(-sign * (s * u[j] + b)));
       gu += v * u[j];
       gs += v;
       G[j] = v;
@@ -410,8 +465,22 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
   const acc_t* rs = static_cast<const acc_t*>(g.row_stat);
   const acc_t rm = rs[i], rl = rs[g.n_rows + i];  // e^(S - r_i) = e^((S - max) - log Σ)
   if (g.col_w == nullptr) {                       // G = a_i e^(S - r_i)
-#pragma omp simd reduction(+ : gu)
-    for (int64_t j = 0; j < n; ++j) {
+#if MMFAST_CONTRASTIVE_AVX2
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const __m256 vs = _mm256_set1_ps(s), vrm = _mm256_set1_ps(rm), vrl = _mm256_set1_ps(rl);
+      const __m256 vw = _mm256_set1_ps(w);
+      __m256 agu = _mm256_setzero_ps();
+      for (; j + 8 <= n; j += 8) {
+        const __m256 uj = _mm256_loadu_ps(u + j);
+        const __m256 sij = _mm256_mul_ps(vs, uj);
+        const __m256 v = _mm256_mul_ps(vw, exp8(_mm256_sub_ps(_mm256_sub_ps(sij, vrm), vrl)));
+        agu = _mm256_fmadd_ps(v, uj, agu);
+        _mm256_storeu_ps(G + j, v);
+      }
+      gu = cpu::hsum8(agu);
+    }
+#endif
+    for (; j < n; ++j) {
       const acc_t v = w * exp_((s * u[j] - rm) - rl);
       gu += v * u[j];
       G[j] = v;
@@ -421,8 +490,25 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
   const acc_t* e = static_cast<const acc_t*>(g.col_w) + j0;  // + e_j e^(S - c_j)
   const acc_t* cm = static_cast<const acc_t*>(g.col_stat) + j0;
   const acc_t* cl = cm + g.n_cols;
-#pragma omp simd reduction(+ : gu)
-  for (int64_t j = 0; j < n; ++j) {
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 vs = _mm256_set1_ps(s), vrm = _mm256_set1_ps(rm), vrl = _mm256_set1_ps(rl);
+    const __m256 vw = _mm256_set1_ps(w);
+    __m256 agu = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 uj = _mm256_loadu_ps(u + j);
+      const __m256 sij = _mm256_mul_ps(vs, uj);
+      const __m256 pr = exp8(_mm256_sub_ps(_mm256_sub_ps(sij, vrm), vrl));
+      const __m256 pc =
+          exp8(_mm256_sub_ps(_mm256_sub_ps(sij, _mm256_loadu_ps(cm + j)), _mm256_loadu_ps(cl + j)));
+      const __m256 v = _mm256_fmadd_ps(vw, pr, _mm256_mul_ps(_mm256_loadu_ps(e + j), pc));
+      agu = _mm256_fmadd_ps(v, uj, agu);
+      _mm256_storeu_ps(G + j, v);
+    }
+    gu = cpu::hsum8(agu);
+  }
+#endif
+  for (; j < n; ++j) {
     const acc_t sij = s * u[j];
     const acc_t v = w * exp_((sij - rm) - rl) + e[j] * exp_((sij - cm[j]) - cl[j]);
     gu += v * u[j];
@@ -486,7 +572,8 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   }
   acc_t* dx_ptr = dx.data_ptr<acc_t>();
   for_each_tile<scalar_t>(
-      tp, N, M, tl, [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
+      tp, N, M, tl,
+      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
         scalar_t* Gout = in_place ? reinterpret_cast<scalar_t*>(U) : gbuf[c].data();
         scalar_t* Gt = gtbuf[c].data();
         for (int64_t r = 0; r < bn; ++r) {
@@ -505,7 +592,8 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
           }
         }
         tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr);
-        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s), dy_part[c].data_ptr<acc_t>());
+        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s),
+                  dy_part[c].data_ptr<acc_t>());
       },
       [](int64_t, int64_t, int64_t) {});
   at::Tensor dy = dy_part[0];
