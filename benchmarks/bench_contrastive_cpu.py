@@ -7,8 +7,11 @@ Measures fp32 forward+backward of the CLIP loss (direction="both") at N = M = --
   mmfast_cpu    mmfast.info_nce(..., backend="cpu")
   naive         logits = s x yᵀ, then two F.cross_entropy (open_clip's ClipLoss)
   linear_ce_x2  two calls of F.linear_cross_entropy(options=LinearCrossEntropyOptions())
-  mmfast_bf16   the cpu kernel on bf16 inputs
-and the machine's fp32 / bf16 matmul rate (torch.mm, same thread count), and reports ratios.
+  mmfast_bf16   the cpu kernel on bf16 inputs (the vdpbf16ps kernel where the CPU has AVX512_BF16)
+  mmfast_bf16_mkl  the same with MKL's bf16 GEMM (MMFAST_CONTRASTIVE_VNNI=0), the previous path
+Providers run round-robin, one repetition each per round, so load changes hit them alike. Also
+measured in the same run: the fp32 / bf16 torch.mm rate and the CPU's peak multiply-add rate
+(mmfast._C.cpu_peak_gflops), the floors' denominators.
 Memory: each provider runs once in a fresh subprocess at --mem-n; peak RSS minus the RSS after
 inputs and gradient buffers exist ("extra"); and the cpu kernel at N = 131072, D = 256 (--big-n).
 Results are printed and written as JSON (--out).
@@ -40,7 +43,7 @@ def flops(n: int, m: int, d: int) -> float:
 
 def setup(provider: str, n: int, d: int) -> tuple[list[torch.Tensor], Callable[[], None]]:
     """(leaf inputs, fn running forward+backward once) for one provider."""
-    dtype = torch.bfloat16 if provider == "mmfast_bf16" else torch.float32
+    dtype = torch.bfloat16 if provider.startswith("mmfast_bf16") else torch.float32
     x = F.normalize(torch.randn(n, d), dim=-1).to(dtype).requires_grad_()
     y = F.normalize(torch.randn(n, d), dim=-1).to(dtype).requires_grad_()
     s = torch.tensor(14.3, requires_grad=True)
@@ -59,21 +62,40 @@ def setup(provider: str, n: int, d: int) -> tuple[list[torch.Tensor], Callable[[
         txt = F.linear_cross_entropy(s * y, x, target, options=opts)
         (0.5 * (img + txt)).backward()
 
-    fns = {"mmfast_cpu": mmfast_cpu, "mmfast_bf16": mmfast_cpu, "naive": naive, "linear_ce_x2": linear_ce_x2}
+    def mmfast_bf16_mkl() -> None:
+        os.environ["MMFAST_CONTRASTIVE_VNNI"] = "0"
+        try:
+            mmfast_cpu()
+        finally:
+            del os.environ["MMFAST_CONTRASTIVE_VNNI"]
+
+    fns = {
+        "mmfast_cpu": mmfast_cpu,
+        "mmfast_bf16": mmfast_cpu,
+        "mmfast_bf16_mkl": mmfast_bf16_mkl,
+        "naive": naive,
+        "linear_ce_x2": linear_ce_x2,
+    }
     return [x, y, s], fns[provider]
 
 
-def timeit(fn: Callable[[], None], reps: int, inputs: list[torch.Tensor]) -> dict:
-    times = []
+def time_round_robin(providers: list[str], n: int, d: int, reps: int) -> dict:
+    """Median and quantiles per provider; each round runs every provider once (after one warm-up round)."""
+    setups = {p: setup(p, n, d) for p in providers}
+    times: dict[str, list[float]] = {p: [] for p in providers}
     for i in range(reps + 1):
-        for t in inputs:
-            t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        if i:  # the first call warms up
-            times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"median_s": statistics.median(times), "q20_s": q[0], "q80_s": q[3], "reps": reps}
+        for p, (inputs, fn) in setups.items():
+            for t in inputs:
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            if i:  # round 0 warms up
+                times[p].append(time.perf_counter() - t0)
+    out = {}
+    for p, ts in times.items():
+        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        out[p] = {"median_s": statistics.median(ts), "q20_s": q[0], "q80_s": q[3], "reps": reps}
+    return out
 
 
 def matmul_rate(dtype: torch.dtype, reps: int) -> float:
@@ -88,20 +110,31 @@ def matmul_rate(dtype: torch.dtype, reps: int) -> float:
     return 2 * 4096 * 4096 * 512 / statistics.median(times) / 1e9
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mb(field: str = "VmRSS") -> float:
+    """VmRSS (now) or VmHWM (peak since start or since the last reset) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def child(provider: str, n: int, d: int) -> None:
-    """Run in a fresh process: peak RSS of one forward+backward, and the RSS with inputs + grads."""
+    """Run in a fresh process: RSS with inputs + gradient buffers, then the peaks of one fwd+bwd."""
     inputs, fn = setup(provider, n, d)
     for t in inputs:
         t.grad = torch.zeros_like(t)  # gradient buffers count as "inputs and gradients"
     base = rss_mb()
     for t in inputs:
         t.grad = None
+    setup_peak = rss_mb("VmHWM")
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: the step's own peak from here
+        f.write("5")
     fn()
-    print(json.dumps({"peak_mb": rss_mb(), "base_mb": base}))
+    step_peak = rss_mb("VmHWM")
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not reset: includes setup
+    peaks = {"peak_mb": step_peak, "setup_peak_mb": setup_peak, "process_peak_mb": process_peak}
+    print(json.dumps({"base_mb": base, **peaks}))
 
 
 def memory(provider: str, n: int, d: int) -> dict:
@@ -122,7 +155,7 @@ def main() -> None:
     p.add_argument("--mem-n", type=int, default=8192)
     p.add_argument("--big-n", type=int, default=131072)
     p.add_argument("--big-d", type=int, default=256)
-    p.add_argument("--providers", default="mmfast_cpu,naive,linear_ce_x2,mmfast_bf16")
+    p.add_argument("--providers", default="mmfast_cpu,naive,linear_ce_x2,mmfast_bf16,mmfast_bf16_mkl")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--out", default="bench-results/contrastive_cpu.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -133,20 +166,25 @@ def main() -> None:
 
     res: dict = {"config": vars(a), "threads": torch.get_num_threads(), "load_avg": os.getloadavg()}
     res["matmul_gflops"] = {"fp32": matmul_rate(torch.float32, a.reps), "bf16": matmul_rate(torch.bfloat16, a.reps)}
-    res["time"] = {}
-    for prov in a.providers.split(","):
-        inputs, fn = setup(prov, a.n, a.d)
-        res["time"][prov] = timeit(fn, a.reps, inputs)
-        del inputs, fn
+    res["peak_gflops"] = {"fp32": mmfast._C.cpu_peak_gflops("fp32"), "bf16": mmfast._C.cpu_peak_gflops("bf16")}
+    res["time"] = time_round_robin(a.providers.split(","), a.n, a.d, a.reps)
     res["matmul_gflops_after"] = matmul_rate(torch.float32, a.reps)  # contention drift check
     t = {k: v["median_s"] for k, v in res["time"].items()}
     rate = flops(a.n, a.n, a.d) / t["mmfast_cpu"] / 1e9
-    ratios = {"cpu_gflops": rate, "frac_of_fp32_matmul": rate / res["matmul_gflops"]["fp32"]}
+    ratios = {
+        "cpu_gflops": rate,
+        "frac_of_fp32_matmul": rate / res["matmul_gflops"]["fp32"],
+        "frac_of_fp32_peak": rate / res["peak_gflops"]["fp32"],
+    }
+    if "naive" in t:  # the best any 8 N M D algorithm could do against the naive loss on this machine
+        ratios["vs_naive_at_fp32_peak"] = t["naive"] / (flops(a.n, a.n, a.d) / res["peak_gflops"]["fp32"] / 1e9)
     for peer in ("naive", "linear_ce_x2"):
         if peer in t:
             ratios[f"speedup_vs_{peer}"] = t[peer] / t["mmfast_cpu"]
     if "mmfast_bf16" in t:
         ratios["bf16_speedup_vs_fp32"] = t["mmfast_cpu"] / t["mmfast_bf16"]
+    if "mmfast_bf16_mkl" in t:
+        ratios["bf16_mkl_speedup_vs_fp32"] = t["mmfast_cpu"] / t["mmfast_bf16_mkl"]
     res["ratios"] = ratios
     if not a.skip_memory:
         res["memory"] = {prov: memory(prov, a.mem_n, a.d) for prov in ("mmfast_cpu", "naive", "linear_ce_x2")}

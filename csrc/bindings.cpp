@@ -3,9 +3,12 @@
 // Importing it registers every kernel with the dispatcher: each op's schema is declared in its
 // cpu.cpp (TORCH_LIBRARY_FRAGMENT(mmfast, m)), with one implementation per device key
 // (TORCH_LIBRARY_IMPL(mmfast, CPU|CUDA, m)). The Python side (mmfast/ops) adds fake and autograd
-// registrations. This file only owns the namespace and reports how the module was built.
+// registrations. This file only owns the namespace, reports how the module was built, and
+// measures the CPU's peak multiply-add rate for the benchmarks' floors.
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include "common/cpu_peak.h"
 
 #ifndef MMFAST_VERSION
 #define MMFAST_VERSION "0.0.0"
@@ -31,4 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("compiler") = std::string("gcc ") + __VERSION__;
 #endif
   m.attr("torch_version") = std::string(TORCH_VERSION);
+  m.def("cpu_peak_gflops", &mmfast::cpu::peak_gflops, pybind11::arg("kind") = "fp32",
+        pybind11::arg("iters") = 20000000,
+        "Measured peak multiply-add rate (GFLOP/s) of all intra-op threads together: kind 'fp32' "
+        "(vfmadd231ps) or 'bf16' (vdpbf16ps; 0 without AVX512_BF16).");
 }

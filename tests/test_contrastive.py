@@ -132,6 +132,44 @@ def test_siglip(dtype, N, D):
     _check(dtype, got, want, low)
 
 
+def _has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+# bf16 runs on the vdpbf16ps kernel (packed operands, Gᵀ buffer) where the CPU has AVX512_BF16 and
+# on MKL otherwise; MMFAST_CONTRASTIVE_VNNI=0 forces MKL. Both paths over several tiles in each
+# direction (BN = BM = 256), partial last tiles, odd D (odd-K tails), odd M (padded pairs), labels.
+@pytest.mark.parametrize("vnni", ["1", "0"])
+@pytest.mark.parametrize(
+    "N,M,D,direction,labels",
+    [
+        (300, 300, 33, "both", None),
+        (513, 513, 64, "both", "perm"),
+        (17, 513, 65, "image", None),
+        (97, 300, 601, "image", None),
+        (513, 40, 7, "text", None),
+        (300, 300, 65, "siglip", None),
+    ],
+)
+def test_bf16_gemm_paths(monkeypatch, vnni, N, M, D, direction, labels):
+    if vnni == "1" and not _has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512_BF16: the vdpbf16ps kernel cannot run")
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_VNNI", vnni)
+    if direction == "siglip":
+        inp = contrastive_inputs(N=N, D=D, dtype=torch.bfloat16)
+        args = [inp[k] for k in ("image_features", "text_features", "logit_scale", "logit_bias")]
+        got = _loss_and_grads(mmfast.siglip_loss, *args, None, backend="cpu", reduction="mean")
+        want = _loss_and_grads(ref.siglip_loss, *[a.double() for a in args], None, reduction="mean")
+        low = _loss_and_grads(_naive_low, *args, None, siglip=True, reduction="mean")
+        _check(torch.bfloat16, got, want, low)
+        return
+    _run_info_nce(torch.bfloat16, N, M, D, direction, labels=torch.randperm(N) if labels else None)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_siglip_reductions(reduction):
     inp = contrastive_inputs(N=97, D=64)

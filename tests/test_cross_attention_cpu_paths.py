@@ -1,9 +1,10 @@
 """Each CPU code path of cross-attention against the float64 reference.
 
 fp32 inputs without attn_mask or dropout take the fast path (its AVX-512 tiles where the CPU has
-them, else AVX2); everything else takes the generic kernel. The kernel reads
-MMFAST_XATTN_CPU_FAST / MMFAST_XATTN_CPU_AVX512 / MMFAST_XATTN_CPU_PASS3 / MMFAST_XATTN_CPU_DYNAMIC /
-MMFAST_CPU_HUGEPAGES on every call, so each path is forced here.
+them, else AVX2); bf16 inputs without them take the bf16 fast path where the CPU has AVX512_BF16;
+everything else takes the generic kernel. The kernel reads MMFAST_XATTN_CPU_FAST /
+MMFAST_XATTN_CPU_AVX512 / MMFAST_XATTN_CPU_PASS3 / MMFAST_XATTN_CPU_DYNAMIC / MMFAST_CPU_HUGEPAGES on
+every call, so each path is forced here.
 """
 
 import pytest
@@ -28,6 +29,39 @@ CASES = [
     (1, 2, 1, 13, 300, 64, 0.2, False),  # backward blocks of 16 lanes (AVX-512 exp2, one zmm per row)
     (1, 2, 2, 64, 200, 32, 0.0, True),  # forward blocks of 16 lanes with 2 threads; causal, 2 blocks
 ]
+# The bf16 fast path takes any D (odd D and odd key counts exercise the kernel's odd-K tails).
+BF16_CASES = CASES + [
+    (2, 4, 2, 33, 577, 100, 0.5, False),  # two query blocks, D = 100, GQA, padding
+    (1, 2, 2, 40, 31, 7, 0.0, True),  # odd D, causal with Lq > Lk (empty rows)
+    (2, 12, 12, 32, 197, 64, 0.0, False),  # text -> image at ViT-B/16 size
+]
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("path", ["fast-bf16", "generic"])
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_cpu_bf16_path_matches_reference(path, case, monkeypatch):
+    if path == "fast-bf16" and not _has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512_BF16: bf16 runs the generic kernel")
+    if path == "generic":
+        monkeypatch.setenv("MMFAST_XATTN_CPU_FAST", "0")
+    B, Hq, Hkv, Lq, Lk, D, pad, causal = case
+    inp = attention_inputs(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, pad_frac=pad, dtype=torch.bfloat16)
+    compare_with_reference(
+        inp["query"],
+        inp["key"],
+        inp["value"],
+        key_padding_mask=inp["key_padding_mask"],
+        is_causal=causal,
+        backend="cpu",
+    )
 
 
 @pytest.mark.parametrize("path", list(PATHS))

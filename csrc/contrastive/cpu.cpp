@@ -40,10 +40,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#include "common/cpu_blas.h"
+#include "common/cpu_gemm_bf16.h"
 
 // loss: 0 = InfoNCE, 1 = SigLIP; direction: 0 = both, 1 = image, 2 = text;
 // reduction: 0 = mean, 1 = sum, 2 = none. scale, bias: 0-dim floating tensors (bias unused by
@@ -61,19 +67,6 @@ TORCH_LIBRARY_FRAGMENT(mmfast, m) {
       "-> (Tensor dx, Tensor dy, Tensor dscale, Tensor dbias)");
 }
 
-// MKL's mixed-precision GEMMs (bf16/fp16 inputs, fp32 accumulation and output), exported by
-// libtorch_cpu when torch is built with MKL. Weak: absent symbols resolve to null and the code falls
-// back to an fp32 GEMM. Integer arguments are declared 64-bit so both LP64 and ILP64 MKL read them
-// right on x86-64 (the low half is the 32-bit value).
-extern "C" {
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
-                            const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c,
-                            int64_t ldc) __attribute__((weak));
-void cblas_gemm_f16f16f32(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
-                          const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c,
-                          int64_t ldc) __attribute__((weak));
-}
-
 namespace mmfast {
 namespace contrastive {
 namespace {
@@ -85,78 +78,125 @@ enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
 constexpr int64_t kBlockRows = 256;  // BN: rows of a tile (image features)
 constexpr int64_t kBlockCols = 256;  // BM: columns of a tile (text features)
 
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+using cpu::acc_type;  // float for fp32 / bf16 / fp16, double for fp64
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise math. exp_ for float is branch-free so the loops below vectorize: exp(x) = 2^n e^r,
-// n = round(x log2 e), r = x - n ln 2 (two-part ln 2), e^r by its degree-6 Taylor polynomial
-// (|r| <= ln2/2: relative error < 2e-7). Inputs are clamped to the normal range; NaN stays NaN
-// (the comparisons are false for NaN, and the polynomial carries it).
+// Elementwise math. The loops over a tile's elements are written out with AVX2 intrinsics for float
+// (compilers leave the scalar forms unvectorized: the exp's rounding and bit tricks defeat them, and
+// they cost as much as the tile GEMMs), with a scalar tail and scalar code for double.
+// exp: cpu::fast_exp / fast_exp8 (relative error < 3e-7); exp8 keeps NaN, so a NaN feature gives a
+// NaN loss and NaN gradients instead of a clamped number.
 // ---------------------------------------------------------------------------------------------
-inline float exp_(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  const float p =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f +
-                                          r * (4.1666668e-2f + r * (8.3333338e-3f + r * 1.3888889e-3f)))));
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
-}
+inline float exp_(float x) { return cpu::fast_exp(x); }
 inline double exp_(double x) { return std::exp(x); }
 
-// softplus(v) = log(1 + e^v) = max(v, 0) + log1p(e^-|v|);  σ(v) = 1 / (1 + e^-v).
+#if defined(__AVX2__) && defined(__FMA__)
+#define MMFAST_CONTRASTIVE_AVX2 1
+inline __m256 exp8(__m256 x) {
+  return _mm256_blendv_ps(cpu::fast_exp8(x), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#else
+#define MMFAST_CONTRASTIVE_AVX2 0
+#endif
+
+// softplus(v) = log(1 + e^v) = max(v, 0) + log1p(e^-|v|).
 template <typename T>
 inline T softplus_(T v) {
   return std::max(v, T(0)) + std::log1p(exp_(-std::abs(v)));
 }
-template <typename T>
-inline T sigmoid_(T v) {
-  return T(1) / (T(1) + exp_(-v));
-}
 
 // ---------------------------------------------------------------------------------------------
-// Tile GEMM: c (m x n, acc dtype, rows contiguous) = beta c + alpha a (m x k) b (k x n).
-// a and b are views in the input dtype (row-major or transposed); beta is 0 or 1 (beta = 0 ignores
-// whatever c held, NaN included).
+// The three tile products, on raw pointers (a tile is ~1 ms of work; ATen calls per tile would add
+// allocations and dispatch). x (N x D) and y (M x D) are contiguous.
+//   logits: U (bn x bm, row stride ldu) = x_blk y_blkᵀ
+//   grad_x: dx_blk (bn x D) += s G y_blk          G: bn x bm in the input dtype, row stride ldg
+//   grad_y: dy_blk (bm x D) += s Gᵀ x_blk
+// bf16 on a CPU with AVX512_BF16 runs the vdpbf16ps kernel (common/cpu_gemm_bf16.h) on operands
+// packed once per call (yᵀ for logits, y and x for the gradients; each the size of the input), and
+// grad_y then reads Gᵀ, which the caller writes beside G. Everything else goes to MKL (cpu::gemm:
+// SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 -> fp32). MMFAST_CONTRASTIVE_VNNI=0 forces MKL for bf16
+// (tests and benchmarks compare the two).
 // ---------------------------------------------------------------------------------------------
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-
-// BLAS view of a 2-D tensor: (transposed?, leading dimension), or contiguous() when neither fits.
-struct BlasOperand {
-  at::Tensor t;
-  int trans;
-  int64_t ld;
-};
-BlasOperand blas_operand(const at::Tensor& t) {
-  const int64_t rows = t.size(0), cols = t.size(1);
-  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(cols, 1)) return {t, kNoTrans, t.stride(0)};
-  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(rows, 1)) return {t, kTrans, t.stride(1)};
-  at::Tensor c = t.contiguous();
-  return {c, kNoTrans, std::max<int64_t>(cols, 1)};
+inline bool vnni_enabled() {
+  const char* env = std::getenv("MMFAST_CONTRASTIVE_VNNI");
+  return cpu::has_avx512_bf16() && (env == nullptr || std::string(env) != "0");
 }
 
 template <typename scalar_t>
-void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha, bool accumulate) {
-  const double beta = accumulate ? 1.0 : 0.0;
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-    const_cast<at::Tensor&>(c).addmm_(a, b, beta, alpha);
-  } else {
-    auto* fn = std::is_same_v<scalar_t, at::BFloat16> ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
-    if (fn == nullptr) {  // no MKL: fp32 GEMM on upcast tiles (correct, slower)
-      const_cast<at::Tensor&>(c).addmm_(a.to(at::kFloat), b.to(at::kFloat), beta, alpha);
-      return;
+class TileProducts {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  static constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+
+  TileProducts(const at::Tensor& x, const at::Tensor& y, bool backward)
+      : x_(x.data_ptr<scalar_t>()), y_(y.data_ptr<scalar_t>()), N_(x.size(0)), M_(y.size(0)), D_(x.size(1)) {
+    if constexpr (kBf16) {
+      vnni_ = vnni_enabled();
+      if (vnni_) {
+        yt_ = pack(raw(y_), 1, D_, D_, M_);  // yᵀ: K = D, columns = texts
+        if (backward) {
+          y_rows_ = pack(raw(y_), D_, 1, M_, D_);  // y: K = texts, columns = D
+          x_rows_ = pack(raw(x_), D_, 1, N_, D_);  // x: K = images, columns = D
+        }
+      }
     }
-    const BlasOperand A = blas_operand(a), B = blas_operand(b);
-    fn(kRowMajor, A.trans, B.trans, c.size(0), c.size(1), a.size(1), static_cast<float>(alpha),
-       A.t.data_ptr(), A.ld, B.t.data_ptr(), B.ld, static_cast<float>(beta), c.data_ptr<float>(),
-       c.stride(0));
   }
-}
+  bool vnni() const { return vnni_; }
+
+  void logits(int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U, int64_t ldu) const {
+    if constexpr (kBf16) {
+      if (vnni_) {  // j0 is a multiple of the column block, so of the panel width
+        const int64_t ps = cpu::vnni_panel_stride(D_);
+        cpu::gemm_bf16_vnni(bn, bm, D_, 1.f, raw(x_ + i0 * D_), D_, yt_.get() + j0 / cpu::kVnniCols * ps, ps,
+                            U, ldu, false);
+        return;
+      }
+    }
+    cpu::gemm<scalar_t>(false, true, bn, bm, D_, acc_t(1), x_ + i0 * D_, D_, y_ + j0 * D_, D_, acc_t(0), U,
+                        ldu);
+  }
+  void grad_x(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg, acc_t s,
+              acc_t* dx) const {
+    if constexpr (kBf16) {
+      if (vnni_) {  // j0 is even: the packed rows of y start at pair j0 / 2
+        cpu::gemm_bf16_vnni(bn, D_, bm, s, raw(G), ldg, y_rows_.get() + j0 * cpu::kVnniCols,
+                            cpu::vnni_panel_stride(M_), dx + i0 * D_, D_, true);
+        return;
+      }
+    }
+    cpu::gemm<scalar_t>(false, false, bn, D_, bm, s, G, ldg, y_ + j0 * D_, D_, acc_t(1), dx + i0 * D_, D_);
+  }
+  // G (bn x bm, ldg) feeds MKL; Gᵀ (bm x bn, ldgt) the vdpbf16ps kernel.
+  void grad_y(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg,
+              const scalar_t* Gt, int64_t ldgt, acc_t s, acc_t* dy) const {
+    if constexpr (kBf16) {
+      if (vnni_) {  // i0 is even (a multiple of the row block)
+        cpu::gemm_bf16_vnni(bm, D_, bn, s, raw(Gt), ldgt, x_rows_.get() + i0 * cpu::kVnniCols,
+                            cpu::vnni_panel_stride(N_), dy + j0 * D_, D_, true);
+        return;
+      }
+    }
+    cpu::gemm<scalar_t>(true, false, bm, D_, bn, s, G, ldg, x_ + i0 * D_, D_, acc_t(1), dy + j0 * D_, D_);
+  }
+
+ private:
+  static const uint16_t* raw(const scalar_t* p) { return reinterpret_cast<const uint16_t*>(p); }
+  // B (K x cols; element (k, n) at b[k * sk + n * sn]) packed for gemm_bf16_vnni, panels in parallel.
+  static std::unique_ptr<uint16_t[]> pack(const uint16_t* b, int64_t sk, int64_t sn, int64_t K,
+                                          int64_t cols) {
+    std::unique_ptr<uint16_t[]> dst(new uint16_t[cpu::vnni_packed_size(K, cols)]);
+    const int64_t panels = (cols + cpu::kVnniCols - 1) / cpu::kVnniCols;
+    at::parallel_for(0, panels, 1,
+                     [&](int64_t p0, int64_t p1) { cpu::pack_vnni(b, sk, sn, K, cols, dst.get(), p0, p1); });
+    return dst;
+  }
+
+  const scalar_t* x_;
+  const scalar_t* y_;
+  int64_t N_, M_, D_;
+  bool vnni_ = false;
+  std::unique_ptr<uint16_t[]> yt_, y_rows_, x_rows_;
+};
 
 // How the rows are cut: one contiguous chunk of row blocks per thread.
 struct Tiling {
@@ -173,26 +213,23 @@ Tiling make_tiling(int64_t N, int64_t M) {
   return {bn, std::min<int64_t>(kBlockCols, M), chunks, rows_per_chunk};
 }
 
-// Calls fn(chunk, i0, bn_actual, j0, bm_actual, U, x_blk) for every tile of U = x yᵀ: U is the
-// thread's (BN x BM) acc-dtype workspace (row-major, ld = BM) holding the tile in its top-left corner.
+// Calls fn(chunk, i0, bn_actual, j0, bm_actual, U) for every tile of U = x yᵀ: U points to the
+// thread's BN x BM acc-dtype workspace (row-major, ld = BM) holding the tile in its top-left corner.
 // Chunks run in parallel; per_row_block(chunk, i0, bn) runs after each row block's last tile.
 template <typename scalar_t, typename TileFn, typename RowFn>
-void for_each_tile(const at::Tensor& x, const at::Tensor& y, const Tiling& tl, TileFn&& fn,
+void for_each_tile(const TileProducts<scalar_t>& tp, int64_t N, int64_t M, const Tiling& tl, TileFn&& fn,
                    RowFn&& per_row_block) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t N = x.size(0), M = y.size(0);
   at::parallel_for(0, tl.chunks, 1, [&](int64_t c0, int64_t c1) {
-    at::Tensor U = at::empty({tl.bn, tl.bm}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    std::vector<acc_t> U(tl.bn * tl.bm);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r_end = std::min(N, (c + 1) * tl.rows_per_chunk);
       for (int64_t i0 = c * tl.rows_per_chunk; i0 < r_end; i0 += tl.bn) {
         const int64_t bn = std::min(tl.bn, N - i0);
-        const at::Tensor xb = x.narrow(0, i0, bn);
         for (int64_t j0 = 0; j0 < M; j0 += tl.bm) {
           const int64_t bm = std::min(tl.bm, M - j0);
-          at::Tensor u = U.narrow(0, 0, bn).narrow(1, 0, bm);
-          gemm<scalar_t>(xb, y.narrow(0, j0, bm).t(), u, 1.0, false);
-          fn(c, i0, bn, j0, bm, U, xb);
+          tp.logits(i0, bn, j0, bm, U.data(), tl.bm);
+          fn(c, i0, bn, j0, bm, U.data());
         }
         per_row_block(c, i0, bn);
       }
@@ -208,28 +245,72 @@ void for_each_tile(const at::Tensor& x, const at::Tensor& y, const Tiling& tl, T
 //   1. S = s U; row max and (if cols) column max of the tile.
 //   2. rows: m' = max(m, tile max), l = l e^(m - m') + Σ_j e^(S_ij - m').
 //   3. columns: the same along i, vectorized across the tile's columns.
+// row[j] *= s over a row; returns the row's max and raises colmax[j] to row[j] (colmax may be null).
+template <typename acc_t>
+acc_t scale_row_max(acc_t* row, int64_t n, acc_t s, acc_t* colmax) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  int64_t j = 0;
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 vs = _mm256_set1_ps(s);
+    __m256 vm = _mm256_set1_ps(mx);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + j), vs);
+      _mm256_storeu_ps(row + j, v);
+      vm = _mm256_max_ps(vm, v);
+      if (colmax != nullptr) _mm256_storeu_ps(colmax + j, _mm256_max_ps(_mm256_loadu_ps(colmax + j), v));
+    }
+    mx = cpu::hmax8(vm);
+  }
+#endif
+  for (; j < n; ++j) {
+    row[j] *= s;
+    mx = row[j] > mx ? row[j] : mx;
+    if (colmax != nullptr) colmax[j] = row[j] > colmax[j] ? row[j] : colmax[j];
+  }
+  return mx;
+}
+
+// Σ_j exp(row[j] - m).
+template <typename acc_t>
+acc_t sum_exp(const acc_t* row, int64_t n, acc_t m) {
+  acc_t sum = 0;
+  int64_t j = 0;
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vm)));
+    sum = cpu::hsum8(acc);
+  }
+#endif
+  for (; j < n; ++j) sum += exp_(row[j] - m);
+  return sum;
+}
+
+// acc[j] += exp(row[j] - m[j]).
+template <typename acc_t>
+void add_exp(const acc_t* row, const acc_t* m, acc_t* acc, int64_t n) {
+  int64_t j = 0;
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(m + j)));
+      _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), e));
+    }
+  }
+#endif
+  for (; j < n; ++j) acc[j] += exp_(row[j] - m[j]);
+}
+
 template <typename acc_t>
 void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_m, acc_t* row_l, acc_t* col_m,
               acc_t* col_l, acc_t* col_tmp) {
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   if (col_m != nullptr) std::copy(col_m, col_m + bm, col_tmp);
-  for (int64_t r = 0; r < bn; ++r) {  // 1. scale, row and column maxima
+  for (int64_t r = 0; r < bn; ++r) {  // 1. scale, row and column maxima; 2. rows
     acc_t* row = S + r * ld;
-    acc_t mx = neg_inf;
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < bm; ++j) {
-      row[j] *= s;
-      mx = row[j] > mx ? row[j] : mx;
-    }
-    if (col_m != nullptr) {
-#pragma omp simd
-      for (int64_t j = 0; j < bm; ++j) col_tmp[j] = row[j] > col_tmp[j] ? row[j] : col_tmp[j];
-    }
-    const acc_t m_new = std::max(row_m[r], mx);  // 2. rows
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < bm; ++j) sum += exp_(row[j] - m_new);
-    row_l[r] = row_l[r] * exp_(row_m[r] - m_new) + sum;
+    const acc_t m_new = std::max(row_m[r], scale_row_max(row, bm, s, col_m != nullptr ? col_tmp : nullptr));
+    row_l[r] = row_l[r] * exp_(row_m[r] - m_new) + sum_exp(row, bm, m_new);
     row_m[r] = m_new;
   }
   if (col_m == nullptr) return;
@@ -237,11 +318,7 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
     col_l[j] *= exp_(col_m[j] - col_tmp[j]);
     col_m[j] = col_tmp[j];
   }
-  for (int64_t r = 0; r < bn; ++r) {
-    const acc_t* row = S + r * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < bm; ++j) col_l[j] += exp_(row[j] - col_m[j]);
-  }
+  for (int64_t r = 0; r < bn; ++r) add_exp(S + r * ld, col_m, col_l, bm);
 }
 
 // Returns (row stats (2, N), column stats (2, M) or (2, 0), target logits t_i = S_{i, l_i} (N,)) in
@@ -270,10 +347,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
   }
   acc_t* rmax = row_stat.data_ptr<acc_t>();
   acc_t* rlog = rmax + N;
+  const TileProducts<scalar_t> tp(x, y, /*backward=*/false);
   for_each_tile<scalar_t>(
-      x, y, tl,
-      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U, const at::Tensor&) {
-        acc_t* S = U.data_ptr<acc_t>();
+      tp, N, M, tl,
+      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* S) {
         acc_t* cm = cols ? col_m[c].data_ptr<acc_t>() + j0 : nullptr;
         acc_t* cl = cols ? col_l[c].data_ptr<acc_t>() + j0 : nullptr;
         lse_tile<acc_t>(S, tl.bm, bn, bm, static_cast<acc_t>(scale), row_m[c].data(), row_l[c].data(), cm, cl,
@@ -316,11 +393,12 @@ at::Tensor siglip_rows(const at::Tensor& x, const at::Tensor& y, double scale, d
   at::Tensor rows = at::zeros({N}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* out = rows.data_ptr<acc_t>();
   const acc_t s = scale, b = bias;
+  const TileProducts<scalar_t> tp(x, y, /*backward=*/false);
   for_each_tile<scalar_t>(
-      x, y, tl,
-      [&](int64_t, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U, const at::Tensor&) {
+      tp, N, y.size(0), tl,
+      [&](int64_t, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
         for (int64_t r = 0; r < bn; ++r) {
-          const acc_t* u = U.data_ptr<acc_t>() + r * tl.bm;
+          const acc_t* u = U + r * tl.bm;
           const int64_t d = i0 + r - j0;  // the diagonal's column in this tile, if 0 <= d < bm
           if (d < 0 || d >= bm) {
             out[i0 + r] += softplus_sum(u, bm, s, b);
@@ -356,11 +434,28 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
   const acc_t s = g.s, b = g.b;
   const acc_t w = static_cast<const acc_t*>(g.row_w)[i];
   acc_t gu = 0, gs = 0;
-  if (g.siglip) {  // G = w σ(L) off the diagonal, -w σ(-L) on it
+  int64_t j = 0;
+  if (g.siglip) {  // G = w σ(L) off the diagonal, -w σ(-L) on it; σ(v) = 1 / (1 + e^-v)
     const acc_t sign = diag ? -1 : 1;
-#pragma omp simd reduction(+ : gu, gs)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = sign * w * sigmoid_(sign * (s * u[j] + b));
+#if MMFAST_CONTRASTIVE_AVX2
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const __m256 vs = _mm256_set1_ps(-sign * s), vb = _mm256_set1_ps(-sign * b),
+                   vw = _mm256_set1_ps(sign * w);
+      const __m256 one = _mm256_set1_ps(1.f);
+      __m256 agu = _mm256_setzero_ps(), ags = _mm256_setzero_ps();
+      for (; j + 8 <= n; j += 8) {
+        const __m256 uj = _mm256_loadu_ps(u + j);
+        const __m256 v = _mm256_div_ps(vw, _mm256_add_ps(one, exp8(_mm256_fmadd_ps(vs, uj, vb))));
+        agu = _mm256_fmadd_ps(v, uj, agu);
+        ags = _mm256_add_ps(ags, v);
+        _mm256_storeu_ps(G + j, v);
+      }
+      gu = cpu::hsum8(agu);
+      gs = cpu::hsum8(ags);
+    }
+#endif
+    for (; j < n; ++j) {
+      const acc_t v = sign * w / (acc_t(1) + exp_(-sign * (s * u[j] + b)));
       gu += v * u[j];
       gs += v;
       G[j] = v;
@@ -370,8 +465,22 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
   const acc_t* rs = static_cast<const acc_t*>(g.row_stat);
   const acc_t rm = rs[i], rl = rs[g.n_rows + i];  // e^(S - r_i) = e^((S - max) - log Σ)
   if (g.col_w == nullptr) {                       // G = a_i e^(S - r_i)
-#pragma omp simd reduction(+ : gu)
-    for (int64_t j = 0; j < n; ++j) {
+#if MMFAST_CONTRASTIVE_AVX2
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const __m256 vs = _mm256_set1_ps(s), vrm = _mm256_set1_ps(rm), vrl = _mm256_set1_ps(rl);
+      const __m256 vw = _mm256_set1_ps(w);
+      __m256 agu = _mm256_setzero_ps();
+      for (; j + 8 <= n; j += 8) {
+        const __m256 uj = _mm256_loadu_ps(u + j);
+        const __m256 sij = _mm256_mul_ps(vs, uj);
+        const __m256 v = _mm256_mul_ps(vw, exp8(_mm256_sub_ps(_mm256_sub_ps(sij, vrm), vrl)));
+        agu = _mm256_fmadd_ps(v, uj, agu);
+        _mm256_storeu_ps(G + j, v);
+      }
+      gu = cpu::hsum8(agu);
+    }
+#endif
+    for (; j < n; ++j) {
       const acc_t v = w * exp_((s * u[j] - rm) - rl);
       gu += v * u[j];
       G[j] = v;
@@ -381,8 +490,25 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
   const acc_t* e = static_cast<const acc_t*>(g.col_w) + j0;  // + e_j e^(S - c_j)
   const acc_t* cm = static_cast<const acc_t*>(g.col_stat) + j0;
   const acc_t* cl = cm + g.n_cols;
-#pragma omp simd reduction(+ : gu)
-  for (int64_t j = 0; j < n; ++j) {
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 vs = _mm256_set1_ps(s), vrm = _mm256_set1_ps(rm), vrl = _mm256_set1_ps(rl);
+    const __m256 vw = _mm256_set1_ps(w);
+    __m256 agu = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 uj = _mm256_loadu_ps(u + j);
+      const __m256 sij = _mm256_mul_ps(vs, uj);
+      const __m256 pr = exp8(_mm256_sub_ps(_mm256_sub_ps(sij, vrm), vrl));
+      const __m256 pc =
+          exp8(_mm256_sub_ps(_mm256_sub_ps(sij, _mm256_loadu_ps(cm + j)), _mm256_loadu_ps(cl + j)));
+      const __m256 v = _mm256_fmadd_ps(vw, pr, _mm256_mul_ps(_mm256_loadu_ps(e + j), pc));
+      agu = _mm256_fmadd_ps(v, uj, agu);
+      _mm256_storeu_ps(G + j, v);
+    }
+    gu = cpu::hsum8(agu);
+  }
+#endif
+  for (; j < n; ++j) {
     const acc_t sij = s * u[j];
     const acc_t v = w * exp_((sij - rm) - rl) + e[j] * exp_((sij - cm[j]) - cl[j]);
     gu += v * u[j];
@@ -433,31 +559,41 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   std::vector<at::Tensor> dy_part(tl.chunks);  // per-chunk partial dy (separate tensors: no views escape)
   for (auto& t : dy_part) t = at::zeros({M, D}, acc_opts);
   std::vector<double> gu_sum(tl.chunks, 0.0), g_sum(tl.chunks, 0.0);
-  // G in the input dtype (so bf16/fp16 GEMMs run on their units); aliases U for fp32/fp64.
-  std::vector<at::Tensor> gbuf(tl.chunks);
-  if (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    for (auto& t : gbuf) t = at::empty({tl.bn, tl.bm}, x.options());
+  const TileProducts<scalar_t> tp(x, y, /*backward=*/true);
+  // Per-chunk buffers: G in the input dtype for bf16/fp16 (so their GEMMs run on low-precision units;
+  // for fp32/fp64 G overwrites the U tile in place), Gᵀ for the vdpbf16ps kernel, one fp32 G row.
+  constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
+  std::vector<std::vector<scalar_t>> gbuf(tl.chunks), gtbuf(tl.chunks);
+  std::vector<std::vector<acc_t>> row_tmp(tl.chunks);
+  for (int64_t c = 0; c < tl.chunks; ++c) {
+    if (!in_place) gbuf[c].resize(tl.bn * tl.bm);
+    if (tp.vnni()) gtbuf[c].resize(tl.bm * tl.bn);
+    row_tmp[c].resize(tl.bm);
   }
+  acc_t* dx_ptr = dx.data_ptr<acc_t>();
   for_each_tile<scalar_t>(
-      x, y, tl,
-      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, const at::Tensor& U,
-          const at::Tensor& xb) {
-        constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;  // G overwrites U
-        acc_t* Gacc = in_place ? U.data_ptr<acc_t>() : nullptr;
-        std::vector<acc_t> row_tmp(in_place ? 0 : bm);
-        const at::Tensor& Gfull = in_place ? U : gbuf[c];
-        scalar_t* Gout = Gfull.data_ptr<scalar_t>();
+      tp, N, M, tl,
+      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
+        scalar_t* Gout = in_place ? reinterpret_cast<scalar_t*>(U) : gbuf[c].data();
+        scalar_t* Gt = gtbuf[c].data();
         for (int64_t r = 0; r < bn; ++r) {
-          const acc_t* u = U.data_ptr<acc_t>() + r * tl.bm;
-          acc_t* G = Gacc ? Gacc + r * tl.bm : row_tmp.data();
+          const acc_t* u = U + r * tl.bm;
+          acc_t* G = in_place ? U + r * tl.bm : row_tmp[c].data();
           const auto t = grad_tile_row<acc_t>(g, i0 + r, j0, bm, u, G);
           gu_sum[c] += t.first;
           g_sum[c] += t.second;
-          if (!Gacc) std::copy(G, G + bm, Gout + r * tl.bm);
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            cpu::to_bf16(G, Gout + r * tl.bm, bm);
+          } else if constexpr (!in_place) {
+            std::copy(G, G + bm, Gout + r * tl.bm);
+          }
+          if (tp.vnni()) {  // Gᵀ column r
+            for (int64_t j = 0; j < bm; ++j) Gt[j * tl.bn + r] = Gout[r * tl.bm + j];
+          }
         }
-        const at::Tensor Gt = Gfull.narrow(0, 0, bn).narrow(1, 0, bm);
-        gemm<scalar_t>(Gt, y.narrow(0, j0, bm), dx.narrow(0, i0, bn), g.s, true);
-        gemm<scalar_t>(Gt.t(), xb, dy_part[c].narrow(0, j0, bm), g.s, true);
+        tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr);
+        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s),
+                  dy_part[c].data_ptr<acc_t>());
       },
       [](int64_t, int64_t, int64_t) {});
   at::Tensor dy = dy_part[0];

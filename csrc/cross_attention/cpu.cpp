@@ -274,6 +274,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }  // namespace mmfast::xattn
 
 #include "cross_attention/cpu_fast.h"
+#include "cross_attention/cpu_fast_bf16.h"
 
 namespace mmfast::xattn {
 namespace {
@@ -336,6 +337,8 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& q_in, const at
   Masking mk = make_masking(p.q, p.k, p.kpm, p.mask, is_causal, dropout_p, seed);
   if (fast_path_ok(p.q, p.k, p.v, p.mask, dropout_p)) {
     forward_fast(p.q, p.k, p.v, mk, scale, target, lse);
+  } else if (fast_bf16_ok(p.q, p.k, p.mask, dropout_p)) {  // bf16, AVX512_BF16, no attn_mask, no dropout
+    forward_fast_bf16(p.q, p.k, p.v, mk, scale, target, lse);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_forward",
                                     [&] { forward_kernel<scalar_t>(p.q, p.k, p.v, mk, scale, target, lse); });

@@ -169,6 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   Masking mk = make_masking(p.q, p.k, p.kpm, p.mask, is_causal, dropout_p, seed);
   if (fast_path_ok(p.q, p.k, p.v, p.mask, dropout_p)) {  // fp32, no attn_mask, no dropout
     backward_fast(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv);
+  } else if (fast_bf16_ok(p.q, p.k, p.mask, dropout_p)) {
+    backward_fast_bf16(dout, p.q, p.k, p.v, out, lse_c, mk, scale, dq, dk, dv);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_backward", [&] {

@@ -1,0 +1,264 @@
+// Fast path of the CPU cross-attention for bf16 without attn_mask or dropout (key padding and causal
+// allowed) on CPUs with AVX512_BF16: every product on the vdpbf16ps kernel of common/cpu_gemm_bf16.h
+// (bf16 x bf16 -> fp32 at twice the fp32 FMA rate), softmax and statistics in fp32. Included by
+// cpu.cpp after cpu_fast.h, whose transposed block layout, masking and softmax it shares.
+//
+// The kernel's operands: A row-major with contiguous k (read as broadcast bf16 pairs), B packed in
+// k-pairs (cpu::pack_vnni). Per block of Mb <= 32 query rows (S^T: keys x rows, as in cpu_fast.h):
+//   forward:  S^T = scale K Q^T          A = K rows,          B = Q^T packed (K = D)
+//             O = P V                     A = P (bf16),        B = V packed (K = keys), per (b, g, keys)
+//   backward: P^T = exp(S^T - lse)        as above
+//             dP^T = V dO^T               A = V rows,          B = dO^T packed (K = Dv)
+//             dv += P^T dO                A = P^T (bf16),      B = dO packed (K = rows)
+//             dS^T = P^T (dP^T - D)
+//             dk += scale dS^T Q          A = dS^T (bf16),     B = Q packed (K = rows)
+//             dq = scale dS K             A = dS (bf16),       B = K packed once per (b, g) task
+// P and dS are rounded to bf16 once (as in every bf16 attention kernel); dk, dv accumulate in fp32
+// over the task's heads and blocks and are rounded once at the end.
+#pragma once
+
+#include "common/cpu_gemm_bf16.h"
+
+namespace mmfast::xattn {
+namespace {
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+using u16 = uint16_t;
+
+inline u16 bf16_bits(float x) {  // round to nearest even (finite inputs)
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return static_cast<u16>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+inline float bf16_value(u16 h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+// dst (Mb x n, row stride ldd) = bf16 of src^T (src: n x Mb fp32), rows [0, rows).
+void transpose_to_bf16(const float* src, int64_t n, int64_t Mb, int64_t rows, u16* dst, int64_t ldd) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* s = src + j * Mb;
+    for (int64_t r = 0; r < rows; ++r) dst[r * ldd + j] = bf16_bits(s[r]);
+  }
+}
+
+// B packed from a row-major block x (k rows, n columns, row stride ld): K = k, N = n.
+void pack_rows(const u16* x, int64_t ld, int64_t k, int64_t n, std::vector<u16>& dst) {
+  dst.resize(cpu::vnni_packed_size(k, n));
+  cpu::pack_vnni(x, ld, 1, k, n, dst.data(), 0, (n + cpu::kVnniCols - 1) / cpu::kVnniCols);
+}
+// B packed from the transpose of a row-major block x (rows x d, row stride ld): K = d, N = rows.
+void pack_transposed(const u16* x, int64_t ld, int64_t rows, int64_t d, std::vector<u16>& dst) {
+  dst.resize(cpu::vnni_packed_size(d, rows));
+  cpu::pack_vnni(x, 1, ld, d, rows, dst.data(), 0, (rows + cpu::kVnniCols - 1) / cpu::kVnniCols);
+}
+
+bool fast_bf16_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask, double dropout_p) {
+  const char* e = std::getenv("MMFAST_XATTN_CPU_FAST");  // read per call: benchmarks toggle it
+  const bool enabled = e == nullptr || std::string(e) != "0";
+  return enabled && cpu::has_avx512_bf16() && q.scalar_type() == at::kBFloat16 && !mask.defined() &&
+         dropout_p == 0.0 && q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0 && k.size(2) <= kMaxFastKeys;
+}
+
+template <typename T>
+const u16* bits(const T* p) {
+  return reinterpret_cast<const u16*>(p);
+}
+
+// Forward, one task per (b, h, block of Mb query rows), as forward_fast.
+void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Masking& mk,
+                       double scale_d, at::Tensor& out, at::Tensor& lse) {
+  using bf16 = at::BFloat16;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
+  const View4<bf16> Q = view4<bf16>(q), K = view4<bf16>(k), V = view4<bf16>(v), O = view4<bf16>(out);
+  float* lse_p = lse.data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  int64_t Mb = 32;
+  while (Mb > 8 && B * Hq * ((Lq + Mb - 1) / Mb) < 4 * at::get_num_threads()) Mb /= 2;
+  const int64_t nqb = (Lq + Mb - 1) / Mb;
+
+  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> st(std::max<int64_t>(Lk, 1) * Mb), o(Mb * Dv), m(Mb), l(Mb);
+    std::vector<u16> qp, vp, p(Mb * (std::max<int64_t>(Lk, 1) + 1));
+    int64_t packed_b = -1, packed_g = -1, packed_lo = -1, packed_cols = -1;  // whose V is in vp
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * Mb, g = h / group;
+      const int64_t rows = std::min(Mb, Lq - i0);
+      auto [lo, hi] = mk.key_range(b, i0, i0 + rows);
+      const int64_t cols = std::max<int64_t>(hi - lo, 0);
+      // 1. S^T = scale K Q^T, masks.
+      pack_transposed(bits(Q.row(b, h, i0)), Q.sl, rows, D, qp);
+      cpu::gemm_bf16_vnni(cols, Mb, D, scale, bits(K.row(b, g, lo)), K.sl, qp.data(),
+                          cpu::vnni_panel_stride(D), st.data(), Mb, false);
+      mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
+      // 2. Softmax down the columns (fp32, 8 lanes at a time), as in forward_fast.
+      for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+        __m256 mx = _mm256_set1_ps(kNegInf);
+        for (int64_t jj = 0; jj < cols; ++jj) mx = _mm256_max_ps(mx, _mm256_loadu_ps(&st[jj * Mb + v8]));
+        const __m256 none = _mm256_cmp_ps(mx, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
+        const __m256 mu = _mm256_andnot_ps(none, mx);
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t jj = 0; jj < cols; ++jj) {
+          float* sp = &st[jj * Mb + v8];
+          const __m256 e = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), mu));
+          _mm256_storeu_ps(sp, e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        _mm256_storeu_ps(&m[v8], mx);
+        _mm256_storeu_ps(&l[v8], sum);
+      }
+      // 3. O = P V with P in bf16 (rows x cols) and V packed once per (b, g, key range).
+      if (cols > 0) {
+        if (b != packed_b || g != packed_g || lo != packed_lo || cols != packed_cols) {
+          pack_rows(bits(V.row(b, g, lo)), V.sl, cols, Dv, vp);
+          packed_b = b, packed_g = g, packed_lo = lo, packed_cols = cols;
+        }
+        const int64_t ldp = cols + 1;  // any ld works; odd avoids 4 KB aliasing of the rows
+        transpose_to_bf16(st.data(), cols, Mb, rows, p.data(), ldp);
+        cpu::gemm_bf16_vnni(rows, Dv, cols, 1.f, p.data(), ldp, vp.data(), cpu::vnni_panel_stride(cols),
+                            o.data(), Dv, false);
+      }
+      // 4. out = O / l, lse = m + log l; rows without an allowed key: 0, -inf.
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = !(l[r] > 0.f);
+        const float inv = empty ? 0.f : 1.f / l[r];
+        bf16* orow = O.row(b, h, i0 + r);
+        for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<bf16>(empty ? 0.f : o[r * Dv + d] * inv);
+        lse_p[(b * Hq + h) * Lq + i0 + r] = empty ? kNegInf : m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+// Per-thread buffers of the bf16 backward.
+struct FastBf16Scratch {
+  FastBf16Scratch(int64_t Mb, int64_t D, int64_t Dv, int64_t Lk)
+      : pt(std::max<int64_t>(Lk, 1) * Mb),
+        dpt(std::max<int64_t>(Lk, 1) * Mb),
+        dq(Mb * D),
+        dk(Lk * D),
+        dv(Lk * Dv),
+        di(Mb),
+        lse(Mb),
+        ptb(std::max<int64_t>(Lk, 1) * Mb),
+        dstb(std::max<int64_t>(Lk, 1) * Mb),
+        dsb(Mb * (std::max<int64_t>(Lk, 1) + 1)) {}
+  std::vector<float> pt, dpt, dq, dk, dv, di, lse;
+  std::vector<u16> ptb, dstb, dsb, kp, qt, dot, qr, dor;
+};
+
+// Backward, one task per (b, g) as backward_fast: the task owns dk, dv of kv head g.
+void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& lse_t, const Masking& mk, double scale_d,
+                        at::Tensor& dq_t, at::Tensor& dk_t, at::Tensor& dv_t) {
+  using bf16 = at::BFloat16;
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
+  const int64_t Mb = std::min<int64_t>(32, (Lq + 7) / 8 * 8);
+  const View4<bf16> Q = view4<bf16>(q), K = view4<bf16>(k), V = view4<bf16>(v), O = view4<bf16>(out);
+  const View4<bf16> dO = view4<bf16>(dout), dQ = view4<bf16>(dq_t), dK = view4<bf16>(dk_t),
+                    dV = view4<bf16>(dv_t);
+  const float* lse_p = lse_t.data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    FastBf16Scratch w(Mb, D, Dv, Lk);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, g = t % Hkv;
+      std::fill(w.dk.begin(), w.dk.end(), 0.f);
+      std::fill(w.dv.begin(), w.dv.end(), 0.f);
+      // K packed for dq = dS K over the item's unpadded keys [klo, khi): every block's key range
+      // starts at klo (causal only moves its end), so a block uses the packed rows from pair 0.
+      const int64_t klo = mk.kv_lo[b], kn = std::max<int64_t>(mk.kv_hi[b] - klo, 0);
+      if (kn > 0) pack_rows(bits(K.row(b, g, klo)), K.sl, kn, D, w.kp);
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < Lq; i0 += Mb) {
+          const int64_t rows = std::min(Mb, Lq - i0);
+          const bf16* qb = Q.row(b, h, i0);
+          const bf16* dob = dO.row(b, h, i0);
+          // 1. D_i = <do_i, o_i>; per-lane lse, +inf for padding lanes and empty rows (p = 0).
+          for (int64_t r = 0; r < Mb; ++r) {
+            float di = 0.f, l = std::numeric_limits<float>::infinity();
+            if (r < rows) {
+              const bf16* o = O.row(b, h, i0 + r);
+              for (int64_t d = 0; d < Dv; ++d)
+                di += static_cast<float>(dob[r * dO.sl + d]) * static_cast<float>(o[d]);
+              const float x = lse_p[(b * Hq + h) * Lq + i0 + r];
+              if (x != -std::numeric_limits<float>::infinity()) l = x;
+            }
+            w.di[r] = di, w.lse[r] = l;
+          }
+          auto [lo, hi] = mk.key_range(b, i0, i0 + rows);
+          const int64_t cols = std::max<int64_t>(hi - lo, 0);
+          if (cols == 0) {
+            for (int64_t r = 0; r < rows; ++r)
+              std::fill(dQ.row(b, h, i0 + r), dQ.row(b, h, i0 + r) + D, bf16(0.f));
+            continue;
+          }
+          pack_transposed(bits(qb), Q.sl, rows, D, w.qt);
+          pack_transposed(bits(dob), dO.sl, rows, Dv, w.dot);
+          pack_rows(bits(qb), Q.sl, rows, D, w.qr);
+          pack_rows(bits(dob), dO.sl, rows, Dv, w.dor);
+          // 2. P^T = exp(scale K Q^T + masks - lse), 3. dP^T = V dO^T.
+          cpu::gemm_bf16_vnni(cols, Mb, D, scale, bits(K.row(b, g, lo)), K.sl, w.qt.data(),
+                              cpu::vnni_panel_stride(D), w.pt.data(), Mb, false);
+          mask_transposed(mk, b, i0, Mb, lo, cols, w.pt.data());
+          cpu::gemm_bf16_vnni(cols, Mb, Dv, 1.f, bits(V.row(b, g, lo)), V.sl, w.dot.data(),
+                              cpu::vnni_panel_stride(Dv), w.dpt.data(), Mb, false);
+          for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+            const __m256 vl = _mm256_loadu_ps(&w.lse[v8]);
+            const __m256 vd = _mm256_loadu_ps(&w.di[v8]);
+            for (int64_t jj = 0; jj < cols; ++jj) {
+              float* sp = &w.pt[jj * Mb + v8];
+              const __m256 pv = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), vl));
+              _mm256_storeu_ps(sp, pv);  // P^T
+              float* dp = &w.dpt[jj * Mb + v8];
+              _mm256_storeu_ps(dp, _mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(dp), vd)));  // dS^T
+            }
+          }
+          cpu::to_bf16(w.pt.data(), reinterpret_cast<bf16*>(w.ptb.data()), cols * Mb);
+          cpu::to_bf16(w.dpt.data(), reinterpret_cast<bf16*>(w.dstb.data()), cols * Mb);
+          // 4. dv += P^T dO, 5. dk += scale dS^T Q (K = the block's rows; padding lanes hold p = 0).
+          cpu::gemm_bf16_vnni(cols, Dv, rows, 1.f, w.ptb.data(), Mb, w.dor.data(),
+                              cpu::vnni_panel_stride(rows), w.dv.data() + lo * Dv, Dv, true);
+          cpu::gemm_bf16_vnni(cols, D, rows, scale, w.dstb.data(), Mb, w.qr.data(),
+                              cpu::vnni_panel_stride(rows), w.dk.data() + lo * D, D, true);
+          // 6. dq = scale dS K (dS row-major from dS^T; K packed for the task).
+          const int64_t ldds = cols + 1;
+          transpose_to_bf16(w.dpt.data(), cols, Mb, rows, w.dsb.data(), ldds);
+          cpu::gemm_bf16_vnni(rows, D, cols, scale, w.dsb.data(), ldds,
+                              w.kp.data() + (lo - klo) * cpu::kVnniCols, cpu::vnni_panel_stride(kn),
+                              w.dq.data(), D, false);
+          for (int64_t r = 0; r < rows; ++r) {
+            bf16* dqrow = dQ.row(b, h, i0 + r);
+            for (int64_t d = 0; d < D; ++d) dqrow[d] = static_cast<bf16>(w.dq[r * D + d]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < Lk; ++j) {  // this task's kv head: every key row, zeros included
+        bf16* dkrow = dK.row(b, g, j);
+        bf16* dvrow = dV.row(b, g, j);
+        for (int64_t d = 0; d < D; ++d) dkrow[d] = static_cast<bf16>(w.dk[j * D + d]);
+        for (int64_t d = 0; d < Dv; ++d) dvrow[d] = static_cast<bf16>(w.dv[j * Dv + d]);
+      }
+    }
+  });
+}
+
+#else
+bool fast_bf16_ok(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) { return false; }
+void forward_fast_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double,
+                       at::Tensor&, at::Tensor&) {}
+void backward_fast_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const Masking&, double, at::Tensor&,
+                        at::Tensor&, at::Tensor&) {}
+#endif
+
+}  // namespace
+}  // namespace mmfast::xattn
