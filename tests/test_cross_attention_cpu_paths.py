@@ -93,3 +93,19 @@ def test_cpu_large_outputs_from_the_block_cache(path, monkeypatch):
         compare_with_reference(
             inp["query"], inp["key"], inp["value"], key_padding_mask=inp["key_padding_mask"], backend="cpu"
         )
+
+
+@pytest.mark.parametrize("path", ["fast-avx512", "fast-avx2", "fast-pass2"])
+def test_cpu_fast_path_interior_padding(path, monkeypatch):
+    """Padded keys inside the span of unpadded ones (the mask pass runs) next to items padded only at
+    the end (the forward skips the mask pass there)."""
+    for name, value in PATHS[path].items():
+        monkeypatch.setenv(name, value)
+    torch.manual_seed(3)
+    inp = attention_inputs(B=3, Hq=4, Hkv=2, Lq=40, Lk=150, D=32, dtype=torch.float32)
+    kpm = torch.zeros(3, 150, dtype=torch.bool)
+    kpm[0, 10:30] = True  # interior hole
+    kpm[0, 140:] = True
+    kpm[1, ::3] = True  # every third key
+    kpm[2, 100:] = True  # trailing only
+    compare_with_reference(inp["query"], inp["key"], inp["value"], key_padding_mask=kpm, backend="cpu")

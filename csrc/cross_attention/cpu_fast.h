@@ -337,6 +337,7 @@ void transpose_block(const float* x, int64_t ldx, int64_t rows, int64_t cols, in
 // the lanes r whose row i0 + r may not see it (j > i + Lk - Lq).
 void mask_transposed(const Masking& mk, int64_t b, int64_t i0, int64_t Mb, int64_t lo, int64_t cols,
                      float* st) {
+  if (mk.kpm == nullptr && !mk.causal) return;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t jj = 0; jj < cols; ++jj) {
     const int64_t j = lo + jj;
@@ -364,6 +365,14 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t nqb = (Lq + Mb - 1) / Mb;
   const bool z = use_exp2_z(Mb);
   const float lg = z ? kLog2e : 1.f;  // scores in log2 units for the base-2 softmax
+  // Batch items whose key span [kv_lo, kv_hi) holds no padded key (e.g. trailing padding only):
+  // without causal masking their blocks need no mask pass.
+  std::vector<char> unmasked(B, !mk.causal);
+  for (int64_t b = 0; b < B && mk.kpm != nullptr && !mk.causal; ++b) {
+    for (int64_t j = mk.kv_lo[b]; j < mk.kv_hi[b] && unmasked[b]; ++j) {
+      if (mk.kpm[b * mk.kpm_sb + j * mk.kpm_sj]) unmasked[b] = 0;
+    }
+  }
 
   struct Scratch {
     std::vector<float> qt, st, ot, m, l;
@@ -382,7 +391,7 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       // 1. Q^T, 2. S^T = scale K Q^T, masks.
       transpose_block(Q.row(b, h, i0), Q.sl, rows, D, Mb, qt.data());
       small_gemm(cols, Mb, D, scale * lg, K.row(b, g, lo), K.sl, 1, qt.data(), Mb, st.data(), Mb, false);
-      mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
+      if (!unmasked[b]) mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
       // 3. Softmax down the columns: m = max_j s, p = exp(s - m), l = sum_j p (AVX-512: all lanes of
       // a row at once, base 2; AVX2: 8 lanes at a time).
       if (z && Mb == 32) {
