@@ -45,13 +45,16 @@ def _has_avx512_bf16() -> bool:
         return False
 
 
-@pytest.mark.parametrize("path", ["fast-bf16", "generic"])
+@pytest.mark.parametrize("path", ["fast-bf16", "fast-bf16-pass2", "generic"])
 @pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: "x".join(map(str, c[:6])))
 def test_cpu_bf16_path_matches_reference(path, case, monkeypatch):
-    if path == "fast-bf16" and not _has_avx512_bf16():
+    if path.startswith("fast-bf16") and not _has_avx512_bf16():
         pytest.skip("this CPU has no AVX512_BF16: bf16 runs the generic kernel")
     if path == "generic":
         monkeypatch.setenv("MMFAST_XATTN_CPU_FAST", "0")
+    if path == "fast-bf16-pass2":  # AVX2 exp and static tasks instead of the AVX-512 exp2 softmax
+        for name, value in PATHS["fast-pass2"].items():
+            monkeypatch.setenv(name, value)
     B, Hq, Hkv, Lq, Lk, D, pad, causal = case
     inp = attention_inputs(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, pad_frac=pad, dtype=torch.bfloat16)
     compare_with_reference(
