@@ -212,8 +212,9 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
   parallel_tasks(B * Hkv, init, [&](FastBf16Scratch& w, int64_t t) {
     {
       const int64_t b = t / Hkv, g = t % Hkv;
-      std::fill(w.dk.begin(), w.dk.end(), 0.f);
-      std::fill(w.dv.begin(), w.dv.end(), 0.f);
+      // The first block with keys writes the fp32 dk, dv accumulators (zeros outside its keys),
+      // later blocks add to them: no zero fill of the whole Lk rows first.
+      bool fresh = true;
       // K packed for dq = dS K over the item's unpadded keys [klo, khi): every block's key range
       // starts at klo (causal only moves its end), so a block uses the packed rows from pair 0.
       const int64_t klo = mk.kv_lo[b], kn = std::max<int64_t>(mk.kv_hi[b] - klo, 0);
@@ -270,11 +271,18 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           }
           cpu::to_bf16(w.pt.data(), reinterpret_cast<bf16*>(w.ptb.data()), cols * Mb);
           cpu::to_bf16(w.dpt.data(), reinterpret_cast<bf16*>(w.dstb.data()), cols * Mb);
+          if (fresh) {  // rows outside this block's keys: 0 (later blocks only add)
+            std::fill(w.dk.begin(), w.dk.begin() + lo * D, 0.f);
+            std::fill(w.dk.begin() + (lo + cols) * D, w.dk.end(), 0.f);
+            std::fill(w.dv.begin(), w.dv.begin() + lo * Dv, 0.f);
+            std::fill(w.dv.begin() + (lo + cols) * Dv, w.dv.end(), 0.f);
+          }
           // 4. dv += P^T dO, 5. dk += scale dS^T Q (K = the block's rows; padding lanes hold p = 0).
           cpu::gemm_bf16_vnni(cols, Dv, rows, 1.f, w.ptb.data(), Mb, w.dor.data(),
-                              cpu::vnni_panel_stride(rows), w.dv.data() + lo * Dv, Dv, true);
+                              cpu::vnni_panel_stride(rows), w.dv.data() + lo * Dv, Dv, !fresh);
           cpu::gemm_bf16_vnni(cols, D, rows, scale, w.dstb.data(), Mb, w.qr.data(),
-                              cpu::vnni_panel_stride(rows), w.dk.data() + lo * D, D, true);
+                              cpu::vnni_panel_stride(rows), w.dk.data() + lo * D, D, !fresh);
+          fresh = false;
           // 6. dq = scale dS K (dS row-major from dS^T; K packed for the task).
           const int64_t ldds = cols + 1;
           transpose_to_bf16(w.dpt.data(), cols, Mb, rows, w.dsb.data(), ldds);
@@ -287,11 +295,14 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           }
         }
       }
-      for (int64_t j = 0; j < Lk; ++j) {  // this task's kv head: every key row, zeros included
-        bf16* dkrow = dK.row(b, g, j);
-        bf16* dvrow = dV.row(b, g, j);
-        for (int64_t d = 0; d < D; ++d) dkrow[d] = static_cast<bf16>(w.dk[j * D + d]);
-        for (int64_t d = 0; d < Dv; ++d) dvrow[d] = static_cast<bf16>(w.dv[j * Dv + d]);
+      if (fresh) {  // no block had a key: dk, dv = 0
+        std::fill(w.dk.begin(), w.dk.end(), 0.f);
+        std::fill(w.dv.begin(), w.dv.end(), 0.f);
+      }
+      for (int64_t j = 0; j < Lk;
+           ++j) {  // this task's kv head: every key row, zeros included (vectorized rounding)
+        cpu::to_bf16(w.dk.data() + j * D, dK.row(b, g, j), D);
+        cpu::to_bf16(w.dv.data() + j * Dv, dV.row(b, g, j), Dv);
       }
     }
   });
