@@ -46,9 +46,38 @@ void transpose_to_bf16(const float* src, int64_t n, int64_t Mb, int64_t rows, u1
   }
 }
 
+// pack_rows with AVX-512 (BW): per pair of rows and panel of 32 columns, two masked 32-element loads
+// and two vpermt2w interleaves give the panel's 64 bf16 of that pair (zeros beyond n and for the odd
+// last row), the layout of cpu::pack_vnni.
+__attribute__((target("avx512f,avx512bw"))) void pack_rows_z(const u16* x, int64_t ld, int64_t k, int64_t n,
+                                                             u16* dst) {
+  alignas(64) static const uint16_t kIdx[2][32] = {
+      {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
+      {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+       24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
+  const __m512i lo = _mm512_load_si512(kIdx[0]), hi = _mm512_load_si512(kIdx[1]);
+  const int64_t pairs = cpu::vnni_pairs(k), stride = cpu::vnni_panel_stride(k);
+  for (int64_t n0 = 0, p = 0; n0 < n; n0 += cpu::kVnniCols, ++p) {
+    const int64_t cols = std::min<int64_t>(cpu::kVnniCols, n - n0);
+    const __mmask32 m = cols == 32 ? ~__mmask32(0) : (__mmask32(1) << cols) - 1;
+    u16* d = dst + p * stride;
+    for (int64_t q = 0; q < pairs; ++q, d += 2 * cpu::kVnniCols) {
+      const __m512i a = _mm512_maskz_loadu_epi16(m, x + 2 * q * ld + n0);
+      const __m512i b =
+          2 * q + 1 < k ? _mm512_maskz_loadu_epi16(m, x + (2 * q + 1) * ld + n0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(d, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(d + cpu::kVnniCols, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
 // B packed from a row-major block x (k rows, n columns, row stride ld): K = k, N = n.
 void pack_rows(const u16* x, int64_t ld, int64_t k, int64_t n, std::vector<u16>& dst) {
   dst.resize(cpu::vnni_packed_size(k, n));
+  static const bool bw = __builtin_cpu_supports("avx512bw");
+  if (bw && g_pass3.load(std::memory_order_relaxed))
+    return pack_rows_z(x, ld, k, n, dst.data());  // PASS3=0: A/B
   cpu::pack_vnni(x, ld, 1, k, n, dst.data(), 0, (n + cpu::kVnniCols - 1) / cpu::kVnniCols);
 }
 // B packed from the transpose of a row-major block x (rows x d, row stride ld): K = d, N = rows.
