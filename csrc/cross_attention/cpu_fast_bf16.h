@@ -39,11 +39,50 @@ inline float bf16_value(u16 h) {
 }
 
 // dst (Mb x n, row stride ldd) = bf16 of src^T (src: n x Mb fp32), rows [0, rows).
+// bf16 bits of x (round to nearest even, as bf16_bits) in the upper half of each 32-bit lane.
+__attribute__((target("avx512f"))) inline __m512i round_bits_z(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+}
+
+// transpose_to_bf16 with AVX-512: per 16 lanes and pair of keys (j, j + 1), both rounded to bf16
+// (nearest even, as bf16_bits) and joined into one 32-bit value per lane, then one masked scatter
+// writes the 16 pairs to dst[r * ldd + j] of their rows: no scalar strided u16 stores.
+__attribute__((target("avx512f"))) void transpose_to_bf16_z(const float* src, int64_t n, int64_t Mb,
+                                                            int64_t rows, u16* dst, int64_t ldd) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t lanes = std::min<int64_t>(16, rows - r0);
+    const __mmask16 m = static_cast<__mmask16>(lanes == 16 ? 0xFFFFu : (1u << lanes) - 1u);
+    // element offsets (u16 units) of rows r0 + i
+    const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(r0))),
+                                           _mm512_set1_epi32(static_cast<int>(ldd)));
+    int64_t j = 0;
+    for (; j + 1 < n; j += 2) {
+      const __m512i lo = _mm512_srli_epi32(round_bits_z(_mm512_maskz_loadu_ps(m, src + j * Mb + r0)), 16);
+      const __m512i hi =
+          _mm512_and_si512(round_bits_z(_mm512_maskz_loadu_ps(m, src + (j + 1) * Mb + r0)), high);
+      _mm512_mask_i32scatter_epi32(dst + j, m, idx, _mm512_or_si512(lo, hi), 2);
+    }
+    for (; j < n; ++j) {
+      for (int64_t r = r0; r < r0 + lanes; ++r) dst[r * ldd + j] = bf16_bits(src[j * Mb + r]);
+    }
+  }
+}
+
 void transpose_to_bf16(const float* src, int64_t n, int64_t Mb, int64_t rows, u16* dst, int64_t ldd) {
   for (int64_t j = 0; j < n; ++j) {
     const float* s = src + j * Mb;
     for (int64_t r = 0; r < rows; ++r) dst[r * ldd + j] = bf16_bits(s[r]);
   }
+}
+
+// transpose_to_bf16_z unless MMFAST_XATTN_CPU_PASS3=0 (A/B runs; AVX-512 is present with AVX512_BF16).
+void transpose_bf16(const float* src, int64_t n, int64_t Mb, int64_t rows, u16* dst, int64_t ldd) {
+  if (g_pass3.load(std::memory_order_relaxed)) return transpose_to_bf16_z(src, n, Mb, rows, dst, ldd);
+  transpose_to_bf16(src, n, Mb, rows, dst, ldd);
 }
 
 // pack_rows with AVX-512 (BW): per pair of rows and panel of 32 columns, two masked 32-element loads
@@ -188,7 +227,7 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
           packed_b = b, packed_g = g, packed_lo = lo, packed_cols = cols;
         }
         const int64_t ldp = cols + 1;  // any ld works; odd avoids 4 KB aliasing of the rows
-        transpose_to_bf16(st.data(), cols, Mb, rows, p.data(), ldp);
+        transpose_bf16(st.data(), cols, Mb, rows, p.data(), ldp);
         cpu::gemm_bf16_vnni(rows, Dv, cols, 1.f, p.data(), ldp, vp.data(), cpu::vnni_panel_stride(cols),
                             o.data(), Dv, false);
       }
@@ -314,7 +353,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           fresh = false;
           // 6. dq = scale dS K (dS row-major from dS^T; K packed for the task).
           const int64_t ldds = cols + 1;
-          transpose_to_bf16(w.dpt.data(), cols, Mb, rows, w.dsb.data(), ldds);
+          transpose_bf16(w.dpt.data(), cols, Mb, rows, w.dsb.data(), ldds);
           cpu::gemm_bf16_vnni(rows, D, cols, scale, w.dsb.data(), ldds,
                               w.kp.data() + (lo - klo) * cpu::kVnniCols, cpu::vnni_panel_stride(kn),
                               w.dq.data(), D, false);
