@@ -137,10 +137,13 @@ const u16* bits(const T* p) {
   return reinterpret_cast<const u16*>(p);
 }
 
-// P^T = 2^(S^T - lse2) and dS^T = P^T (dP^T - D) in place, AVX-512, Mb = 16 NV lanes (log2 units).
+// P^T = 2^(S^T - lse2) and dS^T = P^T (dP^T - D), AVX-512, Mb = 16 NV lanes (log2 units), in the same
+// pass rounded to bf16 (ptb, dstb: the dv and dk GEMMs' A operands); dS^T also stays in fp32 in dpt
+// (the dq transpose reads it). P^T itself is not kept in fp32.
 template <int NV>
-__attribute__((target("avx512f"))) void exp_ds_cols_z(float* pt, float* dpt, int64_t cols, const float* lse2,
-                                                      const float* di) {
+__attribute__((target("avx512f"))) void exp_ds_cols_z(const float* pt, float* dpt, int64_t cols,
+                                                      const float* lse2, const float* di, u16* ptb,
+                                                      u16* dstb) {
   constexpr int Mb = 16 * NV;
   __m512 vl[NV], vd[NV];
 #pragma GCC unroll 2
@@ -148,11 +151,14 @@ __attribute__((target("avx512f"))) void exp_ds_cols_z(float* pt, float* dpt, int
   for (int64_t jj = 0; jj < cols; ++jj) {
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
-      float* sp = pt + jj * Mb + 16 * v;
-      float* dp = dpt + jj * Mb + 16 * v;
-      const __m512 pv = exp2_z(_mm512_sub_ps(_mm512_loadu_ps(sp), vl[v]));
-      _mm512_storeu_ps(sp, pv);
-      _mm512_storeu_ps(dp, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp), vd[v])));
+      const int64_t o = jj * Mb + 16 * v;
+      const __m512 pv = exp2_z(_mm512_sub_ps(_mm512_loadu_ps(pt + o), vl[v]));
+      const __m512 ds = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpt + o), vd[v]));
+      _mm512_storeu_ps(dpt + o, ds);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ptb + o),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bits_z(pv), 16)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dstb + o),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bits_z(ds), 16)));
     }
   }
 }
@@ -322,9 +328,11 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           cpu::gemm_bf16_vnni(cols, Mb, Dv, 1.f, bits(V.row(b, g, lo)), V.sl, w.dot.data(),
                               cpu::vnni_panel_stride(Dv), w.dpt.data(), Mb, false);
           if (z && Mb == 32) {
-            exp_ds_cols_z<2>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data());
+            exp_ds_cols_z<2>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data(), w.ptb.data(),
+                             w.dstb.data());
           } else if (z) {
-            exp_ds_cols_z<1>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data());
+            exp_ds_cols_z<1>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data(), w.ptb.data(),
+                             w.dstb.data());
           }
           for (int64_t v8 = 0; v8 < Mb && !z; v8 += 8) {
             const __m256 vl = _mm256_loadu_ps(&w.lse[v8]);
@@ -337,8 +345,10 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
               _mm256_storeu_ps(dp, _mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(dp), vd)));  // dS^T
             }
           }
-          cpu::to_bf16(w.pt.data(), reinterpret_cast<bf16*>(w.ptb.data()), cols * Mb);
-          cpu::to_bf16(w.dpt.data(), reinterpret_cast<bf16*>(w.dstb.data()), cols * Mb);
+          if (!z) {  // (with z the exp / dS pass rounded them)
+            cpu::to_bf16(w.pt.data(), reinterpret_cast<bf16*>(w.ptb.data()), cols * Mb);
+            cpu::to_bf16(w.dpt.data(), reinterpret_cast<bf16*>(w.dstb.data()), cols * Mb);
+          }
           if (fresh) {  // rows outside this block's keys: 0 (later blocks only add)
             std::fill(w.dk.begin(), w.dk.begin() + lo * D, 0.f);
             std::fill(w.dk.begin() + (lo + cols) * D, w.dk.end(), 0.f);
