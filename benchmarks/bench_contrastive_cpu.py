@@ -93,7 +93,7 @@ def time_round_robin(providers: list[str], n: int, d: int, reps: int) -> dict:
                 times[p].append(time.perf_counter() - t0)
     out = {}
     for p, ts in times.items():
-        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
         out[p] = {"median_s": statistics.median(ts), "q20_s": q[0], "q80_s": q[3], "reps": reps}
     return out
 
