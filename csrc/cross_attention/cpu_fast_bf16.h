@@ -6,13 +6,13 @@
 // The kernel's operands: A row-major with contiguous k (read as broadcast bf16 pairs), B packed in
 // k-pairs (cpu::pack_vnni). Per block of Mb <= 32 query rows (S^T: keys x rows, as in cpu_fast.h):
 //   forward:  S^T = scale K Q^T          A = K rows,          B = Q^T packed (K = D)
-//             O = P V                     A = P (bf16),        B = V packed (K = keys), per (b, g, keys)
+//             O^T = V^T P^T               A = V^T (per (b, g, keys)), B = P^T in key pairs
 //   backward: P^T = exp(S^T - lse)        as above
 //             dP^T = V dO^T               A = V rows,          B = dO^T packed (K = Dv)
 //             dv += P^T dO                A = P^T (bf16),      B = dO packed (K = rows)
 //             dS^T = P^T (dP^T - D)
 //             dk += scale dS^T Q          A = dS^T (bf16),     B = Q packed (K = rows)
-//             dq = scale dS K             A = dS (bf16),       B = K packed once per (b, g) task
+//             dq^T = scale K^T dS^T       A = K^T (per (b, g) task), B = dS^T in key pairs
 // P and dS are rounded to bf16 once (as in every bf16 attention kernel); dk, dv accumulate in fp32
 // over the task's heads and blocks and are rounded once at the end.
 #pragma once
@@ -26,24 +26,73 @@ namespace {
 
 using u16 = uint16_t;
 
-inline u16 bf16_bits(float x) {  // round to nearest even (finite inputs)
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return static_cast<u16>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-inline float bf16_value(u16 h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
+// 8 floats -> 8 bf16 (round to nearest even; finite inputs).
+inline __m128i cvt8_bf16(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-// dst (Mb x n, row stride ldd) = bf16 of src^T (src: n x Mb fp32), rows [0, rows).
-void transpose_to_bf16(const float* src, int64_t n, int64_t Mb, int64_t rows, u16* dst, int64_t ldd) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float* s = src + j * Mb;
-    for (int64_t r = 0; r < rows; ++r) dst[r * ldd + j] = bf16_bits(s[r]);
+// B packed (K = n keys, N = Mb <= 32 lanes) from a transposed fp32 block src (n x Mb): pair q holds
+// rows 2q, 2q + 1 interleaved lane by lane (zero for a missing row 2q + 1). Lanes Mb..31 of each
+// pair are left as they are (the caller zeroes them once).
+void pack_block_pairs(const float* src, int64_t n, int64_t Mb, u16* dst) {
+  for (int64_t q = 0; 2 * q < n; ++q) {
+    const float* r0 = src + 2 * q * Mb;
+    const bool has1 = 2 * q + 1 < n;
+    u16* d = dst + q * 2 * cpu::kVnniCols;
+    for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+      const __m128i a = cvt8_bf16(_mm256_loadu_ps(r0 + v8));
+      const __m128i b = has1 ? cvt8_bf16(_mm256_loadu_ps(r0 + Mb + v8)) : _mm_setzero_si128();
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * v8), _mm_unpacklo_epi16(a, b));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * v8 + 8), _mm_unpackhi_epi16(a, b));
+    }
   }
+}
+
+// dst[c * 8 + r] = rows[r][c] for an 8 x 8 block of 16-bit values (SSE2 unpacks in three stages).
+inline void transpose8x8_u16(const __m128i in[8], __m128i out[8]) {
+  __m128i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm_unpacklo_epi16(in[2 * i], in[2 * i + 1]);      // rows 2i, 2i+1: columns 0-3
+    t[2 * i + 1] = _mm_unpackhi_epi16(in[2 * i], in[2 * i + 1]);  // columns 4-7
+  }
+  for (int i = 0; i < 2; ++i) {                                     // rows 4i .. 4i+3
+    u[4 * i] = _mm_unpacklo_epi32(t[4 * i], t[4 * i + 2]);          // columns 0, 1
+    u[4 * i + 1] = _mm_unpackhi_epi32(t[4 * i], t[4 * i + 2]);      // columns 2, 3
+    u[4 * i + 2] = _mm_unpacklo_epi32(t[4 * i + 1], t[4 * i + 3]);  // columns 4, 5
+    u[4 * i + 3] = _mm_unpackhi_epi32(t[4 * i + 1], t[4 * i + 3]);  // columns 6, 7
+  }
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = _mm_unpacklo_epi64(u[i], u[4 + i]);
+    out[2 * i + 1] = _mm_unpackhi_epi64(u[i], u[4 + i]);
+  }
+}
+
+// A operand x^T for a product over keys: dst (d x ld, ld = n rounded up to even) = x^T of a
+// row-major block x (n rows of d, row stride ldx), zero in the padding column.
+void transpose_rows(const u16* x, int64_t ldx, int64_t n, int64_t d, std::vector<u16>& dst, int64_t& ld) {
+  ld = (n + 1) / 2 * 2;
+  dst.resize(d * ld);
+  const int64_t n8 = n / 8 * 8, d8 = d / 8 * 8;
+  for (int64_t j = 0; j < n8; j += 8) {
+    for (int64_t c = 0; c < d8; c += 8) {
+      __m128i in[8], out[8];
+      for (int r = 0; r < 8; ++r)
+        in[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (j + r) * ldx + c));
+      transpose8x8_u16(in, out);
+      for (int r = 0; r < 8; ++r)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst.data() + (c + r) * ld + j), out[r]);
+    }
+    for (int64_t c = d8; c < d; ++c)
+      for (int64_t r = 0; r < 8; ++r) dst[c * ld + j + r] = x[(j + r) * ldx + c];
+  }
+  for (int64_t j = n8; j < n; ++j)
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = x[j * ldx + c];
+  if (n % 2 != 0)
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + n] = 0;
 }
 
 // B packed from a row-major block x (k rows, n columns, row stride ld): K = k, N = n.
@@ -84,9 +133,10 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t nqb = (Lq + Mb - 1) / Mb;
 
   at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> st(std::max<int64_t>(Lk, 1) * Mb), o(Mb * Dv), m(Mb), l(Mb);
-    std::vector<u16> qp, vp, p(Mb * (std::max<int64_t>(Lk, 1) + 1));
-    int64_t packed_b = -1, packed_g = -1, packed_lo = -1, packed_cols = -1;  // whose V is in vp
+    std::vector<float> st(std::max<int64_t>(Lk, 1) * Mb), ot(Dv * Mb), m(Mb), l(Mb);
+    std::vector<u16> qp, vt,
+        pp(cpu::vnni_packed_size(std::max<int64_t>(Lk, 1), Mb), 0);                    // lanes >= Mb stay 0
+    int64_t ldvt = 0, packed_b = -1, packed_g = -1, packed_lo = -1, packed_cols = -1;  // whose V^T is in vt
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * Mb, g = h / group;
       const int64_t rows = std::min(Mb, Lq - i0);
@@ -113,23 +163,22 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         _mm256_storeu_ps(&m[v8], mx);
         _mm256_storeu_ps(&l[v8], sum);
       }
-      // 3. O = P V with P in bf16 (rows x cols) and V packed once per (b, g, key range).
+      // 3. O^T = V^T P^T: A = V^T (transposed once per (b, g, key range)), B = P^T in key pairs.
       if (cols > 0) {
         if (b != packed_b || g != packed_g || lo != packed_lo || cols != packed_cols) {
-          pack_rows(bits(V.row(b, g, lo)), V.sl, cols, Dv, vp);
+          transpose_rows(bits(V.row(b, g, lo)), V.sl, cols, Dv, vt, ldvt);
           packed_b = b, packed_g = g, packed_lo = lo, packed_cols = cols;
         }
-        const int64_t ldp = cols + 1;  // any ld works; odd avoids 4 KB aliasing of the rows
-        transpose_to_bf16(st.data(), cols, Mb, rows, p.data(), ldp);
-        cpu::gemm_bf16_vnni(rows, Dv, cols, 1.f, p.data(), ldp, vp.data(), cpu::vnni_panel_stride(cols),
-                            o.data(), Dv, false);
+        pack_block_pairs(st.data(), cols, Mb, pp.data());
+        cpu::gemm_bf16_vnni(Dv, Mb, cols, 1.f, vt.data(), ldvt, pp.data(), cpu::vnni_panel_stride(cols),
+                            ot.data(), Mb, false);
       }
       // 4. out = O / l, lse = m + log l; rows without an allowed key: 0, -inf.
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = !(l[r] > 0.f);
         const float inv = empty ? 0.f : 1.f / l[r];
         bf16* orow = O.row(b, h, i0 + r);
-        for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<bf16>(empty ? 0.f : o[r * Dv + d] * inv);
+        for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<bf16>(empty ? 0.f : ot[d * Mb + r] * inv);
         lse_p[(b * Hq + h) * Lq + i0 + r] = empty ? kNegInf : m[r] + std::log(l[r]);
       }
     }
@@ -141,16 +190,16 @@ struct FastBf16Scratch {
   FastBf16Scratch(int64_t Mb, int64_t D, int64_t Dv, int64_t Lk)
       : pt(std::max<int64_t>(Lk, 1) * Mb),
         dpt(std::max<int64_t>(Lk, 1) * Mb),
-        dq(Mb * D),
+        dqt(D * Mb),
         dk(Lk * D),
         dv(Lk * Dv),
         di(Mb),
         lse(Mb),
         ptb(std::max<int64_t>(Lk, 1) * Mb),
         dstb(std::max<int64_t>(Lk, 1) * Mb),
-        dsb(Mb * (std::max<int64_t>(Lk, 1) + 1)) {}
-  std::vector<float> pt, dpt, dq, dk, dv, di, lse;
-  std::vector<u16> ptb, dstb, dsb, kp, qt, dot, qr, dor;
+        dsp(cpu::vnni_packed_size(std::max<int64_t>(Lk, 1), Mb), 0) {}  // lanes >= Mb stay 0
+  std::vector<float> pt, dpt, dqt, dk, dv, di, lse;
+  std::vector<u16> ptb, dstb, dsp, kt, qt, dot, qr, dor;
 };
 
 // Backward, one task per (b, g) as backward_fast: the task owns dk, dv of kv head g.
@@ -173,10 +222,11 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
       const int64_t b = t / Hkv, g = t % Hkv;
       std::fill(w.dk.begin(), w.dk.end(), 0.f);
       std::fill(w.dv.begin(), w.dv.end(), 0.f);
-      // K packed for dq = dS K over the item's unpadded keys [klo, khi): every block's key range
-      // starts at klo (causal only moves its end), so a block uses the packed rows from pair 0.
+      // K^T for dq^T = K^T dS^T over the item's unpadded keys [klo, khi): every block's key range
+      // starts at klo (causal only moves its end), so a block reads K^T from its first column.
       const int64_t klo = mk.kv_lo[b], kn = std::max<int64_t>(mk.kv_hi[b] - klo, 0);
-      if (kn > 0) pack_rows(bits(K.row(b, g, klo)), K.sl, kn, D, w.kp);
+      int64_t ldkt = 0;
+      if (kn > 0) transpose_rows(bits(K.row(b, g, klo)), K.sl, kn, D, w.kt, ldkt);
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < Lq; i0 += Mb) {
           const int64_t rows = std::min(Mb, Lq - i0);
@@ -229,15 +279,13 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
                               cpu::vnni_panel_stride(rows), w.dv.data() + lo * Dv, Dv, true);
           cpu::gemm_bf16_vnni(cols, D, rows, scale, w.dstb.data(), Mb, w.qr.data(),
                               cpu::vnni_panel_stride(rows), w.dk.data() + lo * D, D, true);
-          // 6. dq = scale dS K (dS row-major from dS^T; K packed for the task).
-          const int64_t ldds = cols + 1;
-          transpose_to_bf16(w.dpt.data(), cols, Mb, rows, w.dsb.data(), ldds);
-          cpu::gemm_bf16_vnni(rows, D, cols, scale, w.dsb.data(), ldds,
-                              w.kp.data() + (lo - klo) * cpu::kVnniCols, cpu::vnni_panel_stride(kn),
-                              w.dq.data(), D, false);
+          // 6. dq^T = scale K^T dS^T: A = K^T (transposed once per task), B = dS^T in key pairs.
+          pack_block_pairs(w.dpt.data(), cols, Mb, w.dsp.data());
+          cpu::gemm_bf16_vnni(D, Mb, cols, scale, w.kt.data() + (lo - klo), ldkt, w.dsp.data(),
+                              cpu::vnni_panel_stride(cols), w.dqt.data(), Mb, false);
           for (int64_t r = 0; r < rows; ++r) {
             bf16* dqrow = dQ.row(b, h, i0 + r);
-            for (int64_t d = 0; d < D; ++d) dqrow[d] = static_cast<bf16>(w.dq[r * D + d]);
+            for (int64_t d = 0; d < D; ++d) dqrow[d] = static_cast<bf16>(w.dqt[d * Mb + r]);
           }
         }
       }
