@@ -15,7 +15,7 @@ from torch import Tensor
 import mmfast
 from mmfast import _dispatch
 from mmfast import reference as ref
-from tests.utils import BWD_TOL, FWD_TOL, contrastive_inputs
+from tests.utils import BWD_TOL, FWD_TOL, contrastive_inputs, has_avx512_bf16
 
 pytestmark = pytest.mark.skipif(_dispatch.availability("cpu") is not None, reason="mmfast._C not built")
 
@@ -132,14 +132,6 @@ def test_siglip(dtype, N, D):
     _check(dtype, got, want, low)
 
 
-def _has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in f.read()
-    except OSError:
-        return False
-
-
 # bf16 runs on the vdpbf16ps kernel (packed operands, Gᵀ buffer) where the CPU has AVX512_BF16 and
 # on MKL otherwise; MMFAST_CONTRASTIVE_VNNI=0 forces MKL. Both paths over several tiles in each
 # direction (BN = BM = 256), partial last tiles, odd D (odd-K tails), odd M (padded pairs), labels.
@@ -156,7 +148,7 @@ def _has_avx512_bf16() -> bool:
     ],
 )
 def test_bf16_gemm_paths(monkeypatch, vnni, N, M, D, direction, labels):
-    if vnni == "1" and not _has_avx512_bf16():
+    if vnni == "1" and not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512_BF16: the vdpbf16ps kernel cannot run")
     monkeypatch.setenv("MMFAST_CONTRASTIVE_VNNI", vnni)
     if direction == "siglip":

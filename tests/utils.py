@@ -20,6 +20,15 @@ BWD_TOL = {
 }
 
 
+def has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX512_BF16 (the vdpbf16ps kernels of the cpu backend run only there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
 def poison_(x: Tensor) -> Tensor:
     """Fill a buffer a kernel is about to write with NaN, so unwritten elements show up."""
     return x.fill_(float("nan")) if x.is_floating_point() else x.fill_(-1)

@@ -71,6 +71,13 @@ __attribute__((target("avx512f,avx512bf16"))) inline void vnni_tile(int64_t pair
   __m512 acc[MR][2];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  if (accumulate) {  // C is read after the K loop: start its lines on their way (C may stream from memory)
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
+    }
+  }
   for (int64_t q = 0; q < pairs; ++q) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + q * 2 * kVnniCols);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + q * 2 * kVnniCols + kVnniCols);

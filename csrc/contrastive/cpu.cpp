@@ -381,7 +381,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
 template <typename acc_t>
 acc_t softplus_sum(const acc_t* u, int64_t n, acc_t s, acc_t b) {
   acc_t sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += softplus_(s * u[j] + b);
+  int64_t j = 0;
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // softplus(v) = max(v, 0) + log1p(t), t = e^-|v| in (0, 1]: log1p(t) = 2 atanh(z),
+    // z = t / (2 + t) <= 1/3, by its odd series to z^13 (truncation < 1e-8 relative).
+    const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b), zero = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.f), two = _mm256_set1_ps(2.f);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_fmadd_ps(vs, _mm256_loadu_ps(u + j), vb);
+      const __m256 t = exp8(_mm256_or_ps(v, sign));  // e^-|v| (NaN stays NaN)
+      const __m256 z = _mm256_div_ps(t, _mm256_add_ps(two, t));
+      const __m256 z2 = _mm256_mul_ps(z, z);
+      __m256 p = _mm256_set1_ps(1.f / 13);
+      p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.f / 11));
+      p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.f / 9));
+      p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.f / 7));
+      p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.f / 5));
+      p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.f / 3));
+      p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.f));
+      const __m256 log1p_t = _mm256_mul_ps(_mm256_mul_ps(two, z), p);
+      acc = _mm256_add_ps(acc, _mm256_add_ps(_mm256_max_ps(v, zero), log1p_t));
+    }
+    sum = cpu::hsum8(acc);
+  }
+#endif
+  for (; j < n; ++j) sum += softplus_(s * u[j] + b);
   return sum;
 }
 
@@ -427,6 +453,43 @@ struct GradArgs {
   bool siglip;
 };
 
+// InfoNCE's G over a row segment: G_j = w e^(S_j - r) (+ e_j e^(S_j - c_j) for both directions),
+// S = s u, each LSE as (max, log Σ); returns Σ G u.
+template <bool kBoth, typename acc_t>
+acc_t softmax_grad(const acc_t* u, acc_t* G, int64_t n, acc_t s, acc_t w, acc_t rm, acc_t rl, const acc_t* e,
+                   const acc_t* cm, const acc_t* cl) {
+  acc_t gu = 0;
+  int64_t j = 0;
+#if MMFAST_CONTRASTIVE_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 vs = _mm256_set1_ps(s), vrm = _mm256_set1_ps(rm), vrl = _mm256_set1_ps(rl);
+    const __m256 vw = _mm256_set1_ps(w);
+    __m256 agu = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 uj = _mm256_loadu_ps(u + j);
+      const __m256 sij = _mm256_mul_ps(vs, uj);
+      __m256 v = _mm256_mul_ps(vw, exp8(_mm256_sub_ps(_mm256_sub_ps(sij, vrm), vrl)));
+      if constexpr (kBoth) {
+        const __m256 pc =
+            exp8(_mm256_sub_ps(_mm256_sub_ps(sij, _mm256_loadu_ps(cm + j)), _mm256_loadu_ps(cl + j)));
+        v = _mm256_fmadd_ps(_mm256_loadu_ps(e + j), pc, v);
+      }
+      agu = _mm256_fmadd_ps(v, uj, agu);
+      _mm256_storeu_ps(G + j, v);
+    }
+    gu = cpu::hsum8(agu);
+  }
+#endif
+  for (; j < n; ++j) {
+    const acc_t sij = s * u[j];
+    acc_t v = w * exp_((sij - rm) - rl);
+    if constexpr (kBoth) v += e[j] * exp_((sij - cm[j]) - cl[j]);
+    gu += v * u[j];
+    G[j] = v;
+  }
+  return gu;
+}
+
 // G for one row segment: columns [j0, j0 + n) of row i; returns Σ G U and Σ G (for ds, db).
 template <typename acc_t>
 std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const acc_t* u, acc_t* G,
@@ -464,57 +527,11 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
   }
   const acc_t* rs = static_cast<const acc_t*>(g.row_stat);
   const acc_t rm = rs[i], rl = rs[g.n_rows + i];  // e^(S - r_i) = e^((S - max) - log Σ)
-  if (g.col_w == nullptr) {                       // G = a_i e^(S - r_i)
-#if MMFAST_CONTRASTIVE_AVX2
-    if constexpr (std::is_same_v<acc_t, float>) {
-      const __m256 vs = _mm256_set1_ps(s), vrm = _mm256_set1_ps(rm), vrl = _mm256_set1_ps(rl);
-      const __m256 vw = _mm256_set1_ps(w);
-      __m256 agu = _mm256_setzero_ps();
-      for (; j + 8 <= n; j += 8) {
-        const __m256 uj = _mm256_loadu_ps(u + j);
-        const __m256 sij = _mm256_mul_ps(vs, uj);
-        const __m256 v = _mm256_mul_ps(vw, exp8(_mm256_sub_ps(_mm256_sub_ps(sij, vrm), vrl)));
-        agu = _mm256_fmadd_ps(v, uj, agu);
-        _mm256_storeu_ps(G + j, v);
-      }
-      gu = cpu::hsum8(agu);
-    }
-#endif
-    for (; j < n; ++j) {
-      const acc_t v = w * exp_((s * u[j] - rm) - rl);
-      gu += v * u[j];
-      G[j] = v;
-    }
-    return {gu, 0};
-  }
-  const acc_t* e = static_cast<const acc_t*>(g.col_w) + j0;  // + e_j e^(S - c_j)
+  if (g.col_w == nullptr)
+    return {softmax_grad<false, acc_t>(u, G, n, s, w, rm, rl, nullptr, nullptr, nullptr), 0};
+  const acc_t* e = static_cast<const acc_t*>(g.col_w) + j0;
   const acc_t* cm = static_cast<const acc_t*>(g.col_stat) + j0;
-  const acc_t* cl = cm + g.n_cols;
-#if MMFAST_CONTRASTIVE_AVX2
-  if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 vs = _mm256_set1_ps(s), vrm = _mm256_set1_ps(rm), vrl = _mm256_set1_ps(rl);
-    const __m256 vw = _mm256_set1_ps(w);
-    __m256 agu = _mm256_setzero_ps();
-    for (; j + 8 <= n; j += 8) {
-      const __m256 uj = _mm256_loadu_ps(u + j);
-      const __m256 sij = _mm256_mul_ps(vs, uj);
-      const __m256 pr = exp8(_mm256_sub_ps(_mm256_sub_ps(sij, vrm), vrl));
-      const __m256 pc =
-          exp8(_mm256_sub_ps(_mm256_sub_ps(sij, _mm256_loadu_ps(cm + j)), _mm256_loadu_ps(cl + j)));
-      const __m256 v = _mm256_fmadd_ps(vw, pr, _mm256_mul_ps(_mm256_loadu_ps(e + j), pc));
-      agu = _mm256_fmadd_ps(v, uj, agu);
-      _mm256_storeu_ps(G + j, v);
-    }
-    gu = cpu::hsum8(agu);
-  }
-#endif
-  for (; j < n; ++j) {
-    const acc_t sij = s * u[j];
-    const acc_t v = w * exp_((sij - rm) - rl) + e[j] * exp_((sij - cm[j]) - cl[j]);
-    gu += v * u[j];
-    G[j] = v;
-  }
-  return {gu, 0};
+  return {softmax_grad<true, acc_t>(u, G, n, s, w, rm, rl, e, cm, cm + g.n_cols), 0};
 }
 
 // G for row i of a tile (columns j0 .. j0 + bm - 1), softmax or sigmoid part plus InfoNCE's target
