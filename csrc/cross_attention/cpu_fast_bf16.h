@@ -118,6 +118,26 @@ const u16* bits(const T* p) {
   return reinterpret_cast<const u16*>(p);
 }
 
+// P^T = 2^(S^T - lse2) and dS^T = P^T (dP^T - D) in place, AVX-512, Mb = 16 NV lanes (log2 units),
+// all lanes of a row per pass (pass 3 of the fp32 path).
+template <int NV>
+__attribute__((target("avx512f"))) void exp_ds_cols_z(float* pt, float* dpt, int64_t cols, const float* lse2,
+                                                      const float* di) {
+  constexpr int Mb = 16 * NV;
+  __m512 vl[NV], vd[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) vl[v] = _mm512_loadu_ps(lse2 + 16 * v), vd[v] = _mm512_loadu_ps(di + 16 * v);
+  for (int64_t jj = 0; jj < cols; ++jj) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const int64_t o = jj * Mb + 16 * v;
+      const __m512 pv = exp2_z(_mm512_sub_ps(_mm512_loadu_ps(pt + o), vl[v]));
+      _mm512_storeu_ps(pt + o, pv);
+      _mm512_storeu_ps(dpt + o, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpt + o), vd[v])));
+    }
+  }
+}
+
 // Forward, one task per (b, h, block of Mb query rows), as forward_fast.
 void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Masking& mk,
                        double scale_d, at::Tensor& out, at::Tensor& lse) {
@@ -132,23 +152,41 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   while (Mb > 8 && B * Hq * ((Lq + Mb - 1) / Mb) < 4 * at::get_num_threads()) Mb /= 2;
   const int64_t nqb = (Lq + Mb - 1) / Mb;
 
-  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> st(std::max<int64_t>(Lk, 1) * Mb), ot(Dv * Mb), m(Mb), l(Mb);
-    std::vector<u16> qp, vt,
-        pp(cpu::vnni_packed_size(std::max<int64_t>(Lk, 1), Mb), 0);                    // lanes >= Mb stay 0
+  const bool z = use_exp2_z(Mb);      // the AVX-512 base-2 softmax of cpu_fast.h (pass 3)
+  const float lg = z ? kLog2e : 1.f;  // scores in log2 units with z
+  struct Scratch {
+    std::vector<float> st, ot, m, l;
+    std::vector<u16> qp, vt, pp;  // pp: lanes >= Mb stay 0
     int64_t ldvt = 0, packed_b = -1, packed_g = -1, packed_lo = -1, packed_cols = -1;  // whose V^T is in vt
-    for (int64_t t = t0; t < t1; ++t) {
+  };
+  auto init = [&] {
+    Scratch w;
+    w.st.resize(std::max<int64_t>(Lk, 1) * Mb), w.ot.resize(Dv * Mb), w.m.resize(Mb), w.l.resize(Mb);
+    w.pp.assign(cpu::vnni_packed_size(std::max<int64_t>(Lk, 1), Mb), 0);
+    return w;
+  };
+  parallel_tasks(B * Hq * nqb, init, [&](Scratch& w, int64_t t) {
+    std::vector<float>&st = w.st, &ot = w.ot, &m = w.m, &l = w.l;
+    std::vector<u16>&qp = w.qp, &vt = w.vt, &pp = w.pp;
+    int64_t &ldvt = w.ldvt, &packed_b = w.packed_b, &packed_g = w.packed_g, &packed_lo = w.packed_lo,
+            &packed_cols = w.packed_cols;
+    {
       const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * Mb, g = h / group;
       const int64_t rows = std::min(Mb, Lq - i0);
       auto [lo, hi] = mk.key_range(b, i0, i0 + rows);
       const int64_t cols = std::max<int64_t>(hi - lo, 0);
       // 1. S^T = scale K Q^T, masks.
       pack_transposed(bits(Q.row(b, h, i0)), Q.sl, rows, D, qp);
-      cpu::gemm_bf16_vnni(cols, Mb, D, scale, bits(K.row(b, g, lo)), K.sl, qp.data(),
+      cpu::gemm_bf16_vnni(cols, Mb, D, scale * lg, bits(K.row(b, g, lo)), K.sl, qp.data(),
                           cpu::vnni_panel_stride(D), st.data(), Mb, false);
       mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
-      // 2. Softmax down the columns (fp32, 8 lanes at a time), as in forward_fast.
-      for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+      // 2. Softmax down the columns (fp32) as in forward_fast: AVX-512 base 2, else 8 AVX2 lanes at a time.
+      if (z && Mb == 32) {
+        softmax_cols_z<2>(st.data(), cols, m.data(), l.data());
+      } else if (z) {
+        softmax_cols_z<1>(st.data(), cols, m.data(), l.data());
+      }
+      for (int64_t v8 = 0; v8 < Mb && !z; v8 += 8) {
         __m256 mx = _mm256_set1_ps(kNegInf);
         for (int64_t jj = 0; jj < cols; ++jj) mx = _mm256_max_ps(mx, _mm256_loadu_ps(&st[jj * Mb + v8]));
         const __m256 none = _mm256_cmp_ps(mx, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
@@ -179,7 +217,7 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const float inv = empty ? 0.f : 1.f / l[r];
         bf16* orow = O.row(b, h, i0 + r);
         for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<bf16>(empty ? 0.f : ot[d * Mb + r] * inv);
-        lse_p[(b * Hq + h) * Lq + i0 + r] = empty ? kNegInf : m[r] + std::log(l[r]);
+        lse_p[(b * Hq + h) * Lq + i0 + r] = empty ? kNegInf : m[r] / lg + std::log(l[r]);
       }
     }
   });
@@ -216,9 +254,11 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
   const float* lse_p = lse_t.data_ptr<float>();
   const float scale = static_cast<float>(scale_d);
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    FastBf16Scratch w(Mb, D, Dv, Lk);
-    for (int64_t t = t0; t < t1; ++t) {
+  const bool z = use_exp2_z(Mb);      // AVX-512 base-2 exponentials of cpu_fast.h (pass 3)
+  const float lg = z ? kLog2e : 1.f;  // scores and lse in log2 units with z
+  auto init = [&] { return FastBf16Scratch(Mb, D, Dv, Lk); };
+  parallel_tasks(B * Hkv, init, [&](FastBf16Scratch& w, int64_t t) {
+    {
       const int64_t b = t / Hkv, g = t % Hkv;
       std::fill(w.dk.begin(), w.dk.end(), 0.f);
       std::fill(w.dv.begin(), w.dv.end(), 0.f);
@@ -240,7 +280,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
               for (int64_t d = 0; d < Dv; ++d)
                 di += static_cast<float>(dob[r * dO.sl + d]) * static_cast<float>(o[d]);
               const float x = lse_p[(b * Hq + h) * Lq + i0 + r];
-              if (x != -std::numeric_limits<float>::infinity()) l = x;
+              if (x != -std::numeric_limits<float>::infinity()) l = x * lg;
             }
             w.di[r] = di, w.lse[r] = l;
           }
@@ -256,12 +296,17 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           pack_rows(bits(qb), Q.sl, rows, D, w.qr);
           pack_rows(bits(dob), dO.sl, rows, Dv, w.dor);
           // 2. P^T = exp(scale K Q^T + masks - lse), 3. dP^T = V dO^T.
-          cpu::gemm_bf16_vnni(cols, Mb, D, scale, bits(K.row(b, g, lo)), K.sl, w.qt.data(),
+          cpu::gemm_bf16_vnni(cols, Mb, D, scale * lg, bits(K.row(b, g, lo)), K.sl, w.qt.data(),
                               cpu::vnni_panel_stride(D), w.pt.data(), Mb, false);
           mask_transposed(mk, b, i0, Mb, lo, cols, w.pt.data());
           cpu::gemm_bf16_vnni(cols, Mb, Dv, 1.f, bits(V.row(b, g, lo)), V.sl, w.dot.data(),
                               cpu::vnni_panel_stride(Dv), w.dpt.data(), Mb, false);
-          for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+          if (z && Mb == 32) {
+            exp_ds_cols_z<2>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data());
+          } else if (z) {
+            exp_ds_cols_z<1>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data());
+          }
+          for (int64_t v8 = 0; v8 < Mb && !z; v8 += 8) {
             const __m256 vl = _mm256_loadu_ps(&w.lse[v8]);
             const __m256 vd = _mm256_loadu_ps(&w.di[v8]);
             for (int64_t jj = 0; jj < cols; ++jj) {
@@ -290,10 +335,8 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
         }
       }
       for (int64_t j = 0; j < Lk; ++j) {  // this task's kv head: every key row, zeros included
-        bf16* dkrow = dK.row(b, g, j);
-        bf16* dvrow = dV.row(b, g, j);
-        for (int64_t d = 0; d < D; ++d) dkrow[d] = static_cast<bf16>(w.dk[j * D + d]);
-        for (int64_t d = 0; d < Dv; ++d) dvrow[d] = static_cast<bf16>(w.dv[j * Dv + d]);
+        cpu::to_bf16(w.dk.data() + j * D, dK.row(b, g, j), D);  // vectorized round to nearest even
+        cpu::to_bf16(w.dv.data() + j * Dv, dV.row(b, g, j), Dv);
       }
     }
   });
