@@ -7,7 +7,7 @@
 // transposed: S^T (keys x rows) = scale K Q^T, so the softmax over keys runs down the columns with
 // the block's rows across the SIMD lanes (no horizontal reductions), and every product is one
 // shape, C = alpha A B (+ C), with B row-major and A read one broadcast scalar at a time:
-//   forward:  S^T = scale K Q^T,  P^T = exp(S^T - m) / l per lane,  O^T = V^T P^T
+//   forward:  S^T = scale K Q^T,  P^T = exp(S^T - m) / l per lane,  O = P V (A = P^T by columns)
 //   backward: P^T = exp(S^T - lse),  dP^T = V dO^T,  dv += P^T dO,  dS^T = P^T (dP^T - D),
 //             dk += scale dS^T Q,  dq^T = scale K^T dS^T
 #pragma once
@@ -375,14 +375,14 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 
   struct Scratch {
-    std::vector<float> qt, st, ot, m, l;
+    std::vector<float> qt, st, m, l;
   };
   auto init = [&] {
     return Scratch{std::vector<float>(D * Mb), std::vector<float>(std::max<int64_t>(Lk, 1) * Mb),
-                   std::vector<float>(Dv * Mb), std::vector<float>(Mb), std::vector<float>(Mb)};
+                   std::vector<float>(Mb), std::vector<float>(Mb)};
   };
   parallel_tasks(B * Hq * nqb, init, [&](Scratch& w, int64_t t) {
-    std::vector<float>&qt = w.qt, &st = w.st, &ot = w.ot, &m = w.m, &l = w.l;
+    std::vector<float>&qt = w.qt, &st = w.st, &m = w.m, &l = w.l;
     {
       const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * Mb, g = h / group;
       const int64_t rows = std::min(Mb, Lq - i0);
@@ -414,13 +414,15 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         _mm256_storeu_ps(&m[v8], mx);
         _mm256_storeu_ps(&l[v8], sum);
       }
-      // 4. O^T = V^T P^T, 5. out = O / l, lse = m + log l; rows without an allowed key: 0, -inf.
-      small_gemm(Dv, Mb, cols, 1.f, V.row(b, g, lo), 1, V.sl, st.data(), Mb, ot.data(), Mb, false);
+      // 4. O = P V straight into the output rows (A = P^T read by columns: the same loads as
+      // O^T = V^T P^T, without the transposed write-back), 5. out = O / l, lse = m + log l; rows
+      // without an allowed key: 0, -inf.
+      small_gemm(rows, Dv, cols, 1.f, st.data(), 1, Mb, V.row(b, g, lo), V.sl, O.row(b, h, i0), O.sl, 0);
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = !(l[r] > 0.f);
         const float inv = empty ? 0.f : 1.f / l[r];
         float* orow = O.row(b, h, i0 + r);
-        for (int64_t d = 0; d < Dv; ++d) orow[d] = ot[d * Mb + r] * inv;
+        for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
         lse_p[(b * Hq + h) * Lq + i0 + r] = empty ? kNegInf : m[r] / lg + std::log(l[r]);
       }
     }
