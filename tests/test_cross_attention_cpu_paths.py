@@ -34,6 +34,8 @@ BF16_CASES = CASES + [
     (2, 4, 2, 33, 577, 100, 0.5, False),  # two query blocks, D = 100, GQA, padding
     (1, 2, 2, 40, 31, 7, 0.0, True),  # odd D, causal with Lq > Lk (empty rows)
     (2, 12, 12, 32, 197, 64, 0.0, False),  # text -> image at ViT-B/16 size
+    (3, 4, 4, 32, 97, 64, 0.5, False),  # one block per task (dk, dv rounded straight out), padding
+    (1, 2, 2, 16, 31, 8, 0.0, True),  # one block per task, causal with Lq < Lk
 ]
 
 

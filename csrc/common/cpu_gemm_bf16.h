@@ -20,13 +20,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace mmfast::cpu {
 
 constexpr int64_t kVnniCols = 32;  // columns per packed panel: two zmm of fp32 accumulators per row
 
 inline bool has_avx512_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
@@ -62,12 +64,12 @@ inline void pack_vnni(const uint16_t* b, int64_t sk, int64_t sn, int64_t K, int6
 namespace detail {
 
 // One register tile: MR rows x 32 columns (n <= 32 valid) over pairs [0, pairs) of a packed panel,
-// plus the odd-K tail when `odd` (A's element k = 2 * pairs, B's zero-padded last pair).
-template <int MR>
-__attribute__((target("avx512f,avx512bf16"))) inline void vnni_tile(int64_t pairs, bool odd,
-                                                                    const uint16_t* a, int64_t lda,
-                                                                    const uint16_t* b, float* c, int64_t ldc,
-                                                                    int n, float alpha, bool accumulate) {
+// plus the odd-K tail when `odd` (A's element k = 2 * pairs, B's zero-padded last pair). C is fp32
+// (CT = float) or bf16 bits (CT = uint16_t: rounded to nearest even on the store, no accumulate).
+template <int MR, typename CT>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void vnni_tile(
+    int64_t pairs, bool odd, const uint16_t* a, int64_t lda, const uint16_t* b, CT* c, int64_t ldc, int n,
+    float alpha, bool accumulate) {
   __m512 acc[MR][2];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -103,25 +105,34 @@ __attribute__((target("avx512f,avx512bf16"))) inline void vnni_tile(int64_t pair
   const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
   const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n > 16 ? __mmask16((1u << (n - 16)) - 1) : __mmask16(0);
   const __m512 va = _mm512_set1_ps(alpha);
+  if constexpr (std::is_same_v<CT, uint16_t>) {
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    float* cr = c + r * ldc;
-    const __m512 c0 = accumulate ? _mm512_maskz_loadu_ps(m0, cr) : _mm512_setzero_ps();
-    const __m512 c1 = accumulate ? _mm512_maskz_loadu_ps(m1, cr + 16) : _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(cr, m0, _mm512_fmadd_ps(acc[r][0], va, c0));
-    _mm512_mask_storeu_ps(cr + 16, m1, _mm512_fmadd_ps(acc[r][1], va, c1));
+    for (int r = 0; r < MR; ++r) {
+      uint16_t* cr = c + r * ldc;
+      _mm256_mask_storeu_epi16(cr, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][0], va)));
+      _mm256_mask_storeu_epi16(cr + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][1], va)));
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      float* cr = c + r * ldc;
+      const __m512 c0 = accumulate ? _mm512_maskz_loadu_ps(m0, cr) : _mm512_setzero_ps();
+      const __m512 c1 = accumulate ? _mm512_maskz_loadu_ps(m1, cr + 16) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(cr, m0, _mm512_fmadd_ps(acc[r][0], va, c0));
+      _mm512_mask_storeu_ps(cr + 16, m1, _mm512_fmadd_ps(acc[r][1], va, c1));
+    }
   }
 }
 
-template <int MR>
+template <int MR, typename CT>
 inline void vnni_rows(int64_t m, int64_t pairs, bool odd, const uint16_t* a, int64_t lda, const uint16_t* b,
-                      float* c, int64_t ldc, int n, float alpha, bool accumulate) {
+                      CT* c, int64_t ldc, int n, float alpha, bool accumulate) {
   int64_t i = 0;
   for (; i + MR <= m; i += MR)
-    vnni_tile<MR>(pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
+    vnni_tile<MR, CT>(pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
   if constexpr (MR > 1) {
     if (i < m)
-      vnni_rows<MR / 2>(m - i, pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
+      vnni_rows<MR / 2, CT>(m - i, pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
   }
 }
 
@@ -140,9 +151,21 @@ inline void gemm_bf16_vnni(int64_t m, int64_t n, int64_t K, float alpha, const u
     const uint16_t* bp = b + (j / kVnniCols) * panel_stride;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
       const int64_t kk = std::min(kc, K - k0);
-      detail::vnni_rows<8>(m, kk / 2, kk % 2 != 0, a + k0, lda, bp + k0 * kVnniCols, c + j, ldc, cols, alpha,
-                           accumulate || k0 > 0);
+      detail::vnni_rows<8, float>(m, kk / 2, kk % 2 != 0, a + k0, lda, bp + k0 * kVnniCols, c + j, ldc, cols,
+                                  alpha, accumulate || k0 > 0);
     }
+  }
+}
+
+// C (m x n, bf16 bits, row stride ldc) = bf16(alpha A B), rounded once from the fp32 sums: for a
+// product whose only consumer is a bf16 output. K is not split in chunks (meant for short K).
+inline void gemm_bf16_vnni_to_bf16(int64_t m, int64_t n, int64_t K, float alpha, const uint16_t* a,
+                                   int64_t lda, const uint16_t* b, int64_t panel_stride, uint16_t* c,
+                                   int64_t ldc) {
+  for (int64_t j = 0; j < n; j += kVnniCols) {
+    const int cols = static_cast<int>(std::min<int64_t>(kVnniCols, n - j));
+    detail::vnni_rows<8, uint16_t>(m, K / 2, K % 2 != 0, a, lda, b + (j / kVnniCols) * panel_stride, c + j,
+                                   ldc, cols, alpha, false);
   }
 }
 

@@ -26,6 +26,25 @@ namespace {
 
 using u16 = uint16_t;
 
+// dst[0..n) = bf16(src[0..n)) with vcvtne2ps2bf16 (round to nearest even, 32 values per
+// instruction; the path runs only where AVX512_BF16 exists).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void to_bf16_z(const float* src, at::BFloat16* dst,
+                                                                      int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_storeu_si512(dst + i, (__m512i)v);
+  }
+  if (i < n) {  // masked tail
+    const int64_t left = n - i;
+    const __mmask16 lo = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    const __mmask16 hi = left > 16 ? __mmask16((1u << (left - 16)) - 1) : __mmask16(0);
+    const __m512bh v =
+        _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + i + 16), _mm512_maskz_loadu_ps(lo, src + i));
+    _mm512_mask_storeu_epi16(dst + i, (__mmask32(hi) << 16) | lo, (__m512i)v);
+  }
+}
+
 // 8 floats -> 8 bf16 (round to nearest even; finite inputs).
 inline __m128i cvt8_bf16(__m256 x) {
   const __m256i u = _mm256_castps_si256(x);
@@ -71,11 +90,8 @@ inline void transpose8x8_u16(const __m128i in[8], __m128i out[8]) {
   }
 }
 
-// A operand x^T for a product over keys: dst (d x ld, ld = n rounded up to even) = x^T of a
-// row-major block x (n rows of d, row stride ldx), zero in the padding column.
-void transpose_rows(const u16* x, int64_t ldx, int64_t n, int64_t d, std::vector<u16>& dst, int64_t& ld) {
-  ld = (n + 1) / 2 * 2;
-  dst.resize(d * ld);
+// dst (d x n, row stride ldd) = x^T of a row-major block x (n rows of d, row stride ldx).
+void transpose_u16(const u16* x, int64_t ldx, int64_t n, int64_t d, u16* dst, int64_t ldd) {
   const int64_t n8 = n / 8 * 8, d8 = d / 8 * 8;
   for (int64_t j = 0; j < n8; j += 8) {
     for (int64_t c = 0; c < d8; c += 8) {
@@ -84,26 +100,75 @@ void transpose_rows(const u16* x, int64_t ldx, int64_t n, int64_t d, std::vector
         in[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (j + r) * ldx + c));
       transpose8x8_u16(in, out);
       for (int r = 0; r < 8; ++r)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst.data() + (c + r) * ld + j), out[r]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (c + r) * ldd + j), out[r]);
     }
     for (int64_t c = d8; c < d; ++c)
-      for (int64_t r = 0; r < 8; ++r) dst[c * ld + j + r] = x[(j + r) * ldx + c];
+      for (int64_t r = 0; r < 8; ++r) dst[c * ldd + j + r] = x[(j + r) * ldx + c];
   }
   for (int64_t j = n8; j < n; ++j)
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + j] = x[j * ldx + c];
+    for (int64_t c = 0; c < d; ++c) dst[c * ldd + j] = x[j * ldx + c];
+}
+
+// A operand x^T for a product over keys: dst (d x ld, ld = n rounded up to even) = x^T of a
+// row-major block x (n rows of d, row stride ldx), zero in the padding column.
+void transpose_rows(const u16* x, int64_t ldx, int64_t n, int64_t d, std::vector<u16>& dst, int64_t& ld) {
+  ld = (n + 1) / 2 * 2;
+  dst.resize(d * ld);
+  transpose_u16(x, ldx, n, d, dst.data(), ld);
   if (n % 2 != 0)
     for (int64_t c = 0; c < d; ++c) dst[c * ld + n] = 0;
 }
 
-// B packed from a row-major block x (k rows, n columns, row stride ld): K = k, N = n.
+// B packed from a row-major block x (k rows, n columns, row stride ld): K = k, N = n. Pair q
+// interleaves rows 2q and 2q + 1 (zero for a missing row), 8 columns at a time.
 void pack_rows(const u16* x, int64_t ld, int64_t k, int64_t n, std::vector<u16>& dst) {
-  dst.resize(cpu::vnni_packed_size(k, n));
-  cpu::pack_vnni(x, ld, 1, k, n, dst.data(), 0, (n + cpu::kVnniCols - 1) / cpu::kVnniCols);
+  dst.assign(cpu::vnni_packed_size(k, n), 0);
+  const int64_t ps = cpu::vnni_panel_stride(k), n8 = n / 8 * 8;
+  for (int64_t q = 0; 2 * q < k; ++q) {
+    const u16* r0 = x + 2 * q * ld;
+    const bool has1 = 2 * q + 1 < k;
+    for (int64_t c = 0; c < n8; c += 8) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + c));
+      const __m128i b =
+          has1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + ld + c)) : _mm_setzero_si128();
+      u16* d = dst.data() + c / cpu::kVnniCols * ps + q * 2 * cpu::kVnniCols + 2 * (c % cpu::kVnniCols);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_unpacklo_epi16(a, b));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 8), _mm_unpackhi_epi16(a, b));
+    }
+    for (int64_t c = n8; c < n; ++c) {
+      u16* d = dst.data() + c / cpu::kVnniCols * ps + q * 2 * cpu::kVnniCols + 2 * (c % cpu::kVnniCols);
+      d[0] = r0[c];
+      d[1] = has1 ? r0[ld + c] : 0;
+    }
+  }
 }
-// B packed from the transpose of a row-major block x (rows x d, row stride ld): K = d, N = rows.
+// B packed from the transpose of a row-major block x (rows <= 32 x d, row stride ld): K = d,
+// N = rows. Pair q of lane r is x's 32-bit word (x[r][2q], x[r][2q + 1]): a transpose of words.
 void pack_transposed(const u16* x, int64_t ld, int64_t rows, int64_t d, std::vector<u16>& dst) {
-  dst.resize(cpu::vnni_packed_size(d, rows));
-  cpu::pack_vnni(x, 1, ld, d, rows, dst.data(), 0, (rows + cpu::kVnniCols - 1) / cpu::kVnniCols);
+  dst.assign(cpu::vnni_packed_size(d, rows), 0);
+  const int64_t pairs = d / 2;
+  uint32_t* d32 = reinterpret_cast<uint32_t*>(dst.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    const u16* xr = x + r * ld;
+    for (int64_t q = 0; q < pairs; ++q) std::memcpy(d32 + q * cpu::kVnniCols + r, xr + 2 * q, 4);
+    if (d % 2 != 0) dst[(pairs * cpu::kVnniCols + r) * 2] = xr[d - 1];
+  }
+}
+
+// D_i = <do_i, o_i> over Dv bf16 elements, in fp32.
+float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d))), 16));
+    const __m256 y = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + d))), 16));
+    acc = _mm256_fmadd_ps(x, y, acc);
+  }
+  float sum = cpu::hsum8(acc);
+  for (; d < n; ++d) sum += static_cast<float>(a[d]) * static_cast<float>(b[d]);
+  return sum;
 }
 
 bool fast_bf16_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask, double dropout_p) {
@@ -237,7 +302,7 @@ struct FastBf16Scratch {
         dstb(std::max<int64_t>(Lk, 1) * Mb),
         dsp(cpu::vnni_packed_size(std::max<int64_t>(Lk, 1), Mb), 0) {}  // lanes >= Mb stay 0
   std::vector<float> pt, dpt, dqt, dk, dv, di, lse;
-  std::vector<u16> ptb, dstb, dsp, kt, qt, dot, qr, dor;
+  std::vector<u16> ptb, dstb, dsp, kt, qt, dot, qr, dor, dqtb = std::vector<u16>(dqt.size());
 };
 
 // Backward, one task per (b, g) as backward_fast: the task owns dk, dv of kv head g.
@@ -256,12 +321,15 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
 
   const bool z = use_exp2_z(Mb);      // AVX-512 base-2 exponentials of cpu_fast.h (pass 3)
   const float lg = z ? kLog2e : 1.f;  // scores and lse in log2 units with z
+  // One query block per task (Lq <= Mb, no GQA group): dk, dv need no fp32 accumulation.
+  const bool single_block = group == 1 && Lq <= Mb;
   auto init = [&] { return FastBf16Scratch(Mb, D, Dv, Lk); };
   parallel_tasks(B * Hkv, init, [&](FastBf16Scratch& w, int64_t t) {
     {
       const int64_t b = t / Hkv, g = t % Hkv;
-      std::fill(w.dk.begin(), w.dk.end(), 0.f);
-      std::fill(w.dv.begin(), w.dv.end(), 0.f);
+      // The first block with keys writes the fp32 dk, dv accumulators (zeros outside its keys), later
+      // blocks add to them: no zero fill of all Lk rows first.
+      bool fresh = true;
       // K^T for dq^T = K^T dS^T over the item's unpadded keys [klo, khi): every block's key range
       // starts at klo (causal only moves its end), so a block reads K^T from its first column.
       const int64_t klo = mk.kv_lo[b], kn = std::max<int64_t>(mk.kv_hi[b] - klo, 0);
@@ -276,9 +344,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           for (int64_t r = 0; r < Mb; ++r) {
             float di = 0.f, l = std::numeric_limits<float>::infinity();
             if (r < rows) {
-              const bf16* o = O.row(b, h, i0 + r);
-              for (int64_t d = 0; d < Dv; ++d)
-                di += static_cast<float>(dob[r * dO.sl + d]) * static_cast<float>(o[d]);
+              di = dot_bf16(dob + r * dO.sl, O.row(b, h, i0 + r), Dv);
               const float x = lse_p[(b * Hq + h) * Lq + i0 + r];
               if (x != -std::numeric_limits<float>::infinity()) l = x * lg;
             }
@@ -317,26 +383,55 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
               _mm256_storeu_ps(dp, _mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(dp), vd)));  // dS^T
             }
           }
-          cpu::to_bf16(w.pt.data(), reinterpret_cast<bf16*>(w.ptb.data()), cols * Mb);
-          cpu::to_bf16(w.dpt.data(), reinterpret_cast<bf16*>(w.dstb.data()), cols * Mb);
+          to_bf16_z(w.pt.data(), reinterpret_cast<bf16*>(w.ptb.data()), cols * Mb);
+          to_bf16_z(w.dpt.data(), reinterpret_cast<bf16*>(w.dstb.data()), cols * Mb);
           // 4. dv += P^T dO, 5. dk += scale dS^T Q (K = the block's rows; padding lanes hold p = 0).
-          cpu::gemm_bf16_vnni(cols, Dv, rows, 1.f, w.ptb.data(), Mb, w.dor.data(),
-                              cpu::vnni_panel_stride(rows), w.dv.data() + lo * Dv, Dv, true);
-          cpu::gemm_bf16_vnni(cols, D, rows, scale, w.dstb.data(), Mb, w.qr.data(),
-                              cpu::vnni_panel_stride(rows), w.dk.data() + lo * D, D, true);
+          if (single_block) {  // the task's only block: dv, dk rounded straight into the outputs
+            auto zero_rows = [&](int64_t j0, int64_t j1) {  // keys outside the block's range
+              for (int64_t j = j0; j < j1; ++j) {
+                std::fill(dK.row(b, g, j), dK.row(b, g, j) + D, bf16(0.f));
+                std::fill(dV.row(b, g, j), dV.row(b, g, j) + Dv, bf16(0.f));
+              }
+            };
+            zero_rows(0, lo);
+            zero_rows(lo + cols, Lk);
+            cpu::gemm_bf16_vnni_to_bf16(cols, Dv, rows, 1.f, w.ptb.data(), Mb, w.dor.data(),
+                                        cpu::vnni_panel_stride(rows),
+                                        reinterpret_cast<u16*>(dV.row(b, g, lo)), dV.sl);
+            cpu::gemm_bf16_vnni_to_bf16(cols, D, rows, scale, w.dstb.data(), Mb, w.qr.data(),
+                                        cpu::vnni_panel_stride(rows),
+                                        reinterpret_cast<u16*>(dK.row(b, g, lo)), dK.sl);
+          } else if (fresh) {
+            std::fill(w.dk.begin(), w.dk.begin() + lo * D, 0.f);
+            std::fill(w.dk.begin() + (lo + cols) * D, w.dk.end(), 0.f);
+            std::fill(w.dv.begin(), w.dv.begin() + lo * Dv, 0.f);
+            std::fill(w.dv.begin() + (lo + cols) * Dv, w.dv.end(), 0.f);
+          }
+          if (!single_block) {
+            cpu::gemm_bf16_vnni(cols, Dv, rows, 1.f, w.ptb.data(), Mb, w.dor.data(),
+                                cpu::vnni_panel_stride(rows), w.dv.data() + lo * Dv, Dv, !fresh);
+            cpu::gemm_bf16_vnni(cols, D, rows, scale, w.dstb.data(), Mb, w.qr.data(),
+                                cpu::vnni_panel_stride(rows), w.dk.data() + lo * D, D, !fresh);
+          }
+          fresh = false;
           // 6. dq^T = scale K^T dS^T: A = K^T (transposed once per task), B = dS^T in key pairs.
           pack_block_pairs(w.dpt.data(), cols, Mb, w.dsp.data());
           cpu::gemm_bf16_vnni(D, Mb, cols, scale, w.kt.data() + (lo - klo), ldkt, w.dsp.data(),
                               cpu::vnni_panel_stride(cols), w.dqt.data(), Mb, false);
-          for (int64_t r = 0; r < rows; ++r) {
-            bf16* dqrow = dQ.row(b, h, i0 + r);
-            for (int64_t d = 0; d < D; ++d) dqrow[d] = static_cast<bf16>(w.dqt[d * Mb + r]);
-          }
+          to_bf16_z(w.dqt.data(), reinterpret_cast<bf16*>(w.dqtb.data()), D * Mb);  // dq^T in bf16,
+          transpose_u16(w.dqtb.data(), Mb, D, rows, reinterpret_cast<u16*>(dQ.row(b, h, i0)),
+                        dQ.sl);  // to rows
         }
       }
+      if (fresh) {  // no block had a key: dk, dv = 0
+        std::fill(w.dk.begin(), w.dk.end(), 0.f);
+        std::fill(w.dv.begin(), w.dv.end(), 0.f);
+      } else if (single_block) {
+        return;  // written by the block
+      }
       for (int64_t j = 0; j < Lk; ++j) {  // this task's kv head: every key row, zeros included
-        cpu::to_bf16(w.dk.data() + j * D, dK.row(b, g, j), D);  // vectorized round to nearest even
-        cpu::to_bf16(w.dv.data() + j * Dv, dV.row(b, g, j), Dv);
+        to_bf16_z(w.dk.data() + j * D, dK.row(b, g, j), D);  // vectorized round to nearest even
+        to_bf16_z(w.dv.data() + j * Dv, dV.row(b, g, j), Dv);
       }
     }
   });
