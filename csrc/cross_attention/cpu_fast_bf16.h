@@ -220,13 +220,14 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const bool z = use_exp2_z(Mb);      // the AVX-512 base-2 softmax of cpu_fast.h (pass 3)
   const float lg = z ? kLog2e : 1.f;  // scores in log2 units with z
   struct Scratch {
-    std::vector<float> st, ot, m, l;
-    std::vector<u16> qp, vt, pp;  // pp: lanes >= Mb stay 0
+    std::vector<float> st, ot, m, l, inv;
+    std::vector<u16> qp, vt, pp, otb;  // pp: lanes >= Mb stay 0
     int64_t ldvt = 0, packed_b = -1, packed_g = -1, packed_lo = -1, packed_cols = -1;  // whose V^T is in vt
   };
   auto init = [&] {
     Scratch w;
     w.st.resize(std::max<int64_t>(Lk, 1) * Mb), w.ot.resize(Dv * Mb), w.m.resize(Mb), w.l.resize(Mb);
+    w.inv.resize(Mb), w.otb.resize(Dv * Mb);
     w.pp.assign(cpu::vnni_packed_size(std::max<int64_t>(Lk, 1), Mb), 0);
     return w;
   };
@@ -276,13 +277,20 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         cpu::gemm_bf16_vnni(Dv, Mb, cols, 1.f, vt.data(), ldvt, pp.data(), cpu::vnni_panel_stride(cols),
                             ot.data(), Mb, false);
       }
-      // 4. out = O / l, lse = m + log l; rows without an allowed key: 0, -inf.
+      // 4. out = O / l: the lanes of O^T scaled, rounded and transposed into the output rows;
+      // lse = m + log l. Rows without an allowed key: 0, -inf.
+      if (cols == 0) std::fill(ot.begin(), ot.end(), 0.f);
+      for (int64_t r = 0; r < Mb; ++r) w.inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      for (int64_t d = 0; d < Dv; ++d) {
+        for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+          float* o = &ot[d * Mb + v8];
+          _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), _mm256_loadu_ps(&w.inv[v8])));
+        }
+      }
+      to_bf16_z(ot.data(), reinterpret_cast<bf16*>(w.otb.data()), Dv * Mb);
+      transpose_u16(w.otb.data(), Mb, Dv, rows, reinterpret_cast<u16*>(O.row(b, h, i0)), O.sl);
       for (int64_t r = 0; r < rows; ++r) {
-        const bool empty = !(l[r] > 0.f);
-        const float inv = empty ? 0.f : 1.f / l[r];
-        bf16* orow = O.row(b, h, i0 + r);
-        for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<bf16>(empty ? 0.f : ot[d * Mb + r] * inv);
-        lse_p[(b * Hq + h) * Lq + i0 + r] = empty ? kNegInf : m[r] / lg + std::log(l[r]);
+        lse_p[(b * Hq + h) * Lq + i0 + r] = l[r] > 0.f ? m[r] / lg + std::log(l[r]) : kNegInf;
       }
     }
   });
