@@ -68,8 +68,8 @@ namespace detail {
 // (CT = float) or bf16 bits (CT = uint16_t: rounded to nearest even on the store, no accumulate).
 template <int MR, typename CT>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void vnni_tile(
-    int64_t pairs, bool odd, const uint16_t* a, int64_t lda, const uint16_t* b, CT* c, int64_t ldc, int n,
-    float alpha, bool accumulate) {
+    int64_t pairs, bool odd, const uint16_t* a, int64_t lda, int64_t qs, const uint16_t* b, CT* c,
+    int64_t ldc, int n, float alpha, bool accumulate) {
   __m512 acc[MR][2];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -86,7 +86,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void vnni
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * q, sizeof(pair));
+      std::memcpy(&pair, a + r * lda + q * qs, sizeof(pair));
       const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
@@ -97,7 +97,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void vnni
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + pairs * 2 * kVnniCols + kVnniCols);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(a[r * lda + 2 * pairs]));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(a[r * lda + pairs * qs]));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
     }
@@ -125,14 +125,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void vnni
 }
 
 template <int MR, typename CT>
-inline void vnni_rows(int64_t m, int64_t pairs, bool odd, const uint16_t* a, int64_t lda, const uint16_t* b,
-                      CT* c, int64_t ldc, int n, float alpha, bool accumulate) {
+inline void vnni_rows(int64_t m, int64_t pairs, bool odd, const uint16_t* a, int64_t lda, int64_t qs,
+                      const uint16_t* b, CT* c, int64_t ldc, int n, float alpha, bool accumulate) {
   int64_t i = 0;
   for (; i + MR <= m; i += MR)
-    vnni_tile<MR, CT>(pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
+    vnni_tile<MR, CT>(pairs, odd, a + i * lda, lda, qs, b, c + i * ldc, ldc, n, alpha, accumulate);
   if constexpr (MR > 1) {
     if (i < m)
-      vnni_rows<MR / 2, CT>(m - i, pairs, odd, a + i * lda, lda, b, c + i * ldc, ldc, n, alpha, accumulate);
+      vnni_rows<MR / 2, CT>(m - i, pairs, odd, a + i * lda, lda, qs, b, c + i * ldc, ldc, n, alpha,
+                            accumulate);
   }
 }
 
@@ -151,8 +152,32 @@ inline void gemm_bf16_vnni(int64_t m, int64_t n, int64_t K, float alpha, const u
     const uint16_t* bp = b + (j / kVnniCols) * panel_stride;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
       const int64_t kk = std::min(kc, K - k0);
-      detail::vnni_rows<8, float>(m, kk / 2, kk % 2 != 0, a + k0, lda, bp + k0 * kVnniCols, c + j, ldc, cols,
-                                  alpha, accumulate || k0 > 0);
+      detail::vnni_rows<8, float>(m, kk / 2, kk % 2 != 0, a + k0, lda, 2, bp + k0 * kVnniCols, c + j, ldc,
+                                  cols, alpha, accumulate || k0 > 0);
+    }
+  }
+}
+
+// C (m x n, fp32) (+)= alpha X^T B for X (K x m) packed by pack_vnni (xp, panel stride xps): the
+// packed panels hold X's row pairs interleaved, which are exactly the k-pairs of the rows of X^T
+// (row r's pair q at xp + (r / 32) xps + 64 q + 2 (r % 32)), so a product over K reads X^T without
+// transposing X; the interleaving pack is far cheaper than a transpose.
+inline void gemm_bf16_vnni_xt(int64_t m, int64_t n, int64_t K, float alpha, const uint16_t* xp, int64_t xps,
+                              const uint16_t* b, int64_t panel_stride, float* c, int64_t ldc,
+                              bool accumulate) {
+  constexpr int64_t kc = 256;
+  for (int64_t i0 = 0; i0 < m; i0 += kVnniCols) {
+    const int64_t rows = std::min<int64_t>(kVnniCols, m - i0);
+    const uint16_t* a = xp + (i0 / kVnniCols) * xps;
+    for (int64_t j = 0; j < n; j += kVnniCols) {
+      const int cols = static_cast<int>(std::min<int64_t>(kVnniCols, n - j));
+      const uint16_t* bp = b + (j / kVnniCols) * panel_stride;
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t kk = std::min(kc, K - k0);
+        detail::vnni_rows<8, float>(rows, kk / 2, kk % 2 != 0, a + k0 * kVnniCols, 2, 2 * kVnniCols,
+                                    bp + k0 * kVnniCols, c + i0 * ldc + j, ldc, cols, alpha,
+                                    accumulate || k0 > 0);
+      }
     }
   }
 }
@@ -164,7 +189,7 @@ inline void gemm_bf16_vnni_to_bf16(int64_t m, int64_t n, int64_t K, float alpha,
                                    int64_t ldc) {
   for (int64_t j = 0; j < n; j += kVnniCols) {
     const int cols = static_cast<int>(std::min<int64_t>(kVnniCols, n - j));
-    detail::vnni_rows<8, uint16_t>(m, K / 2, K % 2 != 0, a, lda, b + (j / kVnniCols) * panel_stride, c + j,
+    detail::vnni_rows<8, uint16_t>(m, K / 2, K % 2 != 0, a, lda, 2, b + (j / kVnniCols) * panel_stride, c + j,
                                    ldc, cols, alpha, false);
   }
 }

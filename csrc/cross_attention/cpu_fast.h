@@ -333,6 +333,18 @@ void transpose_block(const float* x, int64_t ldx, int64_t rows, int64_t cols, in
   }
 }
 
+// Per batch item: whether no key inside its span [kv_lo, kv_hi) is padded and no causal limit
+// applies, so mask_transposed has nothing to do for it (trailing padding is outside the span).
+std::vector<char> unmasked_spans(const Masking& mk, int64_t B) {
+  std::vector<char> unmasked(B, !mk.causal);
+  for (int64_t b = 0; b < B && mk.kpm != nullptr && !mk.causal; ++b) {
+    for (int64_t j = mk.kv_lo[b]; j < mk.kv_hi[b] && unmasked[b]; ++j) {
+      if (mk.kpm[b * mk.kpm_sb + j * mk.kpm_sj]) unmasked[b] = 0;
+    }
+  }
+  return unmasked;
+}
+
 // Step 2 in the transposed layout: S^T row jj (key lo + jj) = -inf where padded or, causal, for
 // the lanes r whose row i0 + r may not see it (j > i + Lk - Lq).
 void mask_transposed(const Masking& mk, int64_t b, int64_t i0, int64_t Mb, int64_t lo, int64_t cols,
@@ -367,12 +379,7 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const float lg = z ? kLog2e : 1.f;  // scores in log2 units for the base-2 softmax
   // Batch items whose key span [kv_lo, kv_hi) holds no padded key (e.g. trailing padding only):
   // without causal masking their blocks need no mask pass.
-  std::vector<char> unmasked(B, !mk.causal);
-  for (int64_t b = 0; b < B && mk.kpm != nullptr && !mk.causal; ++b) {
-    for (int64_t j = mk.kv_lo[b]; j < mk.kv_hi[b] && unmasked[b]; ++j) {
-      if (mk.kpm[b * mk.kpm_sb + j * mk.kpm_sj]) unmasked[b] = 0;
-    }
-  }
+  const std::vector<char> unmasked = unmasked_spans(mk, B);
 
   struct Scratch {
     std::vector<float> qt, st, m, l;

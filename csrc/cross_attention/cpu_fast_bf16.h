@@ -109,16 +109,6 @@ void transpose_u16(const u16* x, int64_t ldx, int64_t n, int64_t d, u16* dst, in
     for (int64_t c = 0; c < d; ++c) dst[c * ldd + j] = x[j * ldx + c];
 }
 
-// A operand x^T for a product over keys: dst (d x ld, ld = n rounded up to even) = x^T of a
-// row-major block x (n rows of d, row stride ldx), zero in the padding column.
-void transpose_rows(const u16* x, int64_t ldx, int64_t n, int64_t d, std::vector<u16>& dst, int64_t& ld) {
-  ld = (n + 1) / 2 * 2;
-  dst.resize(d * ld);
-  transpose_u16(x, ldx, n, d, dst.data(), ld);
-  if (n % 2 != 0)
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + n] = 0;
-}
-
 // B packed from a row-major block x (k rows, n columns, row stride ld): K = k, N = n. Pair q
 // interleaves rows 2q and 2q + 1 (zero for a missing row), 8 columns at a time.
 void pack_rows(const u16* x, int64_t ld, int64_t k, int64_t n, std::vector<u16>& dst) {
@@ -217,12 +207,13 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   while (Mb > 8 && B * Hq * ((Lq + Mb - 1) / Mb) < 4 * at::get_num_threads()) Mb /= 2;
   const int64_t nqb = (Lq + Mb - 1) / Mb;
 
+  const std::vector<char> unmasked = unmasked_spans(mk, B);
   const bool z = use_exp2_z(Mb);      // the AVX-512 base-2 softmax of cpu_fast.h (pass 3)
   const float lg = z ? kLog2e : 1.f;  // scores in log2 units with z
   struct Scratch {
     std::vector<float> st, ot, m, l, inv;
-    std::vector<u16> qp, vt, pp, otb;  // pp: lanes >= Mb stay 0
-    int64_t ldvt = 0, packed_b = -1, packed_g = -1, packed_lo = -1, packed_cols = -1;  // whose V^T is in vt
+    std::vector<u16> qp, vt, pp, otb;                                        // pp: lanes >= Mb stay 0
+    int64_t packed_b = -1, packed_g = -1, packed_lo = -1, packed_cols = -1;  // whose V is in vt
   };
   auto init = [&] {
     Scratch w;
@@ -234,7 +225,7 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   parallel_tasks(B * Hq * nqb, init, [&](Scratch& w, int64_t t) {
     std::vector<float>&st = w.st, &ot = w.ot, &m = w.m, &l = w.l;
     std::vector<u16>&qp = w.qp, &vt = w.vt, &pp = w.pp;
-    int64_t &ldvt = w.ldvt, &packed_b = w.packed_b, &packed_g = w.packed_g, &packed_lo = w.packed_lo,
+    int64_t &packed_b = w.packed_b, &packed_g = w.packed_g, &packed_lo = w.packed_lo,
             &packed_cols = w.packed_cols;
     {
       const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * Mb, g = h / group;
@@ -245,7 +236,7 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       pack_transposed(bits(Q.row(b, h, i0)), Q.sl, rows, D, qp);
       cpu::gemm_bf16_vnni(cols, Mb, D, scale * lg, bits(K.row(b, g, lo)), K.sl, qp.data(),
                           cpu::vnni_panel_stride(D), st.data(), Mb, false);
-      mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
+      if (!unmasked[b]) mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
       // 2. Softmax down the columns (fp32) as in forward_fast: AVX-512 base 2, else 8 AVX2 lanes at a time.
       if (z && Mb == 32) {
         softmax_cols_z<2>(st.data(), cols, m.data(), l.data());
@@ -267,15 +258,16 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         _mm256_storeu_ps(&m[v8], mx);
         _mm256_storeu_ps(&l[v8], sum);
       }
-      // 3. O^T = V^T P^T: A = V^T (transposed once per (b, g, key range)), B = P^T in key pairs.
+      // 3. O^T = V^T P^T: A = V^T read from V packed in key pairs (once per (b, g, key range)),
+      // B = P^T in key pairs.
       if (cols > 0) {
         if (b != packed_b || g != packed_g || lo != packed_lo || cols != packed_cols) {
-          transpose_rows(bits(V.row(b, g, lo)), V.sl, cols, Dv, vt, ldvt);
+          pack_rows(bits(V.row(b, g, lo)), V.sl, cols, Dv, vt);
           packed_b = b, packed_g = g, packed_lo = lo, packed_cols = cols;
         }
         pack_block_pairs(st.data(), cols, Mb, pp.data());
-        cpu::gemm_bf16_vnni(Dv, Mb, cols, 1.f, vt.data(), ldvt, pp.data(), cpu::vnni_panel_stride(cols),
-                            ot.data(), Mb, false);
+        cpu::gemm_bf16_vnni_xt(Dv, Mb, cols, 1.f, vt.data(), cpu::vnni_panel_stride(cols), pp.data(),
+                               cpu::vnni_panel_stride(cols), ot.data(), Mb, false);
       }
       // 4. out = O / l: the lanes of O^T scaled, rounded and transposed into the output rows;
       // lse = m + log l. Rows without an allowed key: 0, -inf.
@@ -327,6 +319,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
   const float* lse_p = lse_t.data_ptr<float>();
   const float scale = static_cast<float>(scale_d);
 
+  const std::vector<char> unmasked = unmasked_spans(mk, B);
   const bool z = use_exp2_z(Mb);      // AVX-512 base-2 exponentials of cpu_fast.h (pass 3)
   const float lg = z ? kLog2e : 1.f;  // scores and lse in log2 units with z
   // One query block per task (Lq <= Mb, no GQA group): dk, dv need no fp32 accumulation.
@@ -341,8 +334,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
       // K^T for dq^T = K^T dS^T over the item's unpadded keys [klo, khi): every block's key range
       // starts at klo (causal only moves its end), so a block reads K^T from its first column.
       const int64_t klo = mk.kv_lo[b], kn = std::max<int64_t>(mk.kv_hi[b] - klo, 0);
-      int64_t ldkt = 0;
-      if (kn > 0) transpose_rows(bits(K.row(b, g, klo)), K.sl, kn, D, w.kt, ldkt);
+      if (kn > 0) pack_rows(bits(K.row(b, g, klo)), K.sl, kn, D, w.kt);
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < Lq; i0 += Mb) {
           const int64_t rows = std::min(Mb, Lq - i0);
@@ -372,7 +364,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           // 2. P^T = exp(scale K Q^T + masks - lse), 3. dP^T = V dO^T.
           cpu::gemm_bf16_vnni(cols, Mb, D, scale * lg, bits(K.row(b, g, lo)), K.sl, w.qt.data(),
                               cpu::vnni_panel_stride(D), w.pt.data(), Mb, false);
-          mask_transposed(mk, b, i0, Mb, lo, cols, w.pt.data());
+          if (!unmasked[b]) mask_transposed(mk, b, i0, Mb, lo, cols, w.pt.data());
           cpu::gemm_bf16_vnni(cols, Mb, Dv, 1.f, bits(V.row(b, g, lo)), V.sl, w.dot.data(),
                               cpu::vnni_panel_stride(Dv), w.dpt.data(), Mb, false);
           if (z && Mb == 32) {
@@ -422,10 +414,11 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
                                 cpu::vnni_panel_stride(rows), w.dk.data() + lo * D, D, !fresh);
           }
           fresh = false;
-          // 6. dq^T = scale K^T dS^T: A = K^T (transposed once per task), B = dS^T in key pairs.
+          // 6. dq^T = scale K^T dS^T: A = K^T read from K packed in key pairs (once per task; every
+          // block's keys start at klo, so at pair 0), B = dS^T in key pairs.
           pack_block_pairs(w.dpt.data(), cols, Mb, w.dsp.data());
-          cpu::gemm_bf16_vnni(D, Mb, cols, scale, w.kt.data() + (lo - klo), ldkt, w.dsp.data(),
-                              cpu::vnni_panel_stride(cols), w.dqt.data(), Mb, false);
+          cpu::gemm_bf16_vnni_xt(D, Mb, cols, scale, w.kt.data(), cpu::vnni_panel_stride(kn), w.dsp.data(),
+                                 cpu::vnni_panel_stride(cols), w.dqt.data(), Mb, false);
           to_bf16_z(w.dqt.data(), reinterpret_cast<bf16*>(w.dqtb.data()), D * Mb);  // dq^T in bf16,
           transpose_u16(w.dqtb.data(), Mb, D, rows, reinterpret_cast<u16*>(dQ.row(b, h, i0)),
                         dQ.sl);  // to rows
