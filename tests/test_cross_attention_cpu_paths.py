@@ -9,7 +9,7 @@ every call, so each path is forced here.
 
 import pytest
 import torch
-from utils import attention_inputs
+from utils import attention_inputs, has_avx512_bf16
 from xattn_helpers import compare_with_reference
 
 PATHS = {
@@ -39,26 +39,9 @@ BF16_CASES = CASES + [
 ]
 
 
-def _has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in f.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.parametrize("path", ["fast-bf16", "fast-bf16-pass2", "generic"])
-@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: "x".join(map(str, c[:6])))
-def test_cpu_bf16_path_matches_reference(path, case, monkeypatch):
-    if path.startswith("fast-bf16") and not _has_avx512_bf16():
-        pytest.skip("this CPU has no AVX512_BF16: bf16 runs the generic kernel")
-    if path == "generic":
-        monkeypatch.setenv("MMFAST_XATTN_CPU_FAST", "0")
-    if path == "fast-bf16-pass2":  # AVX2 exp and static tasks instead of the AVX-512 exp2 softmax
-        for name, value in PATHS["fast-pass2"].items():
-            monkeypatch.setenv(name, value)
+def _compare(case: tuple, dtype: torch.dtype) -> None:
     B, Hq, Hkv, Lq, Lk, D, pad, causal = case
-    inp = attention_inputs(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, pad_frac=pad, dtype=torch.bfloat16)
+    inp = attention_inputs(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, pad_frac=pad, dtype=dtype)
     compare_with_reference(
         inp["query"],
         inp["key"],
@@ -67,6 +50,19 @@ def test_cpu_bf16_path_matches_reference(path, case, monkeypatch):
         is_causal=causal,
         backend="cpu",
     )
+
+
+@pytest.mark.parametrize("path", ["fast-bf16", "fast-bf16-pass2", "generic"])
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_cpu_bf16_path_matches_reference(path, case, monkeypatch):
+    if path.startswith("fast-bf16") and not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512_BF16: bf16 runs the generic kernel")
+    if path == "generic":
+        monkeypatch.setenv("MMFAST_XATTN_CPU_FAST", "0")
+    if path == "fast-bf16-pass2":  # AVX2 exp and static tasks instead of the AVX-512 exp2 softmax
+        for name, value in PATHS["fast-pass2"].items():
+            monkeypatch.setenv(name, value)
+    _compare(case, torch.bfloat16)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -74,27 +70,21 @@ def test_cpu_bf16_path_matches_reference(path, case, monkeypatch):
 def test_cpu_path_matches_reference(path, case, monkeypatch):
     for name, value in PATHS[path].items():
         monkeypatch.setenv(name, value)
-    B, Hq, Hkv, Lq, Lk, D, pad, causal = case
-    inp = attention_inputs(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, pad_frac=pad, dtype=torch.float32)
-    compare_with_reference(
-        inp["query"],
-        inp["key"],
-        inp["value"],
-        key_padding_mask=inp["key_padding_mask"],
-        is_causal=causal,
-        backend="cpu",
-    )
+    _compare(case, torch.float32)
 
 
-@pytest.mark.parametrize("path", ["fast-avx512", "fast-avx2", "generic"])
+@pytest.mark.parametrize("path", ["fast-avx512", "fast-avx2", "generic", "fast-bf16"])
 def test_cpu_large_outputs_from_the_block_cache(path, monkeypatch):
     """dk, dv >= 8 MB come from huge-page blocks that are reused after they are freed (stale contents):
     two calls with different padding must both match the reference, every element written."""
-    for name, value in PATHS[path].items():
+    if path == "fast-bf16" and not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512_BF16: bf16 runs the generic kernel")
+    for name, value in PATHS.get(path, {}).items():
         monkeypatch.setenv(name, value)
+    dtype, Lk = (torch.bfloat16, 16400) if path == "fast-bf16" else (torch.float32, 8200)
     for seed, pad in ((0, 0.0), (1, 0.4)):  # the second call reuses the first one's blocks
         torch.manual_seed(seed)
-        inp = attention_inputs(B=2, Hq=2, Hkv=2, Lq=5, Lk=8200, D=64, pad_frac=pad, dtype=torch.float32)
+        inp = attention_inputs(B=2, Hq=2, Hkv=2, Lq=5, Lk=Lk, D=64, pad_frac=pad, dtype=dtype)
         compare_with_reference(
             inp["query"], inp["key"], inp["value"], key_padding_mask=inp["key_padding_mask"], backend="cpu"
         )

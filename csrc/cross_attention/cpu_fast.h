@@ -363,6 +363,30 @@ void mask_transposed(const Masking& mk, int64_t b, int64_t i0, int64_t Mb, int64
   }
 }
 
+// Softmax down the columns of a transposed block st (cols x Mb): per lane r, m = max_j s,
+// st = p = exp(s - m), l = sum_j p. With z (AVX-512, base 2: scores in log2 units) all lanes of a
+// row at once; otherwise 8 AVX2 lanes at a time. A lane with no allowed key: m = -inf, l = 0.
+void softmax_cols(float* st, int64_t cols, int64_t Mb, bool z, float* m, float* l) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  if (z && Mb == 32) return softmax_cols_z<2>(st, cols, m, l);
+  if (z) return softmax_cols_z<1>(st, cols, m, l);
+  for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+    __m256 mx = _mm256_set1_ps(kNegInf);
+    for (int64_t jj = 0; jj < cols; ++jj) mx = _mm256_max_ps(mx, _mm256_loadu_ps(&st[jj * Mb + v8]));
+    const __m256 none = _mm256_cmp_ps(mx, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
+    const __m256 mu = _mm256_andnot_ps(none, mx);  // all masked: subtract 0, p = exp(-inf) = 0
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t jj = 0; jj < cols; ++jj) {
+      float* sp = &st[jj * Mb + v8];
+      const __m256 e = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), mu));
+      _mm256_storeu_ps(sp, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    _mm256_storeu_ps(&m[v8], mx);
+    _mm256_storeu_ps(&l[v8], sum);
+  }
+}
+
 // Forward, one task per (b, h, block of Mb query rows; Mb in {8, 16, 32}).
 void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Masking& mk,
                   double scale_d, at::Tensor& out, at::Tensor& lse) {
@@ -399,28 +423,8 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       transpose_block(Q.row(b, h, i0), Q.sl, rows, D, Mb, qt.data());
       small_gemm(cols, Mb, D, scale * lg, K.row(b, g, lo), K.sl, 1, qt.data(), Mb, st.data(), Mb, false);
       if (!unmasked[b]) mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
-      // 3. Softmax down the columns: m = max_j s, p = exp(s - m), l = sum_j p (AVX-512: all lanes of
-      // a row at once, base 2; AVX2: 8 lanes at a time).
-      if (z && Mb == 32) {
-        softmax_cols_z<2>(st.data(), cols, m.data(), l.data());
-      } else if (z) {
-        softmax_cols_z<1>(st.data(), cols, m.data(), l.data());
-      }
-      for (int64_t v8 = 0; v8 < Mb && !z; v8 += 8) {
-        __m256 mx = _mm256_set1_ps(kNegInf);
-        for (int64_t jj = 0; jj < cols; ++jj) mx = _mm256_max_ps(mx, _mm256_loadu_ps(&st[jj * Mb + v8]));
-        const __m256 none = _mm256_cmp_ps(mx, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
-        const __m256 mu = _mm256_andnot_ps(none, mx);  // all masked: subtract 0, p = exp(-inf) = 0
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t jj = 0; jj < cols; ++jj) {
-          float* sp = &st[jj * Mb + v8];
-          const __m256 e = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), mu));
-          _mm256_storeu_ps(sp, e);
-          sum = _mm256_add_ps(sum, e);
-        }
-        _mm256_storeu_ps(&m[v8], mx);
-        _mm256_storeu_ps(&l[v8], sum);
-      }
+      // 3. Softmax down the columns: m = max_j s, p = exp(s - m), l = sum_j p.
+      softmax_cols(st.data(), cols, Mb, z, m.data(), l.data());
       // 4. O = P V straight into the output rows (A = P^T read by columns: the same loads as
       // O^T = V^T P^T, without the transposed write-back), 5. out = O / l, lse = m + log l; rows
       // without an allowed key: 0, -inf.

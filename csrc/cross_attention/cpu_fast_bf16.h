@@ -237,27 +237,8 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       cpu::gemm_bf16_vnni(cols, Mb, D, scale * lg, bits(K.row(b, g, lo)), K.sl, qp.data(),
                           cpu::vnni_panel_stride(D), st.data(), Mb, false);
       if (!unmasked[b]) mask_transposed(mk, b, i0, Mb, lo, cols, st.data());
-      // 2. Softmax down the columns (fp32) as in forward_fast: AVX-512 base 2, else 8 AVX2 lanes at a time.
-      if (z && Mb == 32) {
-        softmax_cols_z<2>(st.data(), cols, m.data(), l.data());
-      } else if (z) {
-        softmax_cols_z<1>(st.data(), cols, m.data(), l.data());
-      }
-      for (int64_t v8 = 0; v8 < Mb && !z; v8 += 8) {
-        __m256 mx = _mm256_set1_ps(kNegInf);
-        for (int64_t jj = 0; jj < cols; ++jj) mx = _mm256_max_ps(mx, _mm256_loadu_ps(&st[jj * Mb + v8]));
-        const __m256 none = _mm256_cmp_ps(mx, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
-        const __m256 mu = _mm256_andnot_ps(none, mx);
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t jj = 0; jj < cols; ++jj) {
-          float* sp = &st[jj * Mb + v8];
-          const __m256 e = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), mu));
-          _mm256_storeu_ps(sp, e);
-          sum = _mm256_add_ps(sum, e);
-        }
-        _mm256_storeu_ps(&m[v8], mx);
-        _mm256_storeu_ps(&l[v8], sum);
-      }
+      // 2. Softmax down the columns (fp32), as in forward_fast.
+      softmax_cols(st.data(), cols, Mb, z, m.data(), l.data());
       // 3. O^T = V^T P^T: A = V^T read from V packed in key pairs (once per (b, g, key range)),
       // B = P^T in key pairs.
       if (cols > 0) {
