@@ -176,8 +176,9 @@ const u16* bits(const T* p) {
 // P^T = 2^(S^T - lse2) and dS^T = P^T (dP^T - D) in place, AVX-512, Mb = 16 NV lanes (log2 units),
 // all lanes of a row per pass (pass 3 of the fp32 path).
 template <int NV>
-__attribute__((target("avx512f"))) void exp_ds_cols_z(float* pt, float* dpt, int64_t cols, const float* lse2,
-                                                      const float* di) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void exp_ds_cols_z(
+    const float* st, const float* dpt, int64_t cols, const float* lse2, const float* di, u16* ptb,
+    u16* dstb) {
   constexpr int Mb = 16 * NV;
   __m512 vl[NV], vd[NV];
 #pragma GCC unroll 2
@@ -186,9 +187,27 @@ __attribute__((target("avx512f"))) void exp_ds_cols_z(float* pt, float* dpt, int
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
       const int64_t o = jj * Mb + 16 * v;
-      const __m512 pv = exp2_z(_mm512_sub_ps(_mm512_loadu_ps(pt + o), vl[v]));
-      _mm512_storeu_ps(pt + o, pv);
-      _mm512_storeu_ps(dpt + o, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpt + o), vd[v])));
+      const __m512 pv = exp2_z(_mm512_sub_ps(_mm512_loadu_ps(st + o), vl[v]));
+      const __m512 ds = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpt + o), vd[v]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ptb + o), (__m256i)_mm512_cvtneps_pbh(pv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dstb + o), (__m256i)_mm512_cvtneps_pbh(ds));
+    }
+  }
+}
+
+// B packed (K = n keys, N = Mb <= 32 lanes) from a transposed bf16 block src (n x Mb), as
+// pack_block_pairs: pair q interleaves rows 2q and 2q + 1 (zero for a missing row).
+void pack_block_pairs_u16(const u16* src, int64_t n, int64_t Mb, u16* dst) {
+  for (int64_t q = 0; 2 * q < n; ++q) {
+    const u16* r0 = src + 2 * q * Mb;
+    const bool has1 = 2 * q + 1 < n;
+    u16* d = dst + q * 2 * cpu::kVnniCols;
+    for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + v8));
+      const __m128i b =
+          has1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + Mb + v8)) : _mm_setzero_si128();
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * v8), _mm_unpacklo_epi16(a, b));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * v8 + 8), _mm_unpackhi_epi16(a, b));
     }
   }
 }
@@ -348,10 +367,13 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           if (!unmasked[b]) mask_transposed(mk, b, i0, Mb, lo, cols, w.pt.data());
           cpu::gemm_bf16_vnni(cols, Mb, Dv, 1.f, bits(V.row(b, g, lo)), V.sl, w.dot.data(),
                               cpu::vnni_panel_stride(Dv), w.dpt.data(), Mb, false);
+          // P^T, dS^T = P^T (dP^T - D), both rounded to bf16 (AVX-512: in the same pass).
           if (z && Mb == 32) {
-            exp_ds_cols_z<2>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data());
+            exp_ds_cols_z<2>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data(), w.ptb.data(),
+                             w.dstb.data());
           } else if (z) {
-            exp_ds_cols_z<1>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data());
+            exp_ds_cols_z<1>(w.pt.data(), w.dpt.data(), cols, w.lse.data(), w.di.data(), w.ptb.data(),
+                             w.dstb.data());
           }
           for (int64_t v8 = 0; v8 < Mb && !z; v8 += 8) {
             const __m256 vl = _mm256_loadu_ps(&w.lse[v8]);
@@ -364,8 +386,10 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
               _mm256_storeu_ps(dp, _mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(dp), vd)));  // dS^T
             }
           }
-          to_bf16_z(w.pt.data(), reinterpret_cast<bf16*>(w.ptb.data()), cols * Mb);
-          to_bf16_z(w.dpt.data(), reinterpret_cast<bf16*>(w.dstb.data()), cols * Mb);
+          if (!z) {
+            to_bf16_z(w.pt.data(), reinterpret_cast<bf16*>(w.ptb.data()), cols * Mb);
+            to_bf16_z(w.dpt.data(), reinterpret_cast<bf16*>(w.dstb.data()), cols * Mb);
+          }
           // 4. dv += P^T dO, 5. dk += scale dS^T Q (K = the block's rows; padding lanes hold p = 0).
           if (single_block) {  // the task's only block: dv, dk rounded straight into the outputs
             auto zero_rows = [&](int64_t j0, int64_t j1) {  // keys outside the block's range
@@ -397,7 +421,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           fresh = false;
           // 6. dq^T = scale K^T dS^T: A = K^T read from K packed in key pairs (once per task; every
           // block's keys start at klo, so at pair 0), B = dS^T in key pairs.
-          pack_block_pairs(w.dpt.data(), cols, Mb, w.dsp.data());
+          pack_block_pairs_u16(w.dstb.data(), cols, Mb, w.dsp.data());
           cpu::gemm_bf16_vnni_xt(D, Mb, cols, scale, w.kt.data(), cpu::vnni_panel_stride(kn), w.dsp.data(),
                                  cpu::vnni_panel_stride(cols), w.dqt.data(), Mb, false);
           to_bf16_z(w.dqt.data(), reinterpret_cast<bf16*>(w.dqtb.data()), D * Mb);  // dq^T in bf16,
