@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "common/cpu_alloc.h"
 #include "common/cpu_peak.h"
 
 #ifndef MMFAST_VERSION
@@ -38,4 +39,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("iters") = 20000000,
         "Measured peak multiply-add rate (GFLOP/s) of all intra-op threads together: kind 'fp32' "
         "(vfmadd231ps) or 'bf16' (vdpbf16ps; 0 without AVX512_BF16).");
+  m.def("release_cpu_block_cache", &mmfast::cpu::release_huge_block_cache,
+        "Unmap the huge-page output blocks cached for reuse (see MMFAST_CPU_POOL_MB).");
 }

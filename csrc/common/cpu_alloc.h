@@ -56,6 +56,12 @@ struct HugeBlockPool {
     }
     return nullptr;
   }
+  void release() {  // unmap every cached block
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto& [p, len] : blocks) munmap(p, len);
+    blocks.clear();
+    cached = 0;
+  }
   void give(void* p, size_t len) {
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -73,6 +79,10 @@ inline HugeBlockPool& huge_block_pool() {
   static auto* pool = new HugeBlockPool();  // never destroyed: deleters may run at exit
   return *pool;
 }
+
+// Returns the cached blocks to the OS (the benchmark does this before measuring a call's memory,
+// so that the call is charged for its outputs as a fresh process would be).
+inline void release_huge_block_cache() { huge_block_pool().release(); }
 
 inline at::Tensor empty_hugepage(at::IntArrayRef sizes, const at::TensorOptions& options) {
   constexpr size_t kHuge = size_t(2) << 20;

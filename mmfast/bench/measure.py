@@ -6,7 +6,8 @@ Time: CUDA events around each call on a GPU, ``perf_counter`` on the CPU; the me
 Peak memory is the most a single call needs beyond its inputs:
 - CUDA: the caching allocator's peak (``max_memory_allocated``) minus what was allocated before.
 - CPU: the peak resident set size (VmHWM) minus the resident size before the call. Freed heap pages
-  are first returned to the OS (``malloc_trim``) and the high-water mark is reset by writing 5 to
+  (and mmfast's cache of freed huge-page output blocks) are first returned to the OS
+  (``malloc_trim``, ``mmfast._C.release_cpu_block_cache``) and the high-water mark is reset by writing 5 to
   ``/proc/self/clear_refs``, so the figure is the call's own peak, as a fresh subprocess would
   see it, without paying a subprocess (and a torch import) per row. Where that file cannot be
   written the CPU figure is left empty rather than guessed.
@@ -93,6 +94,12 @@ def _reset_cpu_peak() -> bool:
     gc.collect()
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+    try:  # mmfast's cache of freed huge-page output blocks: a fresh process would not have it
+        from mmfast import _C  # noqa: PLC0415
+
+        _C.release_cpu_block_cache()
+    except (ImportError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
