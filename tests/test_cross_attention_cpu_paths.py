@@ -9,10 +9,10 @@ every call, so each path is forced here.
 
 import pytest
 import torch
-
-import mmfast
 from utils import attention_inputs, has_avx512_bf16
 from xattn_helpers import compare_with_reference
+
+import mmfast
 
 PATHS = {
     "fast-avx512": {},
