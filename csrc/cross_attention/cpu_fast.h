@@ -363,6 +363,16 @@ void mask_transposed(const Masking& mk, int64_t b, int64_t i0, int64_t Mb, int64
   }
 }
 
+// Query rows per block of the fast paths (fp32 and bf16). Forward: 32, halved (down to 8) while
+// there are fewer than 4 tasks per thread. Backward (tasks are (b, kv head)): Lq rounded up to 8
+// lanes, at most 32.
+int64_t fast_forward_block_rows(int64_t B, int64_t Hq, int64_t Lq) {
+  int64_t Mb = 32;
+  while (Mb > 8 && B * Hq * ((Lq + Mb - 1) / Mb) < 4 * at::get_num_threads()) Mb /= 2;
+  return Mb;
+}
+int64_t fast_backward_block_rows(int64_t Lq) { return std::min<int64_t>(32, (Lq + 7) / 8 * 8); }
+
 // Softmax down the columns of a transposed block st (cols x Mb): per lane r, m = max_j s,
 // st = p = exp(s - m), l = sum_j p. With z (AVX-512, base 2: scores in log2 units) all lanes of a
 // row at once; otherwise 8 AVX2 lanes at a time. A lane with no allowed key: m = -inf, l = 0.
@@ -396,9 +406,7 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const View4<float> Q = view4<float>(q), K = view4<float>(k), V = view4<float>(v), O = view4<float>(out);
   float* lse_p = lse.data_ptr<float>();
   const float scale = static_cast<float>(scale_d);
-  int64_t Mb = 32;
-  while (Mb > 8 && B * Hq * ((Lq + Mb - 1) / Mb) < 4 * at::get_num_threads()) Mb /= 2;
-  const int64_t nqb = (Lq + Mb - 1) / Mb;
+  const int64_t Mb = fast_forward_block_rows(B, Hq, Lq), nqb = (Lq + Mb - 1) / Mb;
   const bool z = use_exp2_z(Mb);
   const float lg = z ? kLog2e : 1.f;  // scores in log2 units for the base-2 softmax
   // Batch items whose key span [kv_lo, kv_hi) holds no padded key (e.g. trailing padding only):
@@ -551,7 +559,7 @@ void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
-  const int64_t Mb = std::min<int64_t>(32, (Lq + 7) / 8 * 8);
+  const int64_t Mb = fast_backward_block_rows(Lq);
   const FastArgs a{Hq,
                    Lq,
                    D,

@@ -54,17 +54,22 @@ inline __m128i cvt8_bf16(__m256 x) {
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-// B packed (K = n keys, N = Mb <= 32 lanes) from a transposed fp32 block src (n x Mb): pair q holds
-// rows 2q, 2q + 1 interleaved lane by lane (zero for a missing row 2q + 1). Lanes Mb..31 of each
-// pair are left as they are (the caller zeroes them once).
-void pack_block_pairs(const float* src, int64_t n, int64_t Mb, u16* dst) {
+// 8 lanes of a transposed block as bf16: fp32 rounded (cvt8_bf16), or bf16 as stored.
+inline __m128i load8_bf16(const float* p) { return cvt8_bf16(_mm256_loadu_ps(p)); }
+inline __m128i load8_bf16(const u16* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// B packed (K = n keys, N = Mb <= 32 lanes) from a transposed block src (n x Mb, fp32 or bf16): pair
+// q holds rows 2q, 2q + 1 interleaved lane by lane (zero for a missing row 2q + 1). Lanes Mb..31 of
+// each pair are left as they are (the caller zeroes them once).
+template <typename T>
+void pack_block_pairs(const T* src, int64_t n, int64_t Mb, u16* dst) {
   for (int64_t q = 0; 2 * q < n; ++q) {
-    const float* r0 = src + 2 * q * Mb;
+    const T* r0 = src + 2 * q * Mb;
     const bool has1 = 2 * q + 1 < n;
     u16* d = dst + q * 2 * cpu::kVnniCols;
     for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
-      const __m128i a = cvt8_bf16(_mm256_loadu_ps(r0 + v8));
-      const __m128i b = has1 ? cvt8_bf16(_mm256_loadu_ps(r0 + Mb + v8)) : _mm_setzero_si128();
+      const __m128i a = load8_bf16(r0 + v8);
+      const __m128i b = has1 ? load8_bf16(r0 + Mb + v8) : _mm_setzero_si128();
       _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * v8), _mm_unpacklo_epi16(a, b));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * v8 + 8), _mm_unpackhi_epi16(a, b));
     }
@@ -195,23 +200,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void exp_ds_cols
   }
 }
 
-// B packed (K = n keys, N = Mb <= 32 lanes) from a transposed bf16 block src (n x Mb), as
-// pack_block_pairs: pair q interleaves rows 2q and 2q + 1 (zero for a missing row).
-void pack_block_pairs_u16(const u16* src, int64_t n, int64_t Mb, u16* dst) {
-  for (int64_t q = 0; 2 * q < n; ++q) {
-    const u16* r0 = src + 2 * q * Mb;
-    const bool has1 = 2 * q + 1 < n;
-    u16* d = dst + q * 2 * cpu::kVnniCols;
-    for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
-      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + v8));
-      const __m128i b =
-          has1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + Mb + v8)) : _mm_setzero_si128();
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * v8), _mm_unpacklo_epi16(a, b));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * v8 + 8), _mm_unpackhi_epi16(a, b));
-    }
-  }
-}
-
 // Forward, one task per (b, h, block of Mb query rows), as forward_fast.
 void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Masking& mk,
                        double scale_d, at::Tensor& out, at::Tensor& lse) {
@@ -222,9 +210,7 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const View4<bf16> Q = view4<bf16>(q), K = view4<bf16>(k), V = view4<bf16>(v), O = view4<bf16>(out);
   float* lse_p = lse.data_ptr<float>();
   const float scale = static_cast<float>(scale_d);
-  int64_t Mb = 32;
-  while (Mb > 8 && B * Hq * ((Lq + Mb - 1) / Mb) < 4 * at::get_num_threads()) Mb /= 2;
-  const int64_t nqb = (Lq + Mb - 1) / Mb;
+  const int64_t Mb = fast_forward_block_rows(B, Hq, Lq), nqb = (Lq + Mb - 1) / Mb;
 
   const std::vector<char> unmasked = unmasked_spans(mk, B);
   const bool z = use_exp2_z(Mb);      // the AVX-512 base-2 softmax of cpu_fast.h (pass 3)
@@ -312,7 +298,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
   using bf16 = at::BFloat16;
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
-  const int64_t Mb = std::min<int64_t>(32, (Lq + 7) / 8 * 8);
+  const int64_t Mb = fast_backward_block_rows(Lq);
   const View4<bf16> Q = view4<bf16>(q), K = view4<bf16>(k), V = view4<bf16>(v), O = view4<bf16>(out);
   const View4<bf16> dO = view4<bf16>(dout), dQ = view4<bf16>(dq_t), dK = view4<bf16>(dk_t),
                     dV = view4<bf16>(dv_t);
@@ -421,7 +407,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           fresh = false;
           // 6. dq^T = scale K^T dS^T: A = K^T read from K packed in key pairs (once per task; every
           // block's keys start at klo, so at pair 0), B = dS^T in key pairs.
-          pack_block_pairs_u16(w.dstb.data(), cols, Mb, w.dsp.data());
+          pack_block_pairs(w.dstb.data(), cols, Mb, w.dsp.data());
           cpu::gemm_bf16_vnni_xt(D, Mb, cols, scale, w.kt.data(), cpu::vnni_panel_stride(kn), w.dsp.data(),
                                  cpu::vnni_panel_stride(cols), w.dqt.data(), Mb, false);
           to_bf16_z(w.dqt.data(), reinterpret_cast<bf16*>(w.dqtb.data()), D * Mb);  // dq^T in bf16,
