@@ -50,6 +50,7 @@
 
 #include "common/cpu_blas.h"
 #include "common/cpu_gemm_bf16.h"
+#include "common/cpu_gemm_f32.h"
 
 // loss: 0 = InfoNCE, 1 = SigLIP; direction: 0 = both, 1 = image, 2 = text;
 // reduction: 0 = mean, 1 = sum, 2 = none. scale, bias: 0-dim floating tensors (bias unused by
@@ -111,25 +112,41 @@ inline T softplus_(T v) {
 //   logits: U (bn x bm, row stride ldu) = x_blk y_blkᵀ
 //   grad_x: dx_blk (bn x D) += s G y_blk          G: bn x bm in the input dtype, row stride ldg
 //   grad_y: dy_blk (bm x D) += s Gᵀ x_blk
-// bf16 on a CPU with AVX512_BF16 runs the vdpbf16ps kernel (common/cpu_gemm_bf16.h) on operands
-// packed once per call (yᵀ for logits, y and x for the gradients; each the size of the input), and
-// grad_y then reads Gᵀ, which the caller writes beside G. Everything else goes to MKL (cpu::gemm:
-// SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 -> fp32). MMFAST_CONTRASTIVE_VNNI=0 forces MKL for bf16
-// (tests and benchmarks compare the two).
+// fp32 on a CPU with AVX-512 runs the FMA kernel of common/cpu_gemm_f32.h: yᵀ is packed once per
+// call (the size of y), the gradients read y and x in place as row-major B, and grad_y reads Gᵀ
+// straight from G (A with row stride 1). bf16 on a CPU with AVX512_BF16 runs the vdpbf16ps kernel
+// (common/cpu_gemm_bf16.h) on operands packed once per call (yᵀ for logits, y and x for the
+// gradients; each the size of the input), and grad_y then reads Gᵀ, which the caller writes beside
+// G. Everything else goes to MKL (cpu::gemm: SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 -> fp32).
+// MMFAST_CONTRASTIVE_AVX512=0 / MMFAST_CONTRASTIVE_VNNI=0 force MKL for fp32 / bf16 (tests and
+// benchmarks compare the paths).
 // ---------------------------------------------------------------------------------------------
-inline bool vnni_enabled() {
-  const char* env = std::getenv("MMFAST_CONTRASTIVE_VNNI");
-  return cpu::has_avx512_bf16() && (env == nullptr || std::string(env) != "0");
+inline bool env_allows(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr || std::string(env) != "0";
 }
+inline bool vnni_enabled() { return cpu::has_avx512_bf16() && env_allows("MMFAST_CONTRASTIVE_VNNI"); }
+inline bool avx512_enabled() { return cpu::has_avx512f() && env_allows("MMFAST_CONTRASTIVE_AVX512"); }
 
 template <typename scalar_t>
 class TileProducts {
  public:
   using acc_t = acc_type<scalar_t>;
   static constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+  static constexpr bool kF32 = std::is_same_v<scalar_t, float>;
 
   TileProducts(const at::Tensor& x, const at::Tensor& y, bool backward)
       : x_(x.data_ptr<scalar_t>()), y_(y.data_ptr<scalar_t>()), N_(x.size(0)), M_(y.size(0)), D_(x.size(1)) {
+    if constexpr (kF32) {
+      avx512_ = avx512_enabled();
+      if (avx512_) {  // yᵀ: K = D, columns = texts, panels of 32 texts
+        yt_f32_.reset(new float[cpu::f32_packed_size(D_, M_)]);
+        const int64_t panels = (M_ + cpu::kF32Cols - 1) / cpu::kF32Cols;
+        at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+          cpu::pack_f32(y_, 1, D_, D_, M_, yt_f32_.get(), p0, p1);
+        });
+      }
+    }
     if constexpr (kBf16) {
       vnni_ = vnni_enabled();
       if (vnni_) {
@@ -144,6 +161,13 @@ class TileProducts {
   bool vnni() const { return vnni_; }
 
   void logits(int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U, int64_t ldu) const {
+    if constexpr (kF32) {
+      if (avx512_) {  // j0 is a multiple of the column block, so of the panel width
+        cpu::gemm_f32(bn, bm, D_, 1.f, x_ + i0 * D_, D_, 1, yt_f32_.get() + j0 * D_, cpu::kF32Cols,
+                      D_ * cpu::kF32Cols, U, ldu, false);
+        return;
+      }
+    }
     if constexpr (kBf16) {
       if (vnni_) {  // j0 is a multiple of the column block, so of the panel width
         const int64_t ps = cpu::vnni_panel_stride(D_);
@@ -157,6 +181,12 @@ class TileProducts {
   }
   void grad_x(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg, acc_t s,
               acc_t* dx) const {
+    if constexpr (kF32) {
+      if (avx512_) {  // B = y_blk, row-major
+        cpu::gemm_f32(bn, D_, bm, s, G, ldg, 1, y_ + j0 * D_, D_, cpu::kF32Cols, dx + i0 * D_, D_, true);
+        return;
+      }
+    }
     if constexpr (kBf16) {
       if (vnni_) {  // j0 is even: the packed rows of y start at pair j0 / 2
         cpu::gemm_bf16_vnni(bn, D_, bm, s, raw(G), ldg, y_rows_.get() + j0 * cpu::kVnniCols,
@@ -169,6 +199,12 @@ class TileProducts {
   // G (bn x bm, ldg) feeds MKL; Gᵀ (bm x bn, ldgt) the vdpbf16ps kernel.
   void grad_y(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg,
               const scalar_t* Gt, int64_t ldgt, acc_t s, acc_t* dy) const {
+    if constexpr (kF32) {
+      if (avx512_) {  // A = Gᵀ read from G (row stride 1, k stride ldg), B = x_blk, row-major
+        cpu::gemm_f32(bm, D_, bn, s, G, 1, ldg, x_ + i0 * D_, D_, cpu::kF32Cols, dy + j0 * D_, D_, true);
+        return;
+      }
+    }
     if constexpr (kBf16) {
       if (vnni_) {  // i0 is even (a multiple of the row block)
         cpu::gemm_bf16_vnni(bm, D_, bn, s, raw(Gt), ldgt, x_rows_.get() + i0 * cpu::kVnniCols,
@@ -194,8 +230,9 @@ class TileProducts {
   const scalar_t* x_;
   const scalar_t* y_;
   int64_t N_, M_, D_;
-  bool vnni_ = false;
+  bool vnni_ = false, avx512_ = false;
   std::unique_ptr<uint16_t[]> yt_, y_rows_, x_rows_;
+  std::unique_ptr<float[]> yt_f32_;
 };
 
 // How the rows are cut: one contiguous chunk of row blocks per thread.
