@@ -48,6 +48,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_alloc.h"
 #include "common/cpu_blas.h"
 #include "common/cpu_gemm_bf16.h"
 #include "common/cpu_gemm_f32.h"
@@ -180,39 +181,41 @@ class TileProducts {
                         ldu);
   }
   void grad_x(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg, acc_t s,
-              acc_t* dx) const {
+              acc_t* dx, bool accumulate) const {
     if constexpr (kF32) {
       if (avx512_) {  // B = y_blk, row-major
-        cpu::gemm_f32(bn, D_, bm, s, G, ldg, 1, y_ + j0 * D_, D_, cpu::kF32Cols, dx + i0 * D_, D_, true);
+        cpu::gemm_f32(bn, D_, bm, s, G, ldg, 1, y_ + j0 * D_, D_, cpu::kF32Cols, dx + i0 * D_, D_, accumulate);
         return;
       }
     }
     if constexpr (kBf16) {
       if (vnni_) {  // j0 is even: the packed rows of y start at pair j0 / 2
         cpu::gemm_bf16_vnni(bn, D_, bm, s, raw(G), ldg, y_rows_.get() + j0 * cpu::kVnniCols,
-                            cpu::vnni_panel_stride(M_), dx + i0 * D_, D_, true);
+                            cpu::vnni_panel_stride(M_), dx + i0 * D_, D_, accumulate);
         return;
       }
     }
-    cpu::gemm<scalar_t>(false, false, bn, D_, bm, s, G, ldg, y_ + j0 * D_, D_, acc_t(1), dx + i0 * D_, D_);
+    cpu::gemm<scalar_t>(false, false, bn, D_, bm, s, G, ldg, y_ + j0 * D_, D_, acc_t(accumulate ? 1 : 0),
+                        dx + i0 * D_, D_);
   }
   // G (bn x bm, ldg) feeds MKL; Gᵀ (bm x bn, ldgt) the vdpbf16ps kernel.
   void grad_y(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg,
-              const scalar_t* Gt, int64_t ldgt, acc_t s, acc_t* dy) const {
+              const scalar_t* Gt, int64_t ldgt, acc_t s, acc_t* dy, bool accumulate) const {
     if constexpr (kF32) {
       if (avx512_) {  // A = Gᵀ read from G (row stride 1, k stride ldg), B = x_blk, row-major
-        cpu::gemm_f32(bm, D_, bn, s, G, 1, ldg, x_ + i0 * D_, D_, cpu::kF32Cols, dy + j0 * D_, D_, true);
+        cpu::gemm_f32(bm, D_, bn, s, G, 1, ldg, x_ + i0 * D_, D_, cpu::kF32Cols, dy + j0 * D_, D_, accumulate);
         return;
       }
     }
     if constexpr (kBf16) {
       if (vnni_) {  // i0 is even (a multiple of the row block)
         cpu::gemm_bf16_vnni(bm, D_, bn, s, raw(Gt), ldgt, x_rows_.get() + i0 * cpu::kVnniCols,
-                            cpu::vnni_panel_stride(N_), dy + j0 * D_, D_, true);
+                            cpu::vnni_panel_stride(N_), dy + j0 * D_, D_, accumulate);
         return;
       }
     }
-    cpu::gemm<scalar_t>(true, false, bm, D_, bn, s, G, ldg, x_ + i0 * D_, D_, acc_t(1), dy + j0 * D_, D_);
+    cpu::gemm<scalar_t>(true, false, bm, D_, bn, s, G, ldg, x_ + i0 * D_, D_, acc_t(accumulate ? 1 : 0),
+                        dy + j0 * D_, D_);
   }
 
  private:
@@ -609,9 +612,15 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   const int64_t N = x.size(0), M = y.size(0), D = x.size(1);
   const Tiling tl = make_tiling(N, M);
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor dx = at::zeros({N, D}, acc_opts);
-  std::vector<at::Tensor> dy_part(tl.chunks);  // per-chunk partial dy (separate tensors: no views escape)
-  for (auto& t : dy_part) t = at::zeros({M, D}, acc_opts);
+  // dx and the per-chunk partial dy (separate tensors: no views escape) are not zeroed: the first
+  // product into each row overwrites it (dx: the first column block; dy: a chunk's first row block).
+  // They come from the huge-page block cache: a training step gets back the previous step's blocks.
+  at::Tensor dx = cpu::empty_hugepage({N, D}, acc_opts);
+  std::vector<at::Tensor> dy_part(tl.chunks);
+  for (int64_t c = 0; c < tl.chunks; ++c) {
+    dy_part[c] = cpu::empty_hugepage({M, D}, acc_opts);
+    if (c * tl.rows_per_chunk >= N) dy_part[c].zero_();  // a chunk without rows
+  }
   std::vector<double> gu_sum(tl.chunks, 0.0), g_sum(tl.chunks, 0.0);
   const TileProducts<scalar_t> tp(x, y, /*backward=*/true);
   // Per-chunk buffers: G in the input dtype for bf16/fp16 (so their GEMMs run on low-precision units;
@@ -645,9 +654,9 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
             for (int64_t j = 0; j < bm; ++j) Gt[j * tl.bn + r] = Gout[r * tl.bm + j];
           }
         }
-        tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr);
-        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s),
-                  dy_part[c].data_ptr<acc_t>());
+        tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr, j0 > 0);
+        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s), dy_part[c].data_ptr<acc_t>(),
+                  i0 > c * tl.rows_per_chunk);
       },
       [](int64_t, int64_t, int64_t) {});
   at::Tensor dy = dy_part[0];
