@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 namespace mmfast::cpu {
 
@@ -44,24 +45,73 @@ inline void pack_f32(const float* b, int64_t sk, int64_t sn, int64_t K, int64_t 
   }
 }
 
+// e^x for 16 lanes: n = round(x log2 e), r = x - n ln 2 (ln 2 split in two, so r is exact to a few
+// ulp for any n), e^r by its degree-6 Taylor polynomial on |r| <= ln2 / 2 (relative error < 2e-7),
+// scaled by 2^n with vscalefps (underflow to 0 done by the instruction). x is clamped to
+// [-104, 88.7] with the bound first, so a NaN lane stays NaN and -inf gives 0.
+__attribute__((target("avx512f"))) inline __m512 exp_f32x16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// What a register tile does with its sums (acc = A B over the whole K of the call, rows i .. i + MR
+// - 1 and columns j .. j + 31 of the product, lanes past the last column masked off by m0 / m1):
+// StoreC writes C (+)= alpha acc; a caller's epilogue may instead consume the tile in registers
+// (the contrastive loss turns it into its gradient tile). An epilogue has begin<MR>(i, j), called
+// before the K loop, and operator()<MR>(i, j, acc, m0, m1) after it.
+struct StoreC {
+  float* c;
+  int64_t ldc;
+  float alpha;
+  bool accumulate;
+  template <int MR>
+  __attribute__((target("avx512f"))) void begin(int64_t i, int64_t j) const {
+    if (!accumulate) return;  // C is read after the K loop: start its lines on their way
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + (i + r) * ldc + j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + (i + r) * ldc + j + 16), _MM_HINT_T0);
+    }
+  }
+  template <int MR>
+  __attribute__((target("avx512f"))) void operator()(int64_t i, int64_t j, __m512 (&acc)[MR][2], __mmask16 m0,
+                                                     __mmask16 m1) const {
+    const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      float* cr = c + (i + r) * ldc + j;
+      const __m512 c0 = accumulate ? _mm512_maskz_loadu_ps(m0, cr) : _mm512_setzero_ps();
+      const __m512 c1 = accumulate ? _mm512_maskz_loadu_ps(m1, cr + 16) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(cr, m0, _mm512_fmadd_ps(acc[r][0], va, c0));
+      _mm512_mask_storeu_ps(cr + 16, m1, _mm512_fmadd_ps(acc[r][1], va, c1));
+    }
+  }
+};
+
 namespace detail {
 
 constexpr int64_t kPrefetchRows = 24;  // B rows ahead (~400 cycles at 16 cycles per k)
 
-template <int MR, bool kPrefetchB>
+// Rows i .. i + MR - 1, columns j .. j + 31: a points at row i, b at the panel's first k.
+template <int MR, bool kPrefetchB, typename Epi>
 __attribute__((target("avx512f"))) inline void f32_tile(int64_t K, const float* a, int64_t lda, int64_t ka,
-                                                        const float* b, int64_t ks, float* c, int64_t ldc,
-                                                        __mmask16 m0, __mmask16 m1, float alpha, bool accumulate) {
+                                                        const float* b, int64_t ks, int64_t i, int64_t j,
+                                                        __mmask16 m0, __mmask16 m1, Epi& epi) {
   __m512 acc[MR][2];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  if (accumulate) {  // C is read after the K loop: start its lines on their way (it may come from memory)
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 16), _MM_HINT_T0);
-    }
-  }
+  epi.template begin<MR>(i, j);
   if (m0 == 0xFFFF && m1 == 0xFFFF) {
     for (int64_t k = 0; k < K; ++k) {
       if constexpr (kPrefetchB) {
@@ -89,48 +139,54 @@ __attribute__((target("avx512f"))) inline void f32_tile(int64_t K, const float* 
       }
     }
   }
-  const __m512 va = _mm512_set1_ps(alpha);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    float* cr = c + r * ldc;
-    const __m512 c0 = accumulate ? _mm512_maskz_loadu_ps(m0, cr) : _mm512_setzero_ps();
-    const __m512 c1 = accumulate ? _mm512_maskz_loadu_ps(m1, cr + 16) : _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(cr, m0, _mm512_fmadd_ps(acc[r][0], va, c0));
-    _mm512_mask_storeu_ps(cr + 16, m1, _mm512_fmadd_ps(acc[r][1], va, c1));
-  }
+  epi.template operator()<MR>(i, j, acc, m0, m1);
 }
 
-template <int MR>
+template <int MR, typename Epi>
 inline void f32_rows(int64_t m, int64_t K, const float* a, int64_t lda, int64_t ka, const float* b, int64_t ks,
-                     float* c, int64_t ldc, __mmask16 m0, __mmask16 m1, float alpha, bool accumulate) {
+                     int64_t i0, int64_t j, __mmask16 m0, __mmask16 m1, Epi& epi) {
   int64_t i = 0;
   for (; i + MR <= m; i += MR) {
     if (i == 0) {  // the first row tile of a panel brings B in: prefetch it ahead of use
-      f32_tile<MR, true>(K, a, lda, ka, b, ks, c, ldc, m0, m1, alpha, accumulate);
+      f32_tile<MR, true>(K, a, lda, ka, b, ks, i0, j, m0, m1, epi);
     } else {
-      f32_tile<MR, false>(K, a + i * lda, lda, ka, b, ks, c + i * ldc, ldc, m0, m1, alpha, accumulate);
+      f32_tile<MR, false>(K, a + i * lda, lda, ka, b, ks, i0 + i, j, m0, m1, epi);
     }
   }
   if constexpr (MR > 1) {
-    if (i < m) f32_rows<MR / 2>(m - i, K, a + i * lda, lda, ka, b, ks, c + i * ldc, ldc, m0, m1, alpha, accumulate);
+    if (i < m) f32_rows<MR / 2>(m - i, K, a + i * lda, lda, ka, b, ks, i0 + i, j, m0, m1, epi);
   }
 }
 
+inline std::pair<__mmask16, __mmask16> col_masks(int64_t cols) {
+  const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
+  return {m0, m1};
+}
+
 }  // namespace detail
+
+// The product over all of K, each register tile handed to epi (whole K: the epilogue needs the
+// finished sums; a K x 32 panel of B stays in L2 for K up to a few thousand).
+template <typename Epi>
+inline void gemm_f32_epilogue(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, int64_t ka,
+                              const float* b, int64_t ks, int64_t ps, Epi& epi) {
+  for (int64_t j = 0; j < n; j += kF32Cols) {
+    const auto [m0, m1] = detail::col_masks(std::min<int64_t>(kF32Cols, n - j));
+    detail::f32_rows<8>(m, K, a, lda, ka, b + (j / kF32Cols) * ps, ks, 0, j, m0, m1, epi);
+  }
+}
 
 // C (+)= alpha A B with the layouts described at the top.
 inline void gemm_f32(int64_t m, int64_t n, int64_t K, float alpha, const float* a, int64_t lda, int64_t ka,
                      const float* b, int64_t ks, int64_t ps, float* c, int64_t ldc, bool accumulate) {
   constexpr int64_t kc = 256;
   for (int64_t j = 0; j < n; j += kF32Cols) {
-    const int64_t cols = std::min<int64_t>(kF32Cols, n - j);
-    const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-    const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
+    const auto [m0, m1] = detail::col_masks(std::min<int64_t>(kF32Cols, n - j));
     const float* bp = b + (j / kF32Cols) * ps;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
-      const int64_t kk = std::min(kc, K - k0);
-      detail::f32_rows<8>(m, kk, a + k0 * ka, lda, ka, bp + k0 * ks, ks, c + j, ldc, m0, m1, alpha,
-                          accumulate || k0 > 0);
+      StoreC epi{c, ldc, alpha, accumulate || k0 > 0};
+      detail::f32_rows<8>(m, std::min(kc, K - k0), a + k0 * ka, lda, ka, bp + k0 * ks, ks, 0, j, m0, m1, epi);
     }
   }
 }

@@ -180,6 +180,15 @@ class TileProducts {
     cpu::gemm<scalar_t>(false, true, bn, bm, D_, acc_t(1), x_ + i0 * D_, D_, y_ + j0 * D_, D_, acc_t(0), U,
                         ldu);
   }
+  // fp32 on the AVX-512 kernel only: the logits tile handed to epi in registers (see InfoNceGradTile).
+  template <typename Epi>
+  void logits_epilogue(int64_t i0, int64_t bn, int64_t j0, int64_t bm, Epi& epi) const {
+    if constexpr (kF32) {
+      cpu::gemm_f32_epilogue(bn, bm, D_, x_ + i0 * D_, D_, 1, yt_f32_.get() + j0 * D_, cpu::kF32Cols,
+                             D_ * cpu::kF32Cols, epi);
+    }
+  }
+  bool avx512() const { return avx512_; }
   void grad_x(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg, acc_t s,
               acc_t* dx, bool accumulate) const {
     if constexpr (kF32) {
@@ -254,11 +263,12 @@ Tiling make_tiling(int64_t N, int64_t M) {
 }
 
 // Calls fn(chunk, i0, bn_actual, j0, bm_actual, U) for every tile of U = x yᵀ: U points to the
-// thread's BN x BM acc-dtype workspace (row-major, ld = BM) holding the tile in its top-left corner.
-// Chunks run in parallel; per_row_block(chunk, i0, bn) runs after each row block's last tile.
+// thread's BN x BM acc-dtype workspace (row-major, ld = BM) holding the tile in its top-left corner
+// (with logits = false, fn computes the tile itself and U is only the workspace). Chunks run in
+// parallel; per_row_block(chunk, i0, bn) runs after each row block's last tile.
 template <typename scalar_t, typename TileFn, typename RowFn>
 void for_each_tile(const TileProducts<scalar_t>& tp, int64_t N, int64_t M, const Tiling& tl, TileFn&& fn,
-                   RowFn&& per_row_block) {
+                   RowFn&& per_row_block, bool logits = true) {
   using acc_t = acc_type<scalar_t>;
   at::parallel_for(0, tl.chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> U(tl.bn * tl.bm);
@@ -268,7 +278,7 @@ void for_each_tile(const TileProducts<scalar_t>& tp, int64_t N, int64_t M, const
         const int64_t bn = std::min(tl.bn, N - i0);
         for (int64_t j0 = 0; j0 < M; j0 += tl.bm) {
           const int64_t bm = std::min(tl.bm, M - j0);
-          tp.logits(i0, bn, j0, bm, U.data(), tl.bm);
+          if (logits) tp.logits(i0, bn, j0, bm, U.data(), tl.bm);
           fn(c, i0, bn, j0, bm, U.data());
         }
         per_row_block(c, i0, bn);
@@ -604,6 +614,66 @@ std::pair<acc_t, acc_t> grad_tile_row(const GradArgs& g, int64_t i, int64_t j0, 
   return t;
 }
 
+// InfoNCE's gradient tile (grad_tile_row for fp32) computed from the logits GEMM's registers: U is
+// never stored, G (bn x bm, row stride ldg) is. Same formulas and rounding steps as softmax_grad,
+// with 16-lane exps (exp_f32x16). Pointers are offset to the tile: rows by i0, columns by j0.
+struct InfoNceGradTile {
+  float s;
+  const float* w;             // a_i
+  const float* rm;            // row LSE [max; log Σ]
+  const float* rl;
+  const float* e;             // e_j, or null for one direction
+  const float* cm;            // column LSE (with e)
+  const float* cl;
+  const int64_t* labels;      // l_i - j0 (targets relative to the tile's first column)
+  const float* cw;            // c_i: G_{i, l_i} -= c_i
+  float* G;
+  int64_t ldg;
+  double gu = 0;              // Σ G U over the tile
+
+  template <int MR>
+  void begin(int64_t, int64_t) const {}
+
+  template <int MR>
+  __attribute__((target("avx512f"))) void operator()(int64_t i, int64_t j, __m512 (&acc)[MR][2], __mmask16 m0,
+                                                     __mmask16 m1) {
+    const __mmask16 mk[2] = {m0, m1};
+    const __m512 vs = _mm512_set1_ps(s);
+    __m512 ve[2], vcm[2], vcl[2];
+    if (e != nullptr) {
+      for (int h = 0; h < 2; ++h) {
+        ve[h] = _mm512_maskz_loadu_ps(mk[h], e + j + 16 * h);
+        vcm[h] = _mm512_maskz_loadu_ps(mk[h], cm + j + 16 * h);
+        vcl[h] = _mm512_maskz_loadu_ps(mk[h], cl + j + 16 * h);
+      }
+    }
+    __m512 gsum = _mm512_setzero_ps();
+    double fix = 0;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const int64_t row = i + r;
+      const __m512 vw = _mm512_set1_ps(w[row]), vrm = _mm512_set1_ps(rm[row]), vrl = _mm512_set1_ps(rl[row]);
+      const int64_t l = labels[row] - j;  // target column within these 32, if 0 <= l < 32
+      float u_l = 0;
+      if (l >= 0 && l < 32) u_l = acc[r][l / 16][l % 16];
+      for (int h = 0; h < 2; ++h) {
+        const __m512 u = acc[r][h];  // masked lanes hold 0 (B was read masked): no Σ G U share
+        const __m512 sij = _mm512_mul_ps(vs, u);
+        __m512 v = _mm512_mul_ps(vw, cpu::exp_f32x16(_mm512_sub_ps(_mm512_sub_ps(sij, vrm), vrl)));
+        if (e != nullptr)
+          v = _mm512_fmadd_ps(ve[h], cpu::exp_f32x16(_mm512_sub_ps(_mm512_sub_ps(sij, vcm[h]), vcl[h])), v);
+        gsum = _mm512_fmadd_ps(v, u, gsum);
+        _mm512_mask_storeu_ps(G + row * ldg + j + 16 * h, mk[h], v);
+      }
+      if (l >= 0 && l < 32 && ((uint32_t(m0) | uint32_t(m1) << 16) >> l & 1u)) {
+        G[row * ldg + j + l] -= cw[row];
+        fix -= static_cast<double>(cw[row] * u_l);
+      }
+    }
+    gu += static_cast<double>(_mm512_reduce_add_ps(gsum)) + fix;
+  }
+};
+
 // Returns (dx, dy) in the accumulation dtype and (Σ G U, Σ G) over all tiles.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& x, const at::Tensor& y,
@@ -634,12 +704,37 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
     row_tmp[c].resize(tl.bm);
   }
   acc_t* dx_ptr = dx.data_ptr<acc_t>();
+  // fp32 InfoNCE on the AVX-512 kernel: G straight from the logits' registers.
+  const bool fused = std::is_same_v<scalar_t, float> && tp.avx512() && !g.siglip;
+  std::vector<int64_t> tile_labels(fused ? N : 0);
   for_each_tile<scalar_t>(
       tp, N, M, tl,
       [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
         scalar_t* Gout = in_place ? reinterpret_cast<scalar_t*>(U) : gbuf[c].data();
         scalar_t* Gt = gtbuf[c].data();
-        for (int64_t r = 0; r < bn; ++r) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (fused) {
+            const float* rs = static_cast<const float*>(g.row_stat);
+            const float* cs = static_cast<const float*>(g.col_stat);
+            const float* e = static_cast<const float*>(g.col_w);
+            for (int64_t r = 0; r < bn; ++r) tile_labels[i0 + r] = g.labels[i0 + r] - j0;
+            InfoNceGradTile epi{static_cast<float>(g.s),
+                                static_cast<const float*>(g.row_w) + i0,
+                                rs + i0,
+                                rs + N + i0,
+                                e != nullptr ? e + j0 : nullptr,
+                                e != nullptr ? cs + j0 : nullptr,
+                                e != nullptr ? cs + g.n_cols + j0 : nullptr,
+                                tile_labels.data() + i0,
+                                static_cast<const float*>(g.target_w) + i0,
+                                U,
+                                tl.bm};
+            tp.logits_epilogue(i0, bn, j0, bm, epi);
+            gu_sum[c] += epi.gu;
+          }
+        }
+        if (!fused) tp.logits(i0, bn, j0, bm, U, tl.bm);
+        for (int64_t r = 0; r < bn && !fused; ++r) {
           const acc_t* u = U + r * tl.bm;
           acc_t* G = in_place ? U + r * tl.bm : row_tmp[c].data();
           const auto t = grad_tile_row<acc_t>(g, i0 + r, j0, bm, u, G);
@@ -658,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
         tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s), dy_part[c].data_ptr<acc_t>(),
                   i0 > c * tl.rows_per_chunk);
       },
-      [](int64_t, int64_t, int64_t) {});
+      [](int64_t, int64_t, int64_t) {}, /*logits=*/false);
   at::Tensor dy = dy_part[0];
   for (int64_t c = 1; c < tl.chunks; ++c) dy.add_(dy_part[c]);
   double gu = 0, gs = 0;
