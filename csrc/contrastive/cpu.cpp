@@ -371,6 +371,81 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
   for (int64_t r = 0; r < bn; ++r) add_exp(S + r * ld, col_m, col_l, bm);
 }
 
+// The same online LSE from the logits GEMM's registers (fp32, AVX-512), S never stored. Rows keep
+// 16 lanes of state (lane t: the row's columns j ≡ t mod 16, each lane its own max and sum),
+// reduced to one (max, log Σ) per row after the row block's last tile (row_lanes_done); columns
+// keep the per-chunk (max, sum) as lse_tile does, updated once per 8-row register tile. A lane's
+// rescale exp runs only when its max grew. Pointers are offset to the tile (rows by i0, columns
+// by j0; the row state is the block's).
+struct InfoNceLseTile {
+  float s;
+  float* rm;               // (block rows x 16) lane maxima
+  float* rl;               // (block rows x 16) lane sums of e^(S - lane max)
+  float* cm;               // the chunk's column max and sum, or null for one direction
+  float* cl;
+  const int64_t* labels;   // l_i - j0
+  float* tgt;              // t_i = S_{i, l_i}
+
+  template <int MR>
+  void begin(int64_t, int64_t) const {}
+
+  template <int MR>
+  __attribute__((target("avx512f"))) void operator()(int64_t i, int64_t j, __m512 (&acc)[MR][2], __mmask16 m0,
+                                                     __mmask16 m1) {
+    const __mmask16 mk[2] = {m0, m1};
+    const uint32_t valid = uint32_t(m0) | uint32_t(m1) << 16;
+    const __m512 vs = _mm512_set1_ps(s), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {  // S = s U, -inf past the last column
+      acc[r][0] = _mm512_mask_mul_ps(ninf, m0, acc[r][0], vs);
+      acc[r][1] = _mm512_mask_mul_ps(ninf, m1, acc[r][1], vs);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const int64_t l = labels[i + r] - j;
+      if (l >= 0 && l < 32 && (valid >> l & 1u)) tgt[i + r] = acc[r][l / 16][l % 16];
+      float* pm = rm + (i + r) * 16;
+      float* pl = rl + (i + r) * 16;
+      const __m512 m = _mm512_loadu_ps(pm);
+      __m512 sum = _mm512_loadu_ps(pl);
+      const __m512 mn = _mm512_max_ps(m, _mm512_max_ps(acc[r][0], acc[r][1]));
+      const __mmask16 grown = _mm512_cmp_ps_mask(mn, m, _CMP_GT_OQ);
+      if (grown) sum = _mm512_mask_mul_ps(sum, grown, sum, cpu::exp_f32x16(_mm512_sub_ps(m, mn)));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m0, cpu::exp_f32x16(_mm512_sub_ps(acc[r][0], mn))));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m1, cpu::exp_f32x16(_mm512_sub_ps(acc[r][1], mn))));
+      _mm512_storeu_ps(pm, mn);
+      _mm512_storeu_ps(pl, sum);
+    }
+    if (cm == nullptr) return;
+    for (int h = 0; h < 2; ++h) {  // lanes past the last column are computed, never stored
+      const __m512 m = _mm512_mask_loadu_ps(ninf, mk[h], cm + j + 16 * h);
+      __m512 sum = _mm512_maskz_loadu_ps(mk[h], cl + j + 16 * h);
+      __m512 mn = m;
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) mn = _mm512_max_ps(mn, acc[r][h]);
+      const __mmask16 grown = _mm512_mask_cmp_ps_mask(mk[h], mn, m, _CMP_GT_OQ);
+      if (grown) sum = _mm512_mask_mul_ps(sum, grown, sum, cpu::exp_f32x16(_mm512_sub_ps(m, mn)));
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) sum = _mm512_add_ps(sum, cpu::exp_f32x16(_mm512_sub_ps(acc[r][h], mn)));
+      _mm512_mask_storeu_ps(cm + j + 16 * h, mk[h], mn);
+      _mm512_mask_storeu_ps(cl + j + 16 * h, mk[h], sum);
+    }
+  }
+};
+
+// Row r's lanes of InfoNceLseTile merged into (max, log Σ), then reset for the next row block.
+inline std::pair<float, float> row_lanes_done(float* rm, float* rl) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int t = 0; t < 16; ++t) m = std::max(m, rm[t]);
+  float sum = 0;
+  for (int t = 0; t < 16; ++t) {
+    if (rl[t] != 0.f) sum += rl[t] * std::exp(rm[t] - m);  // empty lanes hold (-inf, 0); NaN passes
+    rm[t] = -std::numeric_limits<float>::infinity();
+    rl[t] = 0.f;
+  }
+  return {m, std::log(sum)};
+}
+
 // Returns (row stats (2, N), column stats (2, M) or (2, 0), target logits t_i = S_{i, l_i} (N,)) in
 // the accumulation dtype; stats are [max; log Σ exp(S - max)].
 template <typename scalar_t>
@@ -398,11 +473,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
   acc_t* rmax = row_stat.data_ptr<acc_t>();
   acc_t* rlog = rmax + N;
   const TileProducts<scalar_t> tp(x, y, /*backward=*/false);
+  // fp32 on the AVX-512 kernel: the statistics straight from the logits' registers.
+  const bool fused = std::is_same_v<scalar_t, float> && tp.avx512();
+  std::vector<std::vector<float>> lane_m(fused ? tl.chunks : 0), lane_l(fused ? tl.chunks : 0);
+  std::vector<int64_t> tile_labels(fused ? N : 0);
+  for (size_t c = 0; c < lane_m.size(); ++c) {
+    lane_m[c].assign(tl.bn * 16, -std::numeric_limits<float>::infinity());
+    lane_l[c].assign(tl.bn * 16, 0.f);
+  }
   for_each_tile<scalar_t>(
       tp, N, M, tl,
       [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* S) {
         acc_t* cm = cols ? col_m[c].data_ptr<acc_t>() + j0 : nullptr;
         acc_t* cl = cols ? col_l[c].data_ptr<acc_t>() + j0 : nullptr;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (fused) {
+            for (int64_t r = 0; r < bn; ++r) tile_labels[i0 + r] = lab[i0 + r] - j0;
+            InfoNceLseTile epi{static_cast<float>(scale), lane_m[c].data(), lane_l[c].data(), cm, cl,
+                               tile_labels.data() + i0, tgt + i0};
+            tp.logits_epilogue(i0, bn, j0, bm, epi);
+            return;
+          }
+        }
         lse_tile<acc_t>(S, tl.bm, bn, bm, static_cast<acc_t>(scale), row_m[c].data(), row_l[c].data(), cm, cl,
                         col_tmp[c].data());
         for (int64_t r = 0; r < bn; ++r) {  // the target logit, if it lies in this tile
@@ -411,13 +503,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
         }
       },
       [&](int64_t c, int64_t i0, int64_t bn) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (fused) {
+            for (int64_t r = 0; r < bn; ++r)
+              std::tie(rmax[i0 + r], rlog[i0 + r]) = row_lanes_done(&lane_m[c][r * 16], &lane_l[c][r * 16]);
+            return;
+          }
+        }
         for (int64_t r = 0; r < bn; ++r) {
           rmax[i0 + r] = row_m[c][r];
           rlog[i0 + r] = std::log(row_l[c][r]);
           row_m[c][r] = neg_inf;
           row_l[c][r] = 0;
         }
-      });
+      },
+      /*logits=*/!fused);
   if (!cols) return {row_stat, at::empty({2, 0}, acc_opts), target};
   at::Tensor m = std::get<0>(col_m.max(0));  // merge: m_j = max_c m_cj, l_j = Σ_c l_cj e^(m_cj - m_j)
   at::Tensor l = at::zeros({M}, acc_opts);
