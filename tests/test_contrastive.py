@@ -15,7 +15,7 @@ from torch import Tensor
 import mmfast
 from mmfast import _dispatch
 from mmfast import reference as ref
-from tests.utils import BWD_TOL, FWD_TOL, contrastive_inputs, has_avx512_bf16
+from tests.utils import BWD_TOL, FWD_TOL, contrastive_inputs, has_avx512_bf16, has_avx512f
 
 pytestmark = pytest.mark.skipif(_dispatch.availability("cpu") is not None, reason="mmfast._C not built")
 
@@ -162,6 +162,56 @@ def test_bf16_gemm_paths(monkeypatch, vnni, N, M, D, direction, labels):
     _run_info_nce(torch.bfloat16, N, M, D, direction, labels=torch.randperm(N) if labels else None)
 
 
+# fp32 runs on the AVX-512 FMA kernel where the CPU has AVX-512F (yᵀ packed, y / x / Gᵀ read in
+# place, InfoNCE's LSE and gradient tile computed in the logits GEMM's epilogue) and on MKL SGEMM
+# otherwise; MMFAST_CONTRASTIVE_AVX512=0 forces MKL. Both paths: register-tile row tails (N % 8),
+# masked column tails (M % 32, M < 16), several 256-wide tiles, D above the 256-deep K chunk, odd D,
+# labels, every direction, SigLIP.
+@pytest.mark.parametrize("avx512", ["1", "0"])
+@pytest.mark.parametrize(
+    "N,M,D,direction,labels",
+    [
+        (300, 300, 33, "both", None),
+        (517, 517, 64, "both", "perm"),
+        (13, 13, 1152, "both", None),
+        (9, 300, 100, "image", "random"),
+        (600, 7, 65, "text", None),
+        (300, 300, 65, "siglip", None),
+    ],
+)
+def test_fp32_gemm_paths(monkeypatch, avx512, N, M, D, direction, labels):
+    if avx512 == "1" and not has_avx512f():
+        pytest.skip("this CPU has no AVX-512F: the fp32 FMA kernel cannot run")
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_AVX512", avx512)
+    if direction == "siglip":
+        inp = contrastive_inputs(N=N, D=D)
+        args = [inp[k] for k in ("image_features", "text_features", "logit_scale", "logit_bias")]
+        got = _loss_and_grads(mmfast.siglip_loss, *args, None, backend="cpu", reduction="mean")
+        want = _loss_and_grads(ref.siglip_loss, *[a.double() for a in args], None, reduction="mean")
+        _check(torch.float32, got, want)
+        return
+    rows = M if direction == "text" else N
+    lab = {"perm": torch.randperm(rows), "random": torch.randint(0, M, (rows,)), None: None}[labels]
+    _run_info_nce(torch.float32, N, M, D, direction, labels=lab)
+
+
+@pytest.mark.parametrize("avx512", ["1", "0"])
+def test_fp32_nan_reaches_gradients(monkeypatch, avx512):
+    """A NaN feature: NaN loss and NaN gradients on both paths, no clamped numbers."""
+    if avx512 == "1" and not has_avx512f():
+        pytest.skip("this CPU has no AVX-512F")
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_AVX512", avx512)
+    inp = contrastive_inputs(N=97, D=64)
+    x = inp["image_features"].detach().clone()
+    x[5, 3] = float("nan")
+    x.requires_grad_()
+    y = inp["text_features"].detach().clone().requires_grad_()
+    loss = mmfast.info_nce(x, y, 10.0, backend="cpu")
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.isnan(x.grad).any() and torch.isnan(y.grad).any()
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_siglip_reductions(reduction):
     inp = contrastive_inputs(N=97, D=64)
@@ -275,6 +325,20 @@ def test_one_thread_matches():
         torch.set_num_threads(threads)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [3, 4])
+def test_chunk_without_rows(threads):
+    """1100 rows = 5 row blocks of 256: 3 threads get 2 + 2 + 1 blocks; 4 threads get chunks of 2
+    blocks, so the 4th chunk has no rows and its partial dy (never written by a product) must be
+    zero."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _run_info_nce(torch.float32, 1100, 1100, 16, "both")
+        _run_info_nce(torch.float32, 1100, 40, 16, "image", labels=torch.randint(0, 40, (1100,)))
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_auto_picks_cpu_and_cuda_reasons():

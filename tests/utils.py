@@ -20,6 +20,19 @@ BWD_TOL = {
 }
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def has_avx512f() -> bool:
+    """Whether this CPU has AVX-512F (the cpu backend's fp32 contrastive kernel runs only there)."""
+    return " avx512f" in _cpu_flags()
+
+
 def has_avx512_bf16() -> bool:
     """Whether this CPU has AVX512_BF16 (the vdpbf16ps kernels of the cpu backend run only there)."""
     try:
