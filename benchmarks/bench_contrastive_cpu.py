@@ -9,6 +9,8 @@ Measures fp32 forward+backward of the CLIP loss (direction="both") at N = M = --
   linear_ce_x2  two calls of F.linear_cross_entropy(options=LinearCrossEntropyOptions())
   mmfast_bf16   the cpu kernel on bf16 inputs (the vdpbf16ps kernel where the CPU has AVX512_BF16)
   mmfast_bf16_mkl  the same with MKL's bf16 GEMM (MMFAST_CONTRASTIVE_VNNI=0), the previous path
+  mmfast_cpu_mkl   fp32 with MKL SGEMM tiles and separate softmax passes (MMFAST_CONTRASTIVE_AVX512=0),
+                   the path before the AVX-512 kernel
 Providers run round-robin, one repetition each per round, so load changes hit them alike. Also
 measured in the same run: the fp32 / bf16 torch.mm rate and the CPU's peak multiply-add rate
 (mmfast._C.cpu_peak_gflops), the floors' denominators.
@@ -62,17 +64,21 @@ def setup(provider: str, n: int, d: int) -> tuple[list[torch.Tensor], Callable[[
         txt = F.linear_cross_entropy(s * y, x, target, options=opts)
         (0.5 * (img + txt)).backward()
 
-    def mmfast_bf16_mkl() -> None:
-        os.environ["MMFAST_CONTRASTIVE_VNNI"] = "0"
-        try:
-            mmfast_cpu()
-        finally:
-            del os.environ["MMFAST_CONTRASTIVE_VNNI"]
+    def with_env(var: str) -> Callable[[], None]:
+        def fn() -> None:
+            os.environ[var] = "0"
+            try:
+                mmfast_cpu()
+            finally:
+                del os.environ[var]
+
+        return fn
 
     fns = {
         "mmfast_cpu": mmfast_cpu,
+        "mmfast_cpu_mkl": with_env("MMFAST_CONTRASTIVE_AVX512"),
         "mmfast_bf16": mmfast_cpu,
-        "mmfast_bf16_mkl": mmfast_bf16_mkl,
+        "mmfast_bf16_mkl": with_env("MMFAST_CONTRASTIVE_VNNI"),
         "naive": naive,
         "linear_ce_x2": linear_ce_x2,
     }
@@ -155,7 +161,7 @@ def main() -> None:
     p.add_argument("--mem-n", type=int, default=8192)
     p.add_argument("--big-n", type=int, default=131072)
     p.add_argument("--big-d", type=int, default=256)
-    p.add_argument("--providers", default="mmfast_cpu,naive,linear_ce_x2,mmfast_bf16,mmfast_bf16_mkl")
+    p.add_argument("--providers", default="mmfast_cpu,naive,linear_ce_x2,mmfast_bf16,mmfast_cpu_mkl")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--out", default="bench-results/contrastive_cpu.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -185,6 +191,8 @@ def main() -> None:
         ratios["bf16_speedup_vs_fp32"] = t["mmfast_cpu"] / t["mmfast_bf16"]
     if "mmfast_bf16_mkl" in t:
         ratios["bf16_mkl_speedup_vs_fp32"] = t["mmfast_cpu"] / t["mmfast_bf16_mkl"]
+    if "mmfast_cpu_mkl" in t:
+        ratios["fp32_speedup_vs_mkl_path"] = t["mmfast_cpu_mkl"] / t["mmfast_cpu"]
     res["ratios"] = ratios
     if not a.skip_memory:
         res["memory"] = {prov: memory(prov, a.mem_n, a.d) for prov in ("mmfast_cpu", "naive", "linear_ce_x2")}
