@@ -6,13 +6,16 @@
 // SGEMM on the same tiles (benchmarks/NOTES.md).
 //
 //   C (m x n, row stride ldc) = (accumulate ? C : 0) + alpha * A (m x K) B (K x n)
-//   A(r, k) = a[r * lda + k * ka]               (row-major A: ka = 1; A = X^T of a row-major X: lda = 1)
-//   B(k, 32 p + c) = b[p * ps + k * ks + c]     (row-major B: ks = ldb, ps = 32; packed: ks = 32, ps = K * 32)
+//   A(r, k) = a[r * lda + k * ka]            row-major A: ka = 1; A = X^T of a row-major X: lda = 1
+//   B(k, 32 p + c) = b[p * ps + k * ks + c]  row-major B: ks = ldb, ps = 32; packed: ks = 32, ps = 32 K
 //
-// Register tile: 8 rows x 32 columns (16 zmm accumulators), one broadcast of A per row and k; K in
-// chunks of 256 so that a chunk of a B panel (32 KB) is reused from L1/L2 by every row of A. Tails:
+// Register tile: 8 rows x 32 columns (16 zmm accumulators), one broadcast of A per row and k. Tails:
 // rows by 4, 2, 1; a last panel narrower than 32 columns uses masked loads and stores, so neither
-// operand is read outside its m x K / K x n block. Call only when has_avx512f() is true.
+// operand is read outside its m x K / K x n block. gemm_f32 splits K in chunks of 256 (a chunk of a
+// B panel, 32 KB, is reused from L1/L2 by every row of A) and writes C; gemm_f32_epilogue runs the
+// whole K and hands each finished register tile to a caller's epilogue instead (the contrastive
+// loss computes its softmax statistics and gradient tile there, never storing the logits).
+// Call only when has_avx512f() is true.
 #pragma once
 #include <immintrin.h>
 
@@ -143,8 +146,8 @@ __attribute__((target("avx512f"))) inline void f32_tile(int64_t K, const float* 
 }
 
 template <int MR, typename Epi>
-inline void f32_rows(int64_t m, int64_t K, const float* a, int64_t lda, int64_t ka, const float* b, int64_t ks,
-                     int64_t i0, int64_t j, __mmask16 m0, __mmask16 m1, Epi& epi) {
+inline void f32_rows(int64_t m, int64_t K, const float* a, int64_t lda, int64_t ka, const float* b,
+                     int64_t ks, int64_t i0, int64_t j, __mmask16 m0, __mmask16 m1, Epi& epi) {
   int64_t i = 0;
   for (; i + MR <= m; i += MR) {
     if (i == 0) {  // the first row tile of a panel brings B in: prefetch it ahead of use
@@ -160,7 +163,9 @@ inline void f32_rows(int64_t m, int64_t K, const float* a, int64_t lda, int64_t 
 
 inline std::pair<__mmask16, __mmask16> col_masks(int64_t cols) {
   const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : __mmask16(0);
+  const __mmask16 m1 = cols >= 32  ? __mmask16(0xFFFF)
+                       : cols > 16 ? __mmask16((1u << (cols - 16)) - 1)
+                                   : __mmask16(0);
   return {m0, m1};
 }
 

@@ -193,7 +193,8 @@ class TileProducts {
               acc_t* dx, bool accumulate) const {
     if constexpr (kF32) {
       if (avx512_) {  // B = y_blk, row-major
-        cpu::gemm_f32(bn, D_, bm, s, G, ldg, 1, y_ + j0 * D_, D_, cpu::kF32Cols, dx + i0 * D_, D_, accumulate);
+        cpu::gemm_f32(bn, D_, bm, s, G, ldg, 1, y_ + j0 * D_, D_, cpu::kF32Cols, dx + i0 * D_, D_,
+                      accumulate);
         return;
       }
     }
@@ -212,7 +213,8 @@ class TileProducts {
               const scalar_t* Gt, int64_t ldgt, acc_t s, acc_t* dy, bool accumulate) const {
     if constexpr (kF32) {
       if (avx512_) {  // A = Gᵀ read from G (row stride 1, k stride ldg), B = x_blk, row-major
-        cpu::gemm_f32(bm, D_, bn, s, G, 1, ldg, x_ + i0 * D_, D_, cpu::kF32Cols, dy + j0 * D_, D_, accumulate);
+        cpu::gemm_f32(bm, D_, bn, s, G, 1, ldg, x_ + i0 * D_, D_, cpu::kF32Cols, dy + j0 * D_, D_,
+                      accumulate);
         return;
       }
     }
@@ -379,12 +381,12 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
 // by j0; the row state is the block's).
 struct InfoNceLseTile {
   float s;
-  float* rm;               // (block rows x 16) lane maxima
-  float* rl;               // (block rows x 16) lane sums of e^(S - lane max)
-  float* cm;               // the chunk's column max and sum, or null for one direction
+  float* rm;  // (block rows x 16) lane maxima
+  float* rl;  // (block rows x 16) lane sums of e^(S - lane max)
+  float* cm;  // the chunk's column max and sum, or null for one direction
   float* cl;
-  const int64_t* labels;   // l_i - j0
-  float* tgt;              // t_i = S_{i, l_i}
+  const int64_t* labels;  // l_i - j0
+  float* tgt;             // t_i = S_{i, l_i}
 
   template <int MR>
   void begin(int64_t, int64_t) const {}
@@ -490,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
           if (fused) {
             for (int64_t r = 0; r < bn; ++r) tile_labels[i0 + r] = lab[i0 + r] - j0;
             InfoNceLseTile epi{static_cast<float>(scale), lane_m[c].data(), lane_l[c].data(), cm, cl,
-                               tile_labels.data() + i0, tgt + i0};
+                               tile_labels.data() + i0,   tgt + i0};
             tp.logits_epilogue(i0, bn, j0, bm, epi);
             return;
           }
@@ -719,17 +721,17 @@ std::pair<acc_t, acc_t> grad_tile_row(const GradArgs& g, int64_t i, int64_t j0, 
 // with 16-lane exps (exp_f32x16). Pointers are offset to the tile: rows by i0, columns by j0.
 struct InfoNceGradTile {
   float s;
-  const float* w;             // a_i
-  const float* rm;            // row LSE [max; log Σ]
+  const float* w;   // a_i
+  const float* rm;  // row LSE [max; log Σ]
   const float* rl;
-  const float* e;             // e_j, or null for one direction
-  const float* cm;            // column LSE (with e)
+  const float* e;   // e_j, or null for one direction
+  const float* cm;  // column LSE (with e)
   const float* cl;
-  const int64_t* labels;      // l_i - j0 (targets relative to the tile's first column)
-  const float* cw;            // c_i: G_{i, l_i} -= c_i
+  const int64_t* labels;  // l_i - j0 (targets relative to the tile's first column)
+  const float* cw;        // c_i: G_{i, l_i} -= c_i
   float* G;
   int64_t ldg;
-  double gu = 0;              // Σ G U over the tile
+  double gu = 0;  // Σ G U over the tile
 
   template <int MR>
   void begin(int64_t, int64_t) const {}
@@ -850,8 +852,8 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
           }
         }
         tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr, j0 > 0);
-        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s), dy_part[c].data_ptr<acc_t>(),
-                  i0 > c * tl.rows_per_chunk);
+        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s),
+                  dy_part[c].data_ptr<acc_t>(), i0 > c * tl.rows_per_chunk);
       },
       [](int64_t, int64_t, int64_t) {}, /*logits=*/false);
   at::Tensor dy = dy_part[0];
