@@ -73,6 +73,12 @@ __attribute__((target("avx512f"))) inline __m512 exp_f32x16(__m512 x) {
 // StoreC writes C (+)= alpha acc; a caller's epilogue may instead consume the tile in registers
 // (the contrastive loss turns it into its gradient tile). An epilogue has begin<MR>(i, j), called
 // before the K loop, and operator()<MR>(i, j, acc, m0, m1) after it.
+// Base of an epilogue that needs nothing before the K loop.
+struct NoBegin {
+  template <int MR>
+  void begin(int64_t, int64_t) const {}
+};
+
 struct StoreC {
   float* c;
   int64_t ldc;

@@ -379,7 +379,7 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
 // keep the per-chunk (max, sum) as lse_tile does, updated once per 8-row register tile. A lane's
 // rescale exp runs only when its max grew. Pointers are offset to the tile (rows by i0, columns
 // by j0; the row state is the block's).
-struct InfoNceLseTile {
+struct InfoNceLseTile : cpu::NoBegin {
   float s;
   float* rm;  // (block rows x 16) lane maxima
   float* rl;  // (block rows x 16) lane sums of e^(S - lane max)
@@ -387,9 +387,6 @@ struct InfoNceLseTile {
   float* cl;
   const int64_t* labels;  // l_i - j0
   float* tgt;             // t_i = S_{i, l_i}
-
-  template <int MR>
-  void begin(int64_t, int64_t) const {}
 
   template <int MR>
   __attribute__((target("avx512f"))) void operator()(int64_t i, int64_t j, __m512 (&acc)[MR][2], __mmask16 m0,
@@ -491,8 +488,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (fused) {
             for (int64_t r = 0; r < bn; ++r) tile_labels[i0 + r] = lab[i0 + r] - j0;
-            InfoNceLseTile epi{static_cast<float>(scale), lane_m[c].data(), lane_l[c].data(), cm, cl,
-                               tile_labels.data() + i0,   tgt + i0};
+            InfoNceLseTile epi{{}, static_cast<float>(scale), lane_m[c].data(), lane_l[c].data(), cm,
+                               cl, tile_labels.data() + i0,   tgt + i0};
             tp.logits_epilogue(i0, bn, j0, bm, epi);
             return;
           }
@@ -719,7 +716,7 @@ std::pair<acc_t, acc_t> grad_tile_row(const GradArgs& g, int64_t i, int64_t j0, 
 // InfoNCE's gradient tile (grad_tile_row for fp32) computed from the logits GEMM's registers: U is
 // never stored, G (bn x bm, row stride ldg) is. Same formulas and rounding steps as softmax_grad,
 // with 16-lane exps (exp_f32x16). Pointers are offset to the tile: rows by i0, columns by j0.
-struct InfoNceGradTile {
+struct InfoNceGradTile : cpu::NoBegin {
   float s;
   const float* w;   // a_i
   const float* rm;  // row LSE [max; log Σ]
@@ -732,9 +729,6 @@ struct InfoNceGradTile {
   float* G;
   int64_t ldg;
   double gu = 0;  // Σ G U over the tile
-
-  template <int MR>
-  void begin(int64_t, int64_t) const {}
 
   template <int MR>
   __attribute__((target("avx512f"))) void operator()(int64_t i, int64_t j, __m512 (&acc)[MR][2], __mmask16 m0,
@@ -820,7 +814,8 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
             const float* cs = static_cast<const float*>(g.col_stat);
             const float* e = static_cast<const float*>(g.col_w);
             for (int64_t r = 0; r < bn; ++r) tile_labels[i0 + r] = g.labels[i0 + r] - j0;
-            InfoNceGradTile epi{static_cast<float>(g.s),
+            InfoNceGradTile epi{{},
+                                static_cast<float>(g.s),
                                 static_cast<const float*>(g.row_w) + i0,
                                 rs + i0,
                                 rs + N + i0,
