@@ -113,7 +113,7 @@ namespace detail {
 constexpr int64_t kPrefetchRows = 24;  // B rows ahead (~400 cycles at 16 cycles per k)
 
 // Rows i .. i + MR - 1, columns j .. j + 31: a points at row i, b at the panel's first k.
-template <int MR, bool kPrefetchB, typename Epi>
+template <int MR, typename Epi>
 __attribute__((target("avx512f"))) inline void f32_tile(int64_t K, const float* a, int64_t lda, int64_t ka,
                                                         const float* b, int64_t ks, int64_t i, int64_t j,
                                                         __mmask16 m0, __mmask16 m1, Epi& epi) {
@@ -123,10 +123,11 @@ __attribute__((target("avx512f"))) inline void f32_tile(int64_t K, const float* 
   epi.template begin<MR>(i, j);
   if (m0 == 0xFFFF && m1 == 0xFFFF) {
     for (int64_t k = 0; k < K; ++k) {
-      if constexpr (kPrefetchB) {
-        _mm_prefetch(reinterpret_cast<const char*>(b + (k + kPrefetchRows) * ks), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b + (k + kPrefetchRows) * ks + 16), _MM_HINT_T0);
-      }
+      // B rows ahead into L1: the first row tile of a panel brings them from memory, the others
+      // from L2 (a K x 32 panel chunk does not stay in L1 beside A and C); prefetches past the
+      // panel's end touch nothing that matters and never fault.
+      _mm_prefetch(reinterpret_cast<const char*>(b + (k + kPrefetchRows) * ks), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + (k + kPrefetchRows) * ks + 16), _MM_HINT_T0);
       const __m512 b0 = _mm512_loadu_ps(b + k * ks);
       const __m512 b1 = _mm512_loadu_ps(b + k * ks + 16);
 #pragma GCC unroll 8
@@ -155,13 +156,7 @@ template <int MR, typename Epi>
 inline void f32_rows(int64_t m, int64_t K, const float* a, int64_t lda, int64_t ka, const float* b,
                      int64_t ks, int64_t i0, int64_t j, __mmask16 m0, __mmask16 m1, Epi& epi) {
   int64_t i = 0;
-  for (; i + MR <= m; i += MR) {
-    if (i == 0) {  // the first row tile of a panel brings B in: prefetch it ahead of use
-      f32_tile<MR, true>(K, a, lda, ka, b, ks, i0, j, m0, m1, epi);
-    } else {
-      f32_tile<MR, false>(K, a + i * lda, lda, ka, b, ks, i0 + i, j, m0, m1, epi);
-    }
-  }
+  for (; i + MR <= m; i += MR) f32_tile<MR>(K, a + i * lda, lda, ka, b, ks, i0 + i, j, m0, m1, epi);
   if constexpr (MR > 1) {
     if (i < m) f32_rows<MR / 2>(m - i, K, a + i * lda, lda, ka, b, ks, i0 + i, j, m0, m1, epi);
   }
