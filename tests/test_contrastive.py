@@ -341,6 +341,13 @@ def test_chunk_without_rows(threads):
         torch.set_num_threads(saved)
 
 
+def test_gradient_blocks_reused():
+    """dx and the dy partials (8 MB each here) come from the huge-page block cache and are not zeroed:
+    a second step with other inputs gets the first step's blocks back and must still be exact."""
+    for _ in range(2):
+        _run_info_nce(torch.float32, 4096, 4096, 512, "both")
+
+
 def test_auto_picks_cpu_and_cuda_reasons():
     args = dict(dtype=torch.float32, N=4, M=4, D=8, direction="both", reduction="mean")
     assert _dispatch.select("info_nce", "auto", torch.device("cpu"), args).name == "cpu"
