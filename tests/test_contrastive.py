@@ -121,15 +121,19 @@ def test_info_nce_low_precision(dtype, N, M, D, direction):
     _run_info_nce(dtype, N, M, D, direction)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,D", [(1, 1), (17, 3), (97, 100), (256, 512), (1000, 64)])
-def test_siglip(dtype, N, D):
+def _run_siglip(dtype, N, D):
     inp = contrastive_inputs(N=N, D=D, dtype=dtype)
     args = [inp[k] for k in ("image_features", "text_features", "logit_scale", "logit_bias")]
     got = _loss_and_grads(mmfast.siglip_loss, *args, None, backend="cpu", reduction="mean")
     want = _loss_and_grads(ref.siglip_loss, *[a.double() for a in args], None, reduction="mean")
     low = _loss_and_grads(_naive_low, *args, None, siglip=True, reduction="mean") if dtype in LOW else None
     _check(dtype, got, want, low)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,D", [(1, 1), (17, 3), (97, 100), (256, 512), (1000, 64)])
+def test_siglip(dtype, N, D):
+    _run_siglip(dtype, N, D)
 
 
 # bf16 runs on the vdpbf16ps kernel (packed operands, Gᵀ buffer) where the CPU has AVX512_BF16 and
@@ -152,12 +156,7 @@ def test_bf16_gemm_paths(monkeypatch, vnni, N, M, D, direction, labels):
         pytest.skip("this CPU has no AVX512_BF16: the vdpbf16ps kernel cannot run")
     monkeypatch.setenv("MMFAST_CONTRASTIVE_VNNI", vnni)
     if direction == "siglip":
-        inp = contrastive_inputs(N=N, D=D, dtype=torch.bfloat16)
-        args = [inp[k] for k in ("image_features", "text_features", "logit_scale", "logit_bias")]
-        got = _loss_and_grads(mmfast.siglip_loss, *args, None, backend="cpu", reduction="mean")
-        want = _loss_and_grads(ref.siglip_loss, *[a.double() for a in args], None, reduction="mean")
-        low = _loss_and_grads(_naive_low, *args, None, siglip=True, reduction="mean")
-        _check(torch.bfloat16, got, want, low)
+        _run_siglip(torch.bfloat16, N, D)
         return
     _run_info_nce(torch.bfloat16, N, M, D, direction, labels=torch.randperm(N) if labels else None)
 
@@ -184,11 +183,7 @@ def test_fp32_gemm_paths(monkeypatch, avx512, N, M, D, direction, labels):
         pytest.skip("this CPU has no AVX-512F: the fp32 FMA kernel cannot run")
     monkeypatch.setenv("MMFAST_CONTRASTIVE_AVX512", avx512)
     if direction == "siglip":
-        inp = contrastive_inputs(N=N, D=D)
-        args = [inp[k] for k in ("image_features", "text_features", "logit_scale", "logit_bias")]
-        got = _loss_and_grads(mmfast.siglip_loss, *args, None, backend="cpu", reduction="mean")
-        want = _loss_and_grads(ref.siglip_loss, *[a.double() for a in args], None, reduction="mean")
-        _check(torch.float32, got, want)
+        _run_siglip(torch.float32, N, D)
         return
     rows = M if direction == "text" else N
     lab = {"perm": torch.randperm(rows), "random": torch.randint(0, M, (rows,)), None: None}[labels]
