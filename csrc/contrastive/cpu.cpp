@@ -385,7 +385,8 @@ struct InfoNceLseTile : cpu::NoBegin {
   float* rl;  // (block rows x 16) lane sums of e^(S - lane max)
   float* cm;  // the chunk's column max and sum, or null for one direction
   float* cl;
-  const int64_t* labels;  // l_i - j0
+  const int64_t* labels;  // l_i
+  int64_t j0;             // the tile's first column
   float* tgt;             // t_i = S_{i, l_i}
 
   template <int MR>
@@ -401,7 +402,7 @@ struct InfoNceLseTile : cpu::NoBegin {
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const int64_t l = labels[i + r] - j;
+      const int64_t l = labels[i + r] - j0 - j;  // target column within these 32, if 0 <= l < 32
       if (l >= 0 && l < 32 && (valid >> l & 1u)) tgt[i + r] = acc[r][l / 16][l % 16];
       float* pm = rm + (i + r) * 16;
       float* pl = rl + (i + r) * 16;
@@ -475,7 +476,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
   // fp32 on the AVX-512 kernel: the statistics straight from the logits' registers.
   const bool fused = std::is_same_v<scalar_t, float> && tp.avx512();
   std::vector<std::vector<float>> lane_m(fused ? tl.chunks : 0), lane_l(fused ? tl.chunks : 0);
-  std::vector<int64_t> tile_labels(fused ? N : 0);
   for (size_t c = 0; c < lane_m.size(); ++c) {
     lane_m[c].assign(tl.bn * 16, -std::numeric_limits<float>::infinity());
     lane_l[c].assign(tl.bn * 16, 0.f);
@@ -487,9 +487,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
         acc_t* cl = cols ? col_l[c].data_ptr<acc_t>() + j0 : nullptr;
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (fused) {
-            for (int64_t r = 0; r < bn; ++r) tile_labels[i0 + r] = lab[i0 + r] - j0;
-            InfoNceLseTile epi{{}, static_cast<float>(scale), lane_m[c].data(), lane_l[c].data(), cm,
-                               cl, tile_labels.data() + i0,   tgt + i0};
+            InfoNceLseTile epi{
+                {},      static_cast<float>(scale), lane_m[c].data(), lane_l[c].data(), cm, cl, lab + i0, j0,
+                tgt + i0};
             tp.logits_epilogue(i0, bn, j0, bm, epi);
             return;
           }
@@ -724,7 +724,8 @@ struct InfoNceGradTile : cpu::NoBegin {
   const float* e;   // e_j, or null for one direction
   const float* cm;  // column LSE (with e)
   const float* cl;
-  const int64_t* labels;  // l_i - j0 (targets relative to the tile's first column)
+  const int64_t* labels;  // l_i
+  int64_t j0;             // the tile's first column
   const float* cw;        // c_i: G_{i, l_i} -= c_i
   float* G;
   int64_t ldg;
@@ -749,7 +750,7 @@ struct InfoNceGradTile : cpu::NoBegin {
     for (int r = 0; r < MR; ++r) {
       const int64_t row = i + r;
       const __m512 vw = _mm512_set1_ps(w[row]), vrm = _mm512_set1_ps(rm[row]), vrl = _mm512_set1_ps(rl[row]);
-      const int64_t l = labels[row] - j;  // target column within these 32, if 0 <= l < 32
+      const int64_t l = labels[row] - j0 - j;  // target column within these 32, if 0 <= l < 32
       float u_l = 0;
       if (l >= 0 && l < 32) u_l = acc[r][l / 16][l % 16];
       for (int h = 0; h < 2; ++h) {
@@ -802,18 +803,16 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   acc_t* dx_ptr = dx.data_ptr<acc_t>();
   // fp32 InfoNCE on the AVX-512 kernel: G straight from the logits' registers.
   const bool fused = std::is_same_v<scalar_t, float> && tp.avx512() && !g.siglip;
-  std::vector<int64_t> tile_labels(fused ? N : 0);
   for_each_tile<scalar_t>(
       tp, N, M, tl,
       [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
         scalar_t* Gout = in_place ? reinterpret_cast<scalar_t*>(U) : gbuf[c].data();
         scalar_t* Gt = gtbuf[c].data();
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (fused) {
+        if (fused) {
+          if constexpr (std::is_same_v<scalar_t, float>) {
             const float* rs = static_cast<const float*>(g.row_stat);
             const float* cs = static_cast<const float*>(g.col_stat);
             const float* e = static_cast<const float*>(g.col_w);
-            for (int64_t r = 0; r < bn; ++r) tile_labels[i0 + r] = g.labels[i0 + r] - j0;
             InfoNceGradTile epi{{},
                                 static_cast<float>(g.s),
                                 static_cast<const float*>(g.row_w) + i0,
@@ -822,28 +821,30 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
                                 e != nullptr ? e + j0 : nullptr,
                                 e != nullptr ? cs + j0 : nullptr,
                                 e != nullptr ? cs + g.n_cols + j0 : nullptr,
-                                tile_labels.data() + i0,
+                                g.labels + i0,
+                                j0,
                                 static_cast<const float*>(g.target_w) + i0,
                                 U,
                                 tl.bm};
             tp.logits_epilogue(i0, bn, j0, bm, epi);
             gu_sum[c] += epi.gu;
           }
-        }
-        if (!fused) tp.logits(i0, bn, j0, bm, U, tl.bm);
-        for (int64_t r = 0; r < bn && !fused; ++r) {
-          const acc_t* u = U + r * tl.bm;
-          acc_t* G = in_place ? U + r * tl.bm : row_tmp[c].data();
-          const auto t = grad_tile_row<acc_t>(g, i0 + r, j0, bm, u, G);
-          gu_sum[c] += t.first;
-          g_sum[c] += t.second;
-          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-            cpu::to_bf16(G, Gout + r * tl.bm, bm);
-          } else if constexpr (!in_place) {
-            std::copy(G, G + bm, Gout + r * tl.bm);
-          }
-          if (tp.vnni()) {  // Gᵀ column r
-            for (int64_t j = 0; j < bm; ++j) Gt[j * tl.bn + r] = Gout[r * tl.bm + j];
+        } else {
+          tp.logits(i0, bn, j0, bm, U, tl.bm);
+          for (int64_t r = 0; r < bn; ++r) {
+            const acc_t* u = U + r * tl.bm;
+            acc_t* G = in_place ? U + r * tl.bm : row_tmp[c].data();
+            const auto t = grad_tile_row<acc_t>(g, i0 + r, j0, bm, u, G);
+            gu_sum[c] += t.first;
+            g_sum[c] += t.second;
+            if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+              cpu::to_bf16(G, Gout + r * tl.bm, bm);
+            } else if constexpr (!in_place) {
+              std::copy(G, G + bm, Gout + r * tl.bm);
+            }
+            if (tp.vnni()) {  // Gᵀ column r
+              for (int64_t j = 0; j < bm; ++j) Gt[j * tl.bn + r] = Gout[r * tl.bm + j];
+            }
           }
         }
         tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr, j0 > 0);
