@@ -129,7 +129,9 @@ def child(provider: str, n: int, d: int) -> None:
     """Run in a fresh process: RSS with inputs + gradient buffers, then the peaks of one fwd+bwd."""
     inputs, fn = setup(provider, n, d)
     for t in inputs:
-        t.grad = torch.zeros_like(t)  # gradient buffers count as "inputs and gradients"
+        # gradient buffers count as "inputs and gradients"; written with ones so that every page is
+        # resident (a base that missed one 16 MB buffer once read the extra memory 16 MB too high)
+        t.grad = torch.ones_like(t)
     base = rss_mb()
     for t in inputs:
         t.grad = None
