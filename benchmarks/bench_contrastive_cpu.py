@@ -22,6 +22,7 @@ Results are printed and written as JSON (--out).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -128,10 +129,11 @@ def rss_mb(field: str = "VmRSS") -> float:
 def child(provider: str, n: int, d: int) -> None:
     """Run in a fresh process: RSS with inputs + gradient buffers, then the peaks of one fwd+bwd."""
     inputs, fn = setup(provider, n, d)
+    # Give back the heap pages that setup's temporaries left behind (randn before normalize): a
+    # base that counts them is 16 MB high at N = 8192, and the step then reuses them unseen.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     for t in inputs:
-        # gradient buffers count as "inputs and gradients"; written with ones so that every page is
-        # resident (a base that missed one 16 MB buffer once read the extra memory 16 MB too high)
-        t.grad = torch.ones_like(t)
+        t.grad = torch.ones_like(t)  # gradient buffers count as "inputs and gradients"
     base = rss_mb()
     for t in inputs:
         t.grad = None
