@@ -323,21 +323,27 @@ def test_one_thread_matches():
 
 
 @pytest.mark.parametrize("threads", [3, 4])
-def test_chunk_without_rows(threads):
-    """1100 rows = 5 row blocks of 256: 3 threads get 2 + 2 + 1 blocks; 4 threads get chunks of 2
-    blocks, so the 4th chunk has no rows and its partial dy (never written by a product) must be
-    zero."""
+def test_thread_chunks(threads):
+    """The backward runs in phases: in phase p, row chunk c takes column chunk (c + p) mod T, and dx
+    and dy are written in place, not zeroed first. 1100 rows = 5 row blocks of 256: 3 threads get
+    2 + 2 + 1 blocks, 4 threads 2 + 2 + 1 + 0 (a chunk without rows). 40 texts: column blocks of 32,
+    so some column chunks are empty. 300 x 300 on 4 threads: column blocks narrowed to 96 (three of
+    96 and one of 12), one per thread. Each block's first product must overwrite it, in whichever
+    phase it comes."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         _run_info_nce(torch.float32, 1100, 1100, 16, "both")
         _run_info_nce(torch.float32, 1100, 40, 16, "image", labels=torch.randint(0, 40, (1100,)))
+        _run_info_nce(torch.float32, 300, 300, 64, "both", labels=torch.randperm(300))
+        _run_info_nce(torch.bfloat16, 300, 300, 64, "both")
+        _run_siglip(torch.float32, 300, 64)
     finally:
         torch.set_num_threads(saved)
 
 
 def test_gradient_blocks_reused():
-    """dx and the dy partials (8 MB each here) come from the huge-page block cache and are not zeroed:
+    """dx and dy (8 MB each here) come from the huge-page block cache and are not zeroed:
     a second step with other inputs gets the first step's blocks back and must still be exact."""
     for _ in range(2):
         _run_info_nce(torch.float32, 4096, 4096, 512, "both")

@@ -28,10 +28,12 @@
 //             2. InfoNCE: online max / sum-exp per row (owned by the thread) and per column (a
 //                per-thread partial, merged in thread order after the pass); the target logit
 //                t_i = S_{i, l_i} when it lies in the tile. SigLIP: row sums.
-//   backward  1. recompute U (GEMM), 2. G from U and the saved LSEs, 3. dx_blk += s G y_blk (GEMM,
-//                rows owned by the thread), 4. dy_blk += s Gᵀ x_blk (GEMM into a per-thread partial
-//                dy, summed in thread order afterwards). No atomics: for a given thread count the
-//                result is the same run to run.
+//   backward  1. recompute U (GEMM), 2. G from U and the saved LSEs, 3. dx_blk += s G y_blk (GEMM),
+//                4. dy_blk += s Gᵀ x_blk (GEMM). The columns are cut into chunks too, and the tiles
+//                run in phases, each thread on its own row chunk and, in phase p, column chunk
+//                (c + p) mod T: dx and dy rows are written in place by one thread at a time. No
+//                atomics, no partial copies of dy: for a given thread count the result is the same
+//                run to run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -296,6 +298,33 @@ void for_each_tile(const TileProducts<scalar_t>& tp, int64_t N, int64_t M, const
       }
     }
   });
+}
+
+// Calls fn(chunk, i0, bn, j0, bm, U) for every tile, in tl.chunks phases: in phase p, row chunk c
+// takes the column chunk (c + p) mod T (T = tl.chunks; column chunk q holds the column blocks
+// [q B / T, (q + 1) B / T) of the B blocks). U is the thread's BN x BM workspace; fn computes the
+// tile. Each phase is one parallel_for, so a phase's writes are done before the next starts.
+template <typename scalar_t, typename TileFn>
+void for_each_tile_phased(int64_t N, int64_t M, const Tiling& tl, TileFn&& fn) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t T = tl.chunks, col_blocks = (M + tl.bm - 1) / tl.bm;
+  std::vector<std::vector<acc_t>> U(T);
+  for (int64_t p = 0; p < T; ++p) {
+    at::parallel_for(0, T, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        U[c].resize(tl.bn * tl.bm);
+        const int64_t q = (c + p) % T;
+        const int64_t j_begin = q * col_blocks / T * tl.bm;
+        const int64_t j_end = std::min(M, (q + 1) * col_blocks / T * tl.bm);
+        const int64_t r_end = std::min(N, (c + 1) * tl.rows_per_chunk);
+        for (int64_t i0 = c * tl.rows_per_chunk; i0 < r_end; i0 += tl.bn) {
+          for (int64_t j0 = j_begin; j0 < j_end; j0 += tl.bm) {
+            fn(c, i0, std::min(tl.bn, N - i0), j0, std::min(tl.bm, M - j0), U[c].data());
+          }
+        }
+      }
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -781,22 +810,28 @@ struct InfoNceGradTile : cpu::NoBegin {
 };
 
 // Returns (dx, dy) in the accumulation dtype and (Σ G U, Σ G) over all tiles.
+//
+// Schedule: the columns are cut into as many chunks as the rows (whole column blocks), and the tiles
+// run in T = chunks phases: in phase p, row chunk c takes column chunk (c + p) mod T. Within a phase
+// no two threads share a row of dx or a row of dy, so both are written in place, with no per-thread
+// partial dy and no merge, and every element is summed in the same order on every run.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& x, const at::Tensor& y,
                                                               const GradArgs& g) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = x.size(0), M = y.size(0), D = x.size(1);
-  const Tiling tl = make_tiling(N, M);
+  Tiling tl = make_tiling(N, M);
+  // Column blocks narrow enough for every thread to get a column chunk in each phase (a multiple of
+  // 32, the width of the packed panels that a block must start on).
+  tl.bm = std::min(tl.bm, std::max<int64_t>(32, ((M + tl.chunks - 1) / tl.chunks + 31) / 32 * 32));
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  // dx and the per-chunk partial dy (separate tensors: no views escape) are not zeroed: the first
-  // product into each row overwrites it (dx: the first column block; dy: a chunk's first row block).
-  // They come from the huge-page block cache: a training step gets back the previous step's blocks.
+  // dx and dy are not zeroed: the first product into each block overwrites it. They come from the
+  // huge-page block cache: a training step gets back the previous step's blocks.
   at::Tensor dx = cpu::empty_hugepage({N, D}, acc_opts);
-  std::vector<at::Tensor> dy_part(tl.chunks);
-  for (int64_t c = 0; c < tl.chunks; ++c) {
-    dy_part[c] = cpu::empty_hugepage({M, D}, acc_opts);
-    if (c * tl.rows_per_chunk >= N) dy_part[c].zero_();  // a chunk without rows
-  }
+  at::Tensor dy = cpu::empty_hugepage({M, D}, acc_opts);
+  // Whether a row block of dx / a column block of dy has had its first product (which overwrites).
+  // A flag is only touched by the thread that owns its block in the current phase.
+  std::vector<char> dx_started((N + tl.bn - 1) / tl.bn, 0), dy_started((M + tl.bm - 1) / tl.bm, 0);
   std::vector<double> gu_sum(tl.chunks, 0.0), g_sum(tl.chunks, 0.0);
   const TileProducts<scalar_t> tp(x, y, /*backward=*/true);
   // Per-chunk buffers: G in the input dtype for bf16/fp16 (so their GEMMs run on low-precision units;
@@ -812,9 +847,9 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   acc_t* dx_ptr = dx.data_ptr<acc_t>();
   // fp32 InfoNCE on the AVX-512 kernel: G straight from the logits' registers.
   const bool fused = std::is_same_v<scalar_t, float> && tp.avx512() && !g.siglip;
-  for_each_tile<scalar_t>(
-      tp, N, M, tl,
-      [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
+  acc_t* dy_ptr = dy.data_ptr<acc_t>();
+  for_each_tile_phased<scalar_t>(
+      N, M, tl, [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
         scalar_t* Gout = in_place ? reinterpret_cast<scalar_t*>(U) : gbuf[c].data();
         scalar_t* Gt = gtbuf[c].data();
         if (fused) {
@@ -856,13 +891,12 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
             }
           }
         }
-        tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr, j0 > 0);
-        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s),
-                  dy_part[c].data_ptr<acc_t>(), i0 > c * tl.rows_per_chunk);
-      },
-      [](int64_t, int64_t, int64_t) {}, /*logits=*/false);
-  at::Tensor dy = dy_part[0];
-  for (int64_t c = 1; c < tl.chunks; ++c) dy.add_(dy_part[c]);
+        char& dx_on = dx_started[i0 / tl.bn];
+        char& dy_on = dy_started[j0 / tl.bm];
+        tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr, dx_on != 0);
+        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s), dy_ptr, dy_on != 0);
+        dx_on = dy_on = 1;
+      });
   double gu = 0, gs = 0;
   for (int64_t c = 0; c < tl.chunks; ++c) {
     gu += gu_sum[c];
