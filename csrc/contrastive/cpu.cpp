@@ -144,19 +144,9 @@ class TileProducts {
       : x_(x.data_ptr<scalar_t>()), y_(y.data_ptr<scalar_t>()), N_(x.size(0)), M_(y.size(0)), D_(x.size(1)) {
     if constexpr (kF32) {
       avx512_ = avx512_enabled();
-      if (avx512_) {  // yᵀ: K = D, columns = texts, panels of 32 texts
-        yt_f32_.reset(new float[cpu::f32_packed_size(D_, M_)]);
-        const int64_t panels = (M_ + cpu::kF32Cols - 1) / cpu::kF32Cols;
-        at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-          cpu::pack_f32(y_, 1, D_, D_, M_, yt_f32_.get(), p0, p1);
-        });
-        if (backward) {  // y: K = texts, panels of 32 feature columns
-          y_rows_f32_.reset(new float[cpu::f32_packed_size(M_, D_)]);
-          const int64_t dpanels = (D_ + cpu::kF32Cols - 1) / cpu::kF32Cols;
-          at::parallel_for(0, dpanels, 1, [&](int64_t p0, int64_t p1) {
-            cpu::pack_f32(y_, D_, 1, M_, D_, y_rows_f32_.get(), p0, p1);
-          });
-        }
+      if (avx512_) {
+        yt_f32_ = pack32(y_, 1, D_, D_, M_);                    // yᵀ: K = D, columns = texts
+        if (backward) y_rows_f32_ = pack32(y_, D_, 1, M_, D_);  // y: K = texts, columns = D
       }
     }
     if constexpr (kBf16) {
@@ -249,6 +239,15 @@ class TileProducts {
     const int64_t panels = (cols + cpu::kVnniCols - 1) / cpu::kVnniCols;
     at::parallel_for(0, panels, 1,
                      [&](int64_t p0, int64_t p1) { cpu::pack_vnni(b, sk, sn, K, cols, dst.get(), p0, p1); });
+    return dst;
+  }
+  // The same for gemm_f32 (fp32 only; the caller's scalar_t is float).
+  static std::unique_ptr<float[]> pack32(const scalar_t* b, int64_t sk, int64_t sn, int64_t K, int64_t cols) {
+    const float* f = reinterpret_cast<const float*>(b);
+    std::unique_ptr<float[]> dst(new float[cpu::f32_packed_size(K, cols)]);
+    const int64_t panels = (cols + cpu::kF32Cols - 1) / cpu::kF32Cols;
+    at::parallel_for(0, panels, 1,
+                     [&](int64_t p0, int64_t p1) { cpu::pack_f32(f, sk, sn, K, cols, dst.get(), p0, p1); });
     return dst;
   }
 
