@@ -118,12 +118,12 @@ inline T softplus_(T v) {
 // fp32 on a CPU with AVX-512 runs the FMA kernel of common/cpu_gemm_f32.h: yᵀ is packed once per
 // call (the size of y), and for the backward y as well (grad_x's B: a panel of a row-major y block
 // has its rows D floats apart, which crowds a few L1 sets; packed, the loss runs ~2-3% faster).
-// grad_y reads x in place as row-major B (packing it gained nothing) and Gᵀ straight from G (A with
-// row stride 1). bf16 on a CPU with AVX512_BF16 runs the vdpbf16ps kernel
-// (common/cpu_gemm_bf16.h) on operands packed once per call (yᵀ for logits, y and x for the
-// gradients; each the size of the input), and grad_y then reads Gᵀ, which the caller writes beside
-// G. Everything else goes to MKL (cpu::gemm: SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 -> fp32).
-// MMFAST_CONTRASTIVE_AVX512=0 / MMFAST_CONTRASTIVE_VNNI=0 force MKL for fp32 / bf16 (tests and
+// grad_y's B, x_blk, has the same problem and is packed per row block into a per-thread buffer
+// (pack_x_block: the size of one block, not of x); its A, Gᵀ, is read straight from G (row stride 1). bf16 on
+// a CPU with AVX512_BF16 runs the vdpbf16ps kernel (common/cpu_gemm_bf16.h) on operands packed once per call
+// (yᵀ for logits, y and x for the gradients; each the size of the input), and grad_y then reads Gᵀ, which the
+// caller writes beside G. Everything else goes to MKL (cpu::gemm: SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 ->
+// fp32). MMFAST_CONTRASTIVE_AVX512=0 / MMFAST_CONTRASTIVE_VNNI=0 force MKL for fp32 / bf16 (tests and
 // benchmarks compare the paths).
 // ---------------------------------------------------------------------------------------------
 inline bool env_allows(const char* name) {
@@ -165,8 +165,8 @@ class TileProducts {
   void logits(int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U, int64_t ldu) const {
     if constexpr (kF32) {
       if (avx512_) {  // j0 is a multiple of the column block, so of the panel width
-        cpu::gemm_f32(bn, bm, D_, 1.f, x_ + i0 * D_, D_, 1, yt_f32_.get() + j0 * D_, cpu::kF32Cols,
-                      D_ * cpu::kF32Cols, U, ldu, false);
+        cpu::gemm_f32(bn, bm, D_, 1.f, x_ + i0 * D_, D_, 1, yt_f32_.data_ptr<float>() + j0 * D_,
+                      cpu::kF32Cols, D_ * cpu::kF32Cols, U, ldu, false);
         return;
       }
     }
@@ -185,8 +185,8 @@ class TileProducts {
   template <typename Epi>
   void logits_epilogue(int64_t i0, int64_t bn, int64_t j0, int64_t bm, Epi& epi) const {
     if constexpr (kF32) {
-      cpu::gemm_f32_epilogue(bn, bm, D_, x_ + i0 * D_, D_, 1, yt_f32_.get() + j0 * D_, cpu::kF32Cols,
-                             D_ * cpu::kF32Cols, epi);
+      cpu::gemm_f32_epilogue(bn, bm, D_, x_ + i0 * D_, D_, 1, yt_f32_.data_ptr<float>() + j0 * D_,
+                             cpu::kF32Cols, D_ * cpu::kF32Cols, epi);
     }
   }
   bool avx512() const { return avx512_; }
@@ -194,8 +194,8 @@ class TileProducts {
               acc_t* dx, bool accumulate) const {
     if constexpr (kF32) {
       if (avx512_) {  // B = y_blk, packed: k row j0 of every panel
-        cpu::gemm_f32(bn, D_, bm, s, G, ldg, 1, y_rows_f32_.get() + j0 * cpu::kF32Cols, cpu::kF32Cols,
-                      M_ * cpu::kF32Cols, dx + i0 * D_, D_, accumulate);
+        cpu::gemm_f32(bn, D_, bm, s, G, ldg, 1, y_rows_f32_.data_ptr<float>() + j0 * cpu::kF32Cols,
+                      cpu::kF32Cols, M_ * cpu::kF32Cols, dx + i0 * D_, D_, accumulate);
         return;
       }
     }
@@ -209,12 +209,20 @@ class TileProducts {
     cpu::gemm<scalar_t>(false, false, bn, D_, bm, s, G, ldg, y_ + j0 * D_, D_, acc_t(accumulate ? 1 : 0),
                         dx + i0 * D_, D_);
   }
-  // G (bn x bm, ldg) feeds MKL; Gᵀ (bm x bn, ldgt) the vdpbf16ps kernel.
+  // fp32 on the AVX-512 kernel: x_blk (bn rows from i0) packed into xp, grad_y's B (the caller's
+  // per-thread buffer of x_block_size(bn) floats, packed once per row block).
+  int64_t x_block_size(int64_t bn) const { return cpu::f32_packed_size(bn, D_); }
+  void pack_x_block(int64_t i0, int64_t bn, float* xp) const {
+    if constexpr (kF32)
+      cpu::pack_f32(x_ + i0 * D_, D_, 1, bn, D_, xp, 0, (D_ + cpu::kF32Cols - 1) / cpu::kF32Cols);
+  }
+  // G (bn x bm, ldg) feeds MKL and the fp32 kernel (with xp, x_blk packed by pack_x_block); Gᵀ
+  // (bm x bn, ldgt) the vdpbf16ps kernel.
   void grad_y(int64_t i0, int64_t bn, int64_t j0, int64_t bm, const scalar_t* G, int64_t ldg,
-              const scalar_t* Gt, int64_t ldgt, acc_t s, acc_t* dy, bool accumulate) const {
+              const scalar_t* Gt, int64_t ldgt, const float* xp, acc_t s, acc_t* dy, bool accumulate) const {
     if constexpr (kF32) {
-      if (avx512_) {  // A = Gᵀ read from G (row stride 1, k stride ldg), B = x_blk, row-major
-        cpu::gemm_f32(bm, D_, bn, s, G, 1, ldg, x_ + i0 * D_, D_, cpu::kF32Cols, dy + j0 * D_, D_,
+      if (avx512_) {  // A = Gᵀ read from G (row stride 1, k stride ldg), B = x_blk packed in xp
+        cpu::gemm_f32(bm, D_, bn, s, G, 1, ldg, xp, cpu::kF32Cols, bn * cpu::kF32Cols, dy + j0 * D_, D_,
                       accumulate);
         return;
       }
@@ -241,13 +249,18 @@ class TileProducts {
                      [&](int64_t p0, int64_t p1) { cpu::pack_vnni(b, sk, sn, K, cols, dst.get(), p0, p1); });
     return dst;
   }
-  // The same for gemm_f32 (fp32 only; the caller's scalar_t is float).
-  static std::unique_ptr<float[]> pack32(const scalar_t* b, int64_t sk, int64_t sn, int64_t K, int64_t cols) {
+  // The same for gemm_f32 (fp32 only; the caller's scalar_t is float), on 2 MB pages: the logits
+  // and grad_x products stream these panels from memory, and on 4 KB pages their TLB misses slow
+  // those products by ~5% (benchmarks/NOTES.md, pass 5). From the huge-page block cache, so that
+  // the backward reuses the forward's block and a training loop takes no page faults.
+  static at::Tensor pack32(const scalar_t* b, int64_t sk, int64_t sn, int64_t K, int64_t cols) {
     const float* f = reinterpret_cast<const float*>(b);
-    std::unique_ptr<float[]> dst(new float[cpu::f32_packed_size(K, cols)]);
+    at::Tensor dst =
+        cpu::empty_hugepage({cpu::f32_packed_size(K, cols)}, at::TensorOptions().dtype(at::kFloat));
+    float* d = dst.data_ptr<float>();
     const int64_t panels = (cols + cpu::kF32Cols - 1) / cpu::kF32Cols;
     at::parallel_for(0, panels, 1,
-                     [&](int64_t p0, int64_t p1) { cpu::pack_f32(f, sk, sn, K, cols, dst.get(), p0, p1); });
+                     [&](int64_t p0, int64_t p1) { cpu::pack_f32(f, sk, sn, K, cols, d, p0, p1); });
     return dst;
   }
 
@@ -256,7 +269,7 @@ class TileProducts {
   int64_t N_, M_, D_;
   bool vnni_ = false, avx512_ = false;
   std::unique_ptr<uint16_t[]> yt_, y_rows_, x_rows_;
-  std::unique_ptr<float[]> yt_f32_, y_rows_f32_;
+  at::Tensor yt_f32_, y_rows_f32_;
 };
 
 // How the rows are cut: one contiguous chunk of row blocks per thread.
@@ -838,7 +851,12 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
   std::vector<std::vector<scalar_t>> gbuf(tl.chunks), gtbuf(tl.chunks);
   std::vector<std::vector<acc_t>> row_tmp(tl.chunks);
+  // fp32 kernel: each thread's x_blk packed for grad_y, and the row block it holds.
+  const bool pack_x = std::is_same_v<scalar_t, float> && tp.avx512();
+  std::vector<std::vector<float>> xblk(tl.chunks);
+  std::vector<int64_t> xblk_i0(tl.chunks, -1);
   for (int64_t c = 0; c < tl.chunks; ++c) {
+    if (pack_x) xblk[c].resize(tp.x_block_size(tl.bn));
     if (!in_place) gbuf[c].resize(tl.bn * tl.bm);
     if (tp.vnni()) gtbuf[c].resize(tl.bm * tl.bn);
     row_tmp[c].resize(tl.bm);
@@ -893,7 +911,12 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
         char& dx_on = dx_started[i0 / tl.bn];
         char& dy_on = dy_started[j0 / tl.bm];
         tp.grad_x(i0, bn, j0, bm, Gout, tl.bm, static_cast<acc_t>(g.s), dx_ptr, dx_on != 0);
-        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, static_cast<acc_t>(g.s), dy_ptr, dy_on != 0);
+        if (pack_x && xblk_i0[c] != i0) {
+          tp.pack_x_block(i0, bn, xblk[c].data());
+          xblk_i0[c] = i0;
+        }
+        tp.grad_y(i0, bn, j0, bm, Gout, tl.bm, Gt, tl.bn, pack_x ? xblk[c].data() : nullptr,
+                  static_cast<acc_t>(g.s), dy_ptr, dy_on != 0);
         dx_on = dy_on = 1;
       });
   double gu = 0, gs = 0;
