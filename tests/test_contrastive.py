@@ -7,6 +7,8 @@ PyTorch's own error when the naive loss runs at that precision (``err <= 2 * err
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from torch import Tensor
 import mmfast
 from mmfast import _dispatch
 from mmfast import reference as ref
+from tests import emu_build
 from tests.utils import BWD_TOL, FWD_TOL, contrastive_inputs, has_avx512_bf16, has_avx512f
 
 pytestmark = pytest.mark.skipif(_dispatch.availability("cpu") is not None, reason="mmfast._C not built")
@@ -439,3 +442,21 @@ def test_compile_fullgraph():
     want = _loss_and_grads(mmfast.info_nce, x, y, s, None, None, backend="cpu")
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w)
+
+
+@pytest.mark.skipif(not has_avx512f(), reason="the fp32 tile kernel needs AVX-512F")
+def test_tiles_tool(tmp_path):
+    """benchmarks/contrastive_tiles.cpp, the per-product timing replay of the fp32 loss's tile loop
+    (benchmarks/NOTES.md, pass 5), builds; its products match a float64 reference on odd shapes with
+    both x layouts and page sizes; its timing mode runs and rejects bad arguments."""
+    exe = tmp_path / "tiles"
+    src = emu_build.ROOT / "benchmarks" / "contrastive_tiles.cpp"
+    cmd = [emu_build.cxx(), "-O2", "-mavx2", "-mfma", "-fopenmp", f"-I{emu_build.CSRC}", str(src), "-o", str(exe)]
+    rc, log = emu_build.run(cmd)
+    assert rc == 0, log
+    rc, out = emu_build.run([str(exe), "--check"], env={**os.environ, "OMP_NUM_THREADS": "3"})
+    assert rc == 0 and out.count(" ok") == 12 and "MISMATCH" not in out, out
+    rc, out = emu_build.run([str(exe), "--n", "512", "--d", "64", "--reps", "1", "--rowmajor-x"])
+    assert rc == 0 and "grad_y" in out and "row-major" in out, out
+    rc, out = emu_build.run([str(exe), "--n", "0"])
+    assert rc == 2 and "usage" in out, out
