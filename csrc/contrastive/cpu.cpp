@@ -119,12 +119,12 @@ inline T softplus_(T v) {
 // call (the size of y), and for the backward y as well (grad_x's B: a panel of a row-major y block
 // has its rows D floats apart, which crowds a few L1 sets; packed, the loss runs ~2-3% faster).
 // grad_y's B, x_blk, has the same problem and is packed per row block into a per-thread buffer
-// (pack_x_block: the size of one block, not of x); its A, Gᵀ, is read straight from G (row stride 1). bf16 on
-// a CPU with AVX512_BF16 runs the vdpbf16ps kernel (common/cpu_gemm_bf16.h) on operands packed once per call
-// (yᵀ for logits, y and x for the gradients; each the size of the input), and grad_y then reads Gᵀ, which the
-// caller writes beside G. Everything else goes to MKL (cpu::gemm: SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 ->
-// fp32). MMFAST_CONTRASTIVE_AVX512=0 / MMFAST_CONTRASTIVE_VNNI=0 force MKL for fp32 / bf16 (tests and
-// benchmarks compare the paths).
+// (pack_x_block: the size of one block, not of x); its A, Gᵀ, is read straight from G (row stride
+// 1). bf16 on a CPU with AVX512_BF16 runs the vdpbf16ps kernel (common/cpu_gemm_bf16.h) on
+// operands packed once per call (yᵀ for logits, y and x for the gradients; each the size of the
+// input), and grad_y then reads Gᵀ, which the caller writes beside G. Everything else goes to MKL
+// (cpu::gemm: SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 -> fp32). MMFAST_CONTRASTIVE_AVX512=0 /
+// MMFAST_CONTRASTIVE_VNNI=0 force MKL for fp32 / bf16 (tests and benchmarks compare the paths).
 // ---------------------------------------------------------------------------------------------
 inline bool env_allows(const char* name) {
   const char* env = std::getenv(name);
@@ -251,7 +251,8 @@ class TileProducts {
   }
   // The same for gemm_f32 (fp32 only; the caller's scalar_t is float), on 2 MB pages: the logits
   // and grad_x products stream these panels from memory, and on 4 KB pages their TLB misses slow
-  // those products by ~5% (benchmarks/NOTES.md, pass 5). From the huge-page block cache, so that
+  // those products by ~5% (benchmarks/contrastive_tiles.cpp, NOTES.md pass 5; the vdpbf16ps packs
+  // measured slower on 2 MB pages and stay on ordinary ones). From the huge-page block cache, so
   // the backward reuses the forward's block and a training loop takes no page faults.
   static at::Tensor pack32(const scalar_t* b, int64_t sk, int64_t sn, int64_t K, int64_t cols) {
     const float* f = reinterpret_cast<const float*>(b);
