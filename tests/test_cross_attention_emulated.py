@@ -211,12 +211,15 @@ class _CudaOps:
     """The CUDA ops with the emulation module's signature (`splits` is left to the heuristic)."""
 
     def forward(self, q, k, v, kpm, mask, causal, scale, p, seed, out=None, splits=0):
+        seed = torch.tensor(seed)
         if out is None:
             return torch.ops.mmfast.cross_attention_forward(q, k, v, kpm, mask, causal, scale, p, seed)
         return out, torch.ops.mmfast.cross_attention_forward_out(q, k, v, kpm, mask, causal, scale, p, seed, out)
 
-    def backward(self, *args):
-        return torch.ops.mmfast.cross_attention_backward(*args)
+    def backward(self, go, q, k, v, o, lse, kpm, mask, causal, scale, p, seed, mask_grad, grad_lse=None):
+        return torch.ops.mmfast.cross_attention_backward(
+            go, q, k, v, o, lse, grad_lse, kpm, mask, causal, scale, p, torch.tensor(seed), mask_grad
+        )
 
 
 @pytest.fixture(scope="module")

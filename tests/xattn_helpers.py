@@ -15,14 +15,18 @@ def leaves(*xs: Tensor | None) -> list[Tensor | None]:
     return [None if x is None else x.detach().clone().requires_grad_(x.is_floating_point()) for x in xs]
 
 
-def run_with_grads(fn, q, k, v, attn_mask, grad_out, **kw) -> dict[str, Tensor | None]:
-    """out, lse and every gradient of ``fn`` (mmfast.cross_attention-like) for upstream ``grad_out``."""
+def run_with_grads(fn, q, k, v, attn_mask, grad_out, grad_lse=None, **kw) -> dict[str, Tensor | None]:
+    """out, lse and every gradient of ``fn`` (mmfast.cross_attention-like) for upstream ``grad_out``
+    on the output and ``grad_lse`` on the LSE's finite entries (the LSE is differentiable too)."""
     q, k, v, m = leaves(q, k, v, attn_mask)
     mask_grad = m is not None and m.is_floating_point()
     if m is not None and not mask_grad:
         m.requires_grad_(False)
     out, lse = fn(q, k, v, attn_mask=m, return_lse=True, **kw)
-    out.backward(grad_out.to(out.dtype))
+    loss = (out * grad_out.to(out.dtype)).sum()
+    if grad_lse is not None:
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0) * grad_lse.to(lse.dtype)).sum()
+    loss.backward()
     return dict(out=out, lse=lse, dq=q.grad, dk=k.grad, dv=v.grad, dmask=m.grad if mask_grad else None)
 
 
@@ -36,13 +40,15 @@ def compare_with_reference(q, k, v, *, attn_mask=None, dropout_mask=None, grad_o
     dtype = q.dtype
     if grad_out is None:
         grad_out = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[3], dtype=torch.float64)
-    got = run_with_grads(mmfast.cross_attention, q, k, v, attn_mask, grad_out, backend=backend, **kw)
+    # Own generator: callers seed torch's default one for the dropout seed the op draws.
+    grad_lse = torch.randn(q.shape[:3], dtype=torch.float64, generator=torch.Generator().manual_seed(q.numel()))
+    got = run_with_grads(mmfast.cross_attention, q, k, v, attn_mask, grad_out, grad_lse, backend=backend, **kw)
 
     def ref_fn(q, k, v, **kw2):
         return ref_cross_attention(q, k, v, dropout_mask=dropout_mask, **kw2)
 
     m64 = None if attn_mask is None else attn_mask.double() if attn_mask.is_floating_point() else attn_mask
-    want = run_with_grads(ref_fn, q.double(), k.double(), v.double(), m64, grad_out, **kw)
+    want = run_with_grads(ref_fn, q.double(), k.double(), v.double(), m64, grad_out, grad_lse, **kw)
     for name in ("out", "lse", "dq", "dk", "dv", "dmask"):
         if want[name] is None:
             assert got[name] is None, name

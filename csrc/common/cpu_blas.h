@@ -87,10 +87,12 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, A alpha, const T* a
 // exp(x) for float, branch-free so loops over it vectorize: x = n ln2 + r, |r| <= ln2/2 (n rounded
 // to nearest by the 1.5 * 2^23 trick), exp(r) by a degree-6 Taylor polynomial (rel. error < 3e-7),
 // 2^n built in the exponent bits. exp(-inf) = 0; inputs below -87.3 flush to 0 (the softmax never
-// needs them: they are below exp(max) * 2^-126).
+// needs them: they are below exp(max) * 2^-126); exp(NaN) = NaN (selects, so it stays branch-free).
 inline float fast_exp(float x) {
+  const bool nan = x != x;
   const bool tiny = x < -87.3f;
-  x = tiny ? -87.3f : x;
+  const float x_in = x;
+  x = tiny || nan ? -87.3f : x;
   x = x > 88.3f ? 88.3f : x;
   const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   const float r = std::fma(n, -0.693145751953125f, std::fma(n, -1.428606765330187e-06f, x));
@@ -104,15 +106,16 @@ inline float fast_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return tiny ? 0.f : p * scale;
+  return nan ? x_in : tiny ? 0.f : p * scale;
 }
 inline double fast_exp(double x) { return std::exp(x); }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// fast_exp on 8 floats (the same steps; _mm256_round_ps rounds to nearest).
+// fast_exp on 8 floats (the same steps; _mm256_round_ps rounds to nearest). The clamps take x as
+// their second operand, which min/max return when it is NaN: a NaN lane stays NaN.
 inline __m256 fast_exp8(__m256 x) {
   const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.428606765330187e-06f), x);

@@ -41,21 +41,30 @@ using namespace mmfast::cpu;  // gemm, fast_exp, dropout hash
 // float, broadcastable to B x Hq x Lq x Lk (expanded views allowed); lse: B x Hq x Lq float32
 // (the CPU kernels return float64 for float64 inputs: gradcheck needs P = exp(S - lse) exact).
 // Dropout keeps element (b, h, i, j) iff mmfast's counter hash of (seed, row=(b*Hq+h)*Lq+i, col=j)
-// is >= dropout_p * 2^32 (see mmfast/reference/dropout.py); every backend uses the same hash.
-// The *_out variant writes the result into `out` (any strides) instead of allocating it.
+// is >= dropout_p * 2^32 (see mmfast/reference/dropout.py); every backend uses the same hash. The
+// seed is a one-element int64 CPU tensor (drawn as a tensor, so torch.compile traces the draw).
+// The *_out variant writes the result into `out` (any strides) instead of allocating it. The
+// backward takes the LSE's gradient too (grad_lse, B x Hq x Lq, or None): d lse_i / d s_ij = p_ij,
+// so it enters as D_i - grad_lse_i.
+// Non-finite values (docs/numerics.md): an unmasked NaN or +inf score makes its row's out and lse
+// NaN; masked scores are replaced, never added to. Empty dims give empty or neutral results: Lk = 0
+// rows are fully masked (0, -inf), D = 0 scores are 0 (an empty dot product), Dv = 0 outputs are
+// empty.
 TORCH_LIBRARY_FRAGMENT(mmfast, m) {
   m.def(
       "cross_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-      "Tensor? attn_mask, bool is_causal, float scale, float dropout_p, int seed) -> (Tensor out, Tensor "
+      "Tensor? attn_mask, bool is_causal, float scale, float dropout_p, Tensor seed) -> (Tensor out, Tensor "
       "lse)");
   m.def(
       "cross_attention_forward_out(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-      "Tensor? attn_mask, bool is_causal, float scale, float dropout_p, int seed, Tensor(a!) out) -> Tensor "
+      "Tensor? attn_mask, bool is_causal, float scale, float dropout_p, Tensor seed, Tensor(a!) out) -> "
+      "Tensor "
       "lse");
   m.def(
       "cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? key_padding_mask, Tensor? attn_mask, bool is_causal, float scale, float dropout_p, int seed, "
-      "bool attn_mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dattn_mask)");
+      "Tensor? grad_lse, Tensor? key_padding_mask, Tensor? attn_mask, bool is_causal, float scale, "
+      "float dropout_p, Tensor seed, bool attn_mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor "
+      "dattn_mask)");
 }
 
 namespace mmfast::xattn {
@@ -160,8 +169,9 @@ void apply_masks(const Masking& mk, int64_t b, int64_t h, int64_t i0, int64_t ro
         const bool* m = static_cast<const bool*>(mk.mask) + off;
         for (int64_t c = 0; c < cols; ++c) srow[c] = m[c * mk.msj] ? srow[c] : kNegInf;
       } else {
-        const A* m = static_cast<const A*>(mk.mask) + off;
-        for (int64_t c = 0; c < cols; ++c) srow[c] += m[c * mk.msj];
+        const A* m = static_cast<const A*>(mk.mask) + off;  // a -inf entry is a mask: replace, never add
+        for (int64_t c = 0; c < cols; ++c)
+          srow[c] = m[c * mk.msj] == kNegInf ? kNegInf : srow[c] + m[c * mk.msj];
       }
     }
     if (mk.causal) {
@@ -258,9 +268,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const T* p = as_input<T, A>(s.data(), rows * Nb, scratch);
         gemm<T>(false, false, rows, Dv, cols, A(1), p, Nb, V.row(b, g, j0), V.sl, A(1), acc.data(), Dv);
       }
-      // 6. out = acc / l, lse = m + log l; rows without an allowed key: 0 and -inf.
+      // 6. out = acc / l, lse = m + log l; rows without an allowed key: 0 and -inf. A NaN or +inf
+      // score made l NaN (exp(NaN) and inf - inf): out and lse NaN.
       for (int64_t r = 0; r < rows; ++r) {
-        const bool empty = !(l[r] > A(0));
+        const bool empty = l[r] == A(0);
         const A inv = empty ? A(0) : A(1) / l[r];
         T* orow = O.row(b, h, i0 + r);
         for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<T>(acc[r * Dv + d] * inv);
@@ -295,7 +306,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.size(0) == B && v.size(0) == B, "cross_attention: batch sizes of query, key, value differ");
   TORCH_CHECK(k.size(3) == D, "cross_attention: key head dim ", k.size(3), " != query head dim ", D);
   TORCH_CHECK(v.size(1) == Hkv && v.size(2) == Lk, "cross_attention: value must have key's heads and length");
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "cross_attention: query heads (", Hq,
+  TORCH_CHECK((Hkv > 0 && Hq % Hkv == 0) || (Hq == 0 && Hkv == 0), "cross_attention: query heads (", Hq,
               ") must be a multiple of key heads (", Hkv, ")");
   TORCH_CHECK(D <= kMaxHeadDim && v.size(3) <= kMaxHeadDim, "cross_attention (cpu): head dim D=", D,
               ", Dv=", v.size(3), " exceeds the kernel's limit of ", kMaxHeadDim);
@@ -320,20 +331,43 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return p;
 }
 
+// The seed tensor of the dropout hash (a one-element integer tensor on the CPU).
+int64_t seed_value(const at::Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && !at::isFloatingType(seed.scalar_type()) && seed.device().is_cpu(),
+              "cross_attention: seed must be a one-element integer CPU tensor");
+  return seed.item<int64_t>();
+}
+
+// x with its last dim widened from 0 to 1 (zeros): the kernels then compute an empty dot product
+// (D = 0: every score is 0) or an empty output (Dv = 0) with their ordinary code.
+at::Tensor widen_empty(const at::Tensor& x) {
+  if (x.size(3) > 0) return x;
+  return at::zeros({x.size(0), x.size(1), x.size(2), 1}, x.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& v_in, const std::optional<at::Tensor>& kpm,
                                                 const std::optional<at::Tensor>& attn_mask, bool is_causal,
                                                 double scale, double dropout_p, int64_t seed,
                                                 at::Tensor out) {
   Prepared p = prepare(q_in, k_in, v_in, kpm, attn_mask);
-  const int64_t B = p.q.size(0), Hq = p.q.size(1), Lq = p.q.size(2);
+  const int64_t B = p.q.size(0), Hq = p.q.size(1), Lq = p.q.size(2), Lk = p.k.size(2);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "cross_attention: dropout_p must be in [0, 1)");
   TORCH_CHECK(
       out.sizes() == at::IntArrayRef({B, Hq, Lq, p.v.size(3)}) && out.scalar_type() == p.q.scalar_type(),
       "cross_attention: out must be (B, Hq, Lq, Dv) with query's dtype");
-  at::Tensor target = rows_ready(out);  // a copy only when out's rows are not contiguous
   const auto acc_dtype = p.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({B, Hq, Lq}, p.q.options().dtype(acc_dtype));
+  if (B * Hq * Lq == 0) return {out, lse};
+  if (Lk == 0) {  // every row fully masked
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  if (p.q.size(3) == 0) p.q = widen_empty(p.q), p.k = widen_empty(p.k);
+  const bool no_dv = p.v.size(3) == 0;
+  if (no_dv) p.v = widen_empty(p.v);
+  at::Tensor target = no_dv ? at::empty({B, Hq, Lq, 1}, p.q.options()) : rows_ready(out);
   Masking mk = make_masking(p.q, p.k, p.kpm, p.mask, is_causal, dropout_p, seed);
   if (fast_path_ok(p.q, p.k, p.v, p.mask, dropout_p)) {
     forward_fast(p.q, p.k, p.v, mk, scale, target, lse);
@@ -343,22 +377,24 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& q_in, const at
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.q.scalar_type(), "cross_attention_forward",
                                     [&] { forward_kernel<scalar_t>(p.q, p.k, p.v, mk, scale, target, lse); });
   }
-  if (!target.is_same(out)) out.copy_(target);
+  if (!no_dv && !target.is_same(out)) out.copy_(target);  // a copy only when out's rows were strided
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const std::optional<at::Tensor>& kpm,
                                                const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                               double scale, double dropout_p, int64_t seed) {
+                                               double scale, double dropout_p, const at::Tensor& seed) {
   at::Tensor out = empty_hugepage({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  return forward_into(q, k, v, kpm, attn_mask, is_causal, scale, dropout_p, seed, out);
+  return forward_into(q, k, v, kpm, attn_mask, is_causal, scale, dropout_p, seed_value(seed), out);
 }
 
 at::Tensor forward_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& attn_mask,
-                           bool is_causal, double scale, double dropout_p, int64_t seed, at::Tensor out) {
-  return std::get<1>(forward_into(q, k, v, kpm, attn_mask, is_causal, scale, dropout_p, seed, out));
+                           bool is_causal, double scale, double dropout_p, const at::Tensor& seed,
+                           at::Tensor out) {
+  return std::get<1>(
+      forward_into(q, k, v, kpm, attn_mask, is_causal, scale, dropout_p, seed_value(seed), out));
 }
 
 }  // namespace

@@ -204,9 +204,10 @@ void small_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, in
 // 2^x for 16 lanes with AVX-512: n = round(x), r = x - n in [-1/2, 1/2], 2^r by its degree-6
 // Taylor polynomial (relative error < 2e-7), then vscalefps multiplies by 2^n (no exponent-bit
 // arithmetic, underflow to 0 handled by the instruction). x = -inf (masked) gives 0 through the
-// clamp at -160. 12 instructions per 16 lanes against 18 per 8 for fast_exp8.
+// clamp at -160; NaN stays NaN (a NaN score must reach its row's output). 12 instructions per 16 lanes
+// against 18 per 8 for fast_exp8.
 __attribute__((target("avx512f"))) inline __m512 exp2_z(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-160.f), x);  // this operand order keeps a NaN lane NaN
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);                  // ln2^6 / 720
@@ -438,7 +439,7 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       // without an allowed key: 0, -inf.
       small_gemm(rows, Dv, cols, 1.f, st.data(), 1, Mb, V.row(b, g, lo), V.sl, O.row(b, h, i0), O.sl, 0);
       for (int64_t r = 0; r < rows; ++r) {
-        const bool empty = !(l[r] > 0.f);
+        const bool empty = l[r] == 0.f;  // l = NaN (a NaN or +inf score): out and lse NaN
         const float inv = empty ? 0.f : 1.f / l[r];
         float* orow = O.row(b, h, i0 + r);
         for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
@@ -452,7 +453,8 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 struct FastArgs {
   int64_t Hq, Lq, D, Lk, Dv, Mb;
   View4<float> Q, K, V, O, dO;
-  const float* lse;  // B x Hq x Lq, contiguous
+  const float* lse;   // B x Hq x Lq, contiguous
+  const float* dlse;  // B x Hq x Lq, contiguous, or null (the LSE's gradient: D_i -= dlse_i)
   float scale;
   const Masking& mk;
   View4<float> dK, dV;  // fp32 outputs: the (b, g) task accumulates into them directly
@@ -495,7 +497,7 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
   const int64_t Mb = a.Mb, D = a.D, Dv = a.Dv;
   const float* q = a.Q.row(b, h, i0);
   const float* d_o = a.dO.row(b, h, i0);
-  // 1. Q^T, dO^T; D_i = <do_i, o_i>; per-lane lse, +inf for padding lanes and empty rows (p = 0).
+  // 1. Q^T, dO^T; D_i = <do_i, o_i> - dlse_i; per-lane lse, +inf for padding lanes and empty rows (p = 0).
   transpose_block(q, a.Q.sl, rows, D, Mb, w.qt.data());
   transpose_block(d_o, a.dO.sl, rows, Dv, Mb, w.dot.data());
   for (int64_t r = 0; r < Mb; ++r) {
@@ -503,6 +505,7 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
     if (r < rows) {
       const float* o = a.O.row(b, h, i0 + r);
       for (int64_t d = 0; d < Dv; ++d) di += d_o[r * a.dO.sl + d] * o[d];
+      if (a.dlse) di -= a.dlse[(b * a.Hq + h) * a.Lq + i0 + r];
       const float x = a.lse[(b * a.Hq + h) * a.Lq + i0 + r];
       if (x != -std::numeric_limits<float>::infinity()) l = x * a.lg;
     }
@@ -555,8 +558,8 @@ void backward_fast_block(const FastArgs& a, FastBackwardScratch& w, int64_t b, i
 
 // Backward, one task per (b, g) as in the generic kernel (the task owns dk, dv of its kv head).
 void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& out, const at::Tensor& lse, const Masking& mk, double scale,
-                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dlse, const Masking& mk,
+                   double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
   const int64_t Mb = fast_backward_block_rows(Lq);
@@ -572,6 +575,7 @@ void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    view4<float>(out),
                    view4<float>(dout),
                    lse.data_ptr<float>(),
+                   dlse.defined() ? dlse.data_ptr<float>() : nullptr,
                    static_cast<float>(scale),
                    mk,
                    view4<float>(dk),
@@ -601,8 +605,8 @@ bool fast_path_ok(const at::Tensor&, const at::Tensor&, const at::Tensor&, const
 void forward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double,
                   at::Tensor&, at::Tensor&) {}
 void backward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                   const at::Tensor&, const at::Tensor&, const Masking&, double, at::Tensor&, at::Tensor&,
-                   at::Tensor&) {}
+                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double,
+                   at::Tensor&, at::Tensor&, at::Tensor&) {}
 #endif
 
 }  // namespace

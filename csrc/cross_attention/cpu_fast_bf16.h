@@ -258,7 +258,8 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       // 4. out = O / l: the lanes of O^T scaled, rounded and transposed into the output rows;
       // lse = m + log l. Rows without an allowed key: 0, -inf.
       if (cols == 0) std::fill(ot.begin(), ot.end(), 0.f);
-      for (int64_t r = 0; r < Mb; ++r) w.inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      // l = NaN (a NaN or +inf score) makes the row's out and lse NaN.
+      for (int64_t r = 0; r < Mb; ++r) w.inv[r] = l[r] == 0.f ? 0.f : 1.f / l[r];
       for (int64_t d = 0; d < Dv; ++d) {
         for (int64_t v8 = 0; v8 < Mb; v8 += 8) {
           float* o = &ot[d * Mb + v8];
@@ -268,7 +269,7 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       to_bf16_z(ot.data(), reinterpret_cast<bf16*>(w.otb.data()), Dv * Mb);
       transpose_u16(w.otb.data(), Mb, Dv, rows, reinterpret_cast<u16*>(O.row(b, h, i0)), O.sl);
       for (int64_t r = 0; r < rows; ++r) {
-        lse_p[(b * Hq + h) * Lq + i0 + r] = l[r] > 0.f ? m[r] / lg + std::log(l[r]) : kNegInf;
+        lse_p[(b * Hq + h) * Lq + i0 + r] = l[r] == 0.f ? kNegInf : m[r] / lg + std::log(l[r]);
       }
     }
   });
@@ -293,8 +294,9 @@ struct FastBf16Scratch {
 
 // Backward, one task per (b, g) as backward_fast: the task owns dk, dv of kv head g.
 void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& out, const at::Tensor& lse_t, const Masking& mk, double scale_d,
-                        at::Tensor& dq_t, at::Tensor& dk_t, at::Tensor& dv_t) {
+                        const at::Tensor& out, const at::Tensor& lse_t, const at::Tensor& dlse_t,
+                        const Masking& mk, double scale_d, at::Tensor& dq_t, at::Tensor& dk_t,
+                        at::Tensor& dv_t) {
   using bf16 = at::BFloat16;
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
@@ -303,6 +305,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
   const View4<bf16> dO = view4<bf16>(dout), dQ = view4<bf16>(dq_t), dK = view4<bf16>(dk_t),
                     dV = view4<bf16>(dv_t);
   const float* lse_p = lse_t.data_ptr<float>();
+  const float* dlse_p = dlse_t.defined() ? dlse_t.data_ptr<float>() : nullptr;  // D_i -= dlse_i
   const float scale = static_cast<float>(scale_d);
 
   const std::vector<char> unmasked = unmasked_spans(mk, B);
@@ -326,11 +329,12 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
           const int64_t rows = std::min(Mb, Lq - i0);
           const bf16* qb = Q.row(b, h, i0);
           const bf16* dob = dO.row(b, h, i0);
-          // 1. D_i = <do_i, o_i>; per-lane lse, +inf for padding lanes and empty rows (p = 0).
+          // 1. D_i = <do_i, o_i> - dlse_i; per-lane lse, +inf for padding lanes and empty rows (p = 0).
           for (int64_t r = 0; r < Mb; ++r) {
             float di = 0.f, l = std::numeric_limits<float>::infinity();
             if (r < rows) {
               di = dot_bf16(dob + r * dO.sl, O.row(b, h, i0 + r), Dv);
+              if (dlse_p) di -= dlse_p[(b * Hq + h) * Lq + i0 + r];
               const float x = lse_p[(b * Hq + h) * Lq + i0 + r];
               if (x != -std::numeric_limits<float>::infinity()) l = x * lg;
             }
@@ -434,8 +438,8 @@ bool fast_bf16_ok(const at::Tensor&, const at::Tensor&, const at::Tensor&, doubl
 void forward_fast_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double,
                        at::Tensor&, at::Tensor&) {}
 void backward_fast_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const at::Tensor&, const at::Tensor&, const Masking&, double, at::Tensor&,
-                        at::Tensor&, at::Tensor&) {}
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double,
+                        at::Tensor&, at::Tensor&, at::Tensor&) {}
 #endif
 
 }  // namespace

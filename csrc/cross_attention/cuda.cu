@@ -25,33 +25,41 @@ void check_cuda(const at::Tensor& q) {
   TORCH_CHECK(q.is_cuda(), "query must be a CUDA tensor, got ", q.device());
 }
 
+// The dropout seed: a one-element integer CPU tensor (see cpu.cpp).
+int64_t seed_value(const at::Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && !at::isFloatingType(seed.scalar_type()) && seed.device().is_cpu(),
+              "cross_attention: seed must be a one-element integer CPU tensor");
+  return seed.item<int64_t>();
+}
+
 // q: B x Hq x Lq x D, k: B x Hkv x Lk x D, v: B x Hkv x Lk x Dv -> out: B x Hq x Lq x Dv, lse: B x Hq x Lq.
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const c10::optional<at::Tensor>& kpm,
                                                 const c10::optional<at::Tensor>& mask, bool causal,
-                                                double scale, double dropout_p, int64_t seed) {
+                                                double scale, double dropout_p, const at::Tensor& seed) {
   check_cuda(q);
   const c10::cuda::CUDAGuard guard(q.device());
-  return forward(q, k, v, kpm, mask, causal, scale, dropout_p, seed, current_device(q));
+  return forward(q, k, v, kpm, mask, causal, scale, dropout_p, seed_value(seed), current_device(q));
 }
 
 at::Tensor forward_out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask,
-                            bool causal, double scale, double dropout_p, int64_t seed, at::Tensor out) {
+                            bool causal, double scale, double dropout_p, const at::Tensor& seed,
+                            at::Tensor out) {
   check_cuda(q);
   const c10::cuda::CUDAGuard guard(q.device());
-  return forward_out(q, k, v, kpm, mask, causal, scale, dropout_p, seed, out, current_device(q));
+  return forward_out(q, k, v, kpm, mask, causal, scale, dropout_p, seed_value(seed), out, current_device(q));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& kpm,
-    const c10::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p, int64_t seed,
-    bool attn_mask_grad) {
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask, bool causal, double scale,
+    double dropout_p, const at::Tensor& seed, bool attn_mask_grad) {
   check_cuda(q);
   const c10::cuda::CUDAGuard guard(q.device());
-  return backward(grad_out, q, k, v, out, lse, kpm, mask, causal, scale, dropout_p, seed, attn_mask_grad,
-                  current_device(q));
+  return backward(grad_out, q, k, v, out, lse, grad_lse, kpm, mask, causal, scale, dropout_p,
+                  seed_value(seed), attn_mask_grad, current_device(q));
 }
 
 }  // namespace

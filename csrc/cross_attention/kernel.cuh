@@ -128,7 +128,9 @@ MMFAST_DEVICE float masked_score_log2(const Params& p, int b, int h, int i, int 
     if (p.mask_kind == kMaskBool) {
       if (!static_cast<const uint8_t*>(p.mask)[off]) return neg_inf;
     } else {
-      s += static_cast<const float*>(p.mask)[off];
+      const float bias = static_cast<const float*>(p.mask)[off];
+      if (bias == neg_inf) return neg_inf;  // a -inf entry is a mask: whatever qk was is ignored
+      s += bias;
     }
   }
   return s * kLog2e;

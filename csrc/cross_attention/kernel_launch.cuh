@@ -206,9 +206,10 @@ inline void run_forward(Inputs& in, const at::Tensor& out, const at::Tensor& lse
 }
 
 // dq, dk, dv: contiguous, input dtype; dmask: B x Hq x Lq x Lk fp32 zeros or undefined.
+// dlse: the LSE's gradient (B x Hq x Lq fp32, contiguous) or undefined; it enters as delta -= dlse.
 inline void run_backward(Inputs& in, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
-                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                         const at::Tensor& dmask, const Device& dev) {
+                         const at::Tensor& dlse, const at::Tensor& dq, const at::Tensor& dk,
+                         const at::Tensor& dv, const at::Tensor& dmask, const Device& dev) {
   Params p = in.p;
   p.o = out.data_ptr();
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2), p.o_sd = out.stride(3);
@@ -234,6 +235,7 @@ inline void run_backward(Inputs& in, const at::Tensor& dout, const at::Tensor& o
     constexpr int HD = decltype(hd)::value;
     using C = BwdCfg<T, HD>;
     launch(delta_kernel<T>, port::dim3_t(cdiv64(rows, kWarps)), 0, dev, p);
+    if (dlse.defined()) delta.sub_(dlse);  // d lse_i / d s_ij = p_ij: ds = p (dp - delta + dlse)
     launch(dkdv_kernel<T, HD>, port::dim3_t(p.B * p.Hkv, cdiv(p.Lk, C::BN)), C::kSmemKV, dev, p);
     launch(dq_kernel<T, HD>, port::dim3_t(p.B * p.Hq, cdiv(p.Lq, C::BM)), C::kSmemQ, dev, p);
   });
@@ -273,9 +275,9 @@ inline at::Tensor forward_out(const at::Tensor& q, const at::Tensor& k, const at
 // shape and dtype (an empty tensor unless attn_mask_grad).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& kpm,
-    const c10::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p, int64_t seed,
-    bool attn_mask_grad, const Device& dev) {
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& grad_lse,
+    const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& mask, bool causal, double scale,
+    double dropout_p, int64_t seed, bool attn_mask_grad, const Device& dev) {
   Inputs in = prepare(q, k, v, kpm, mask, causal, scale, dropout_p, seed);
   const Params& p = in.p;
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B &&
@@ -294,7 +296,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dv = at::empty({p.B, p.Hkv, p.Lk, p.Dv}, q.options());
   at::Tensor dmask =
       mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, q.options().dtype(at::kFloat)) : at::Tensor();
-  run_backward(in, dout, out, lse_c, dq, dk, dv, dmask, dev);
+  at::Tensor dlse;
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "grad_lse must have lse's shape (B, Hq, Lq)");
+    dlse = grad_lse->to(at::kFloat).contiguous();
+  }
+  run_backward(in, dout, out, lse_c, dlse, dq, dk, dv, dmask, dev);
   at::Tensor dmask_out = at::empty({0}, q.options());
   if (mask_grad) dmask_out = dmask.sum_to_size(mask->sizes()).to(mask->scalar_type());
   return {dq, dk, dv, dmask_out};

@@ -35,10 +35,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& kpm,
     const c10::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p, int64_t seed,
-    bool attn_mask_grad) {
+    bool attn_mask_grad, const c10::optional<at::Tensor>& grad_lse) {
   check_cpu(q);
-  return mmfast::xattn::backward(grad_out, q, k, v, out, lse, kpm, mask, causal, scale, dropout_p, seed,
-                                 attn_mask_grad, emu_device(0));
+  return mmfast::xattn::backward(grad_out, q, k, v, out, lse, grad_lse, kpm, mask, causal, scale, dropout_p,
+                                 seed, attn_mask_grad, emu_device(0));
 }
 
 }  // namespace
@@ -48,5 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("key_padding_mask"), py::arg("attn_mask"), py::arg("is_causal"),
         py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("out") = py::none(),
         py::arg("splits") = 0);
-  m.def("backward", &backward, "emulated cross_attention backward -> (dq, dk, dv, dattn_mask)");
+  m.def("backward", &backward, "emulated cross_attention backward -> (dq, dk, dv, dattn_mask)",
+        py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("key_padding_mask"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
+        py::arg("dropout_p"), py::arg("seed"), py::arg("attn_mask_grad"), py::arg("grad_lse") = py::none());
 }

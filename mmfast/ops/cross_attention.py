@@ -10,12 +10,15 @@ the caller's buffer (``ctx.mark_dirty``) and still sends gradients to query, key
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
 from mmfast import _dispatch
 from mmfast import reference as _ref
 from mmfast.ops._validate import check_same, check_tensor
+from mmfast.reference.cross_attention import default_scale
 from mmfast.reference.dropout import draw_seed
 
 MAX_HEAD_DIM = 256  # the cpu kernels' limit on D and Dv
@@ -26,6 +29,11 @@ def _mask_kind(attn_mask: Tensor | None) -> str:
     if attn_mask is None:
         return "none"
     return "bool" if attn_mask.dtype == torch.bool else "float"
+
+
+def _is_real(x: object) -> bool:
+    """A Python / NumPy real number or a traced symbolic one; not a bool (True is not a scale)."""
+    return not isinstance(x, bool) and isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt))
 
 
 def _shares_memory(x: Tensor, others: tuple[Tensor, ...]) -> bool:
@@ -63,9 +71,7 @@ def validate(
         raise ValueError(f"query has head dim D={D} but key has {Dk}")
     if (Hv, Lv) != (Hkv, Lk):
         raise ValueError(f"value must have key's heads and length ({Hkv}, {Lk}), got ({Hv}, {Lv})")
-    if D == 0 or Dv == 0:
-        raise ValueError(f"head dims must be >= 1, got query/key D={D}, value Dv={Dv}")
-    if Hkv == 0 or Hq % Hkv:
+    if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv):
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, floating=False)
@@ -91,9 +97,11 @@ def validate(
             raise ValueError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}"
             )
+    if not _is_real(dropout_p):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and not _is_real(scale):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if out is not None:
         check_tensor("out", out)
@@ -194,7 +202,20 @@ def _fake_forward_out(q, k, v, key_padding_mask, attn_mask, is_causal, scale, dr
 
 
 def _fake_backward(
-    grad_out, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, attn_mask_grad
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    grad_lse,
+    key_padding_mask,
+    attn_mask,
+    is_causal,
+    scale,
+    dropout_p,
+    seed,
+    attn_mask_grad,
 ):
     float_mask = attn_mask is not None and attn_mask.dtype != torch.bool
     dmask = attn_mask.new_empty(attn_mask.shape) if attn_mask_grad and float_mask else q.new_empty((0,))
@@ -202,13 +223,22 @@ def _fake_backward(
 
 
 def _save(ctx, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed) -> None:
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_mask)
-    ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.seed = is_causal, scale, dropout_p, seed
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_mask, seed)
+    ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
 
 
-def _grads(ctx, grad_out: Tensor, mask_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """dq, dk, dv and the float attn_mask's gradient (None unless input ``mask_index`` needs one)."""
-    q, k, v, out, lse, key_padding_mask, attn_mask = ctx.saved_tensors
+def _grads(
+    ctx, grad_out: Tensor | None, grad_lse: Tensor | None, mask_index: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv and the float attn_mask's gradient (None unless input ``mask_index`` needs one).
+
+    ``grad_out`` / ``grad_lse`` may be None (that output was not used); the LSE's gradient enters
+    the kernels as D_i - grad_lse_i (d lse_i / d s_ij = p_ij).
+    """
+    q, k, v, out, lse, key_padding_mask, attn_mask, seed = ctx.saved_tensors
+    if grad_out is None:  # only the LSE was used: dO = 0, and out drops out of D_i = <dO_i, o_i>
+        grad_out = q.new_zeros((*q.shape[:3], v.shape[3]))
+        out = grad_out
     mask_grad = bool(ctx.needs_input_grad[mask_index]) and attn_mask is not None and attn_mask.dtype != torch.bool
     dq, dk, dv, dmask = torch.ops.mmfast.cross_attention_backward(
         grad_out,
@@ -217,12 +247,13 @@ def _grads(ctx, grad_out: Tensor, mask_index: int) -> tuple[Tensor, Tensor, Tens
         v,
         out,
         lse,
+        grad_lse,
         key_padding_mask,
         attn_mask,
         ctx.is_causal,
         ctx.scale,
         ctx.dropout_p,
-        ctx.seed,
+        seed,
         mask_grad,
     )
     return dq, dk, dv, dmask if mask_grad else None
@@ -235,12 +266,12 @@ def _no_double_backward(ctx, *grads):
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)  # gradients flow through out only; the LSE is a statistic
     _save(ctx, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no work for it
 
 
 def _backward(ctx, grad_out, grad_lse):
-    dq, dk, dv, dmask = _grads(ctx, grad_out, mask_index=4)
+    dq, dk, dv, dmask = _grads(ctx, grad_out, grad_lse, mask_index=4)
     return dq, dk, dv, None, dmask, None, None, None, None
 
 
@@ -248,14 +279,16 @@ class _CrossAttentionInto(torch.autograd.Function):
     """``out`` <- attention(q, k, v) in place (any strides, e.g. a slice of a fusion buffer), differentiable.
 
     Backward reads ``out`` again (D_i = rowsum(dO * O)), so the buffer's other parts must be written
-    before this call: autograd's version counter turns a later in-place write into an error.
+    before this call: autograd's version counter turns a later in-place write into an error. The
+    old contents of ``out`` get a zero gradient (they were overwritten); a leaf ``out`` that
+    requires grad is refused by autograd (an in-place write into it).
     """
 
     @staticmethod
     def forward(ctx, out, q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, lse_box):
         # ``out`` comes first and is the only output: autograd's CopySlices (in-place on a view)
-        # assumes the modified view is input 0, and rejects several outputs, so the
-        # (non-differentiable) LSE leaves through ``lse_box``.
+        # assumes the modified view is input 0, and rejects several outputs, so the LSE leaves
+        # through ``lse_box`` and gets its gradient path from ``_LseOfInto``.
         lse = torch.ops.mmfast.cross_attention_forward_out(
             q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, out
         )
@@ -266,10 +299,27 @@ class _CrossAttentionInto(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        dq, dk, dv, dmask = _grads(ctx, grad_out, mask_index=5)
+        dq, dk, dv, dmask = _grads(ctx, grad_out, None, mask_index=5)
         # The overwritten contents of `out` get a zero gradient (None would make autograd drop the
         # gradient of the whole buffer `out` is a view of, e.g. the text half of a fusion buffer).
         return torch.zeros_like(grad_out), dq, dk, dv, None, dmask, None, None, None, None, None
+
+
+class _LseOfInto(torch.autograd.Function):
+    """The LSE of the ``out=`` path as a differentiable output (backward: dO = 0, grad_lse given)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, attn_mask, lse, is_causal, scale, dropout_p, seed):
+        _save(ctx, q, k, v, None, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed)
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        dq, dk, dv, dmask = _grads(ctx, None, grad_lse, mask_index=4)
+        return dq, dk, dv, None, dmask, None, None, None, None, None
+
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
 
 
 def _kernel(
@@ -286,15 +336,24 @@ def _kernel(
     out: Tensor | None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The cpu and cuda backends: the same custom ops, dispatched by the tensors' device."""
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    seed = draw_seed() if dropout_p > 0 else 0
+    scale = default_scale(query.shape[-1]) if scale is None else scale
+    seed = draw_seed() if dropout_p > 0 else _NO_SEED
     args = (query, key, value, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed)
-    if out is None:
+    if out is None or torch.compiler.is_compiling():
+        # Compiled graphs are functionalized (an in-place write into a graph input becomes a copy
+        # anyway), and the view-rebasing Function below does not trace: traced code takes the
+        # functional op and copies into ``out``.
         o, lse = torch.ops.mmfast.cross_attention_forward(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
+        if out is not None:
+            o = out.copy_(o)
+    elif torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, attn_mask, out)
+    ):
         box: list[Tensor] = []
         o = _CrossAttentionInto.apply(out, *args, box)
         lse = box[0]
+        if return_lse:
+            lse = _LseOfInto.apply(query, key, value, key_padding_mask, attn_mask, lse, *args[5:])
     else:
         o, lse = out, torch.ops.mmfast.cross_attention_forward_out(*args, out)
     return (o, lse) if return_lse else o
@@ -312,6 +371,8 @@ def _cpu_reasons(*, D: int, Dv: int, **_) -> list[str]:
 
 def _cuda_reasons(*, dtype: torch.dtype, D: int, Dv: int, **_) -> list[str]:
     why = _head_dim_reasons(D, Dv, CUDA_MAX_HEAD_DIM)
+    if min(D, Dv) < 1:
+        why.append(f"head dims D={D}, Dv={Dv}: the cuda kernels need both >= 1 (cpu and reference take 0)")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         why.append(f"cuda kernels take float32, bfloat16 or float16, got {dtype}")
     return why

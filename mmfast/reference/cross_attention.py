@@ -8,7 +8,11 @@ For batch b, query head h (key/value head g = h // (Hq // Hkv)), query row i, ke
     p[b,h,i,j]  = exp(s - lse) if allowed else 0
     out[b,h,i]  = sum_j p[b,h,i,j] * keep[b,h,i,j] / (1 - dropout_p) * v[b,g,j,:]
 
-A row with no allowed key gives out = 0, lse = -inf and zero gradients (never NaN).
+A row with no allowed key gives out = 0, lse = -inf and zero gradients (never NaN). Non-finite
+values follow docs/numerics.md: a masked score is replaced (a -inf additive entry is a mask too), so
+whatever q.k was there does not matter; an allowed NaN or +inf score makes its row's out and lse NaN.
+Empty dims: Lk = 0 rows are fully masked; D = 0 scores are 0 (empty dot products); B, Hq, Lq or
+Dv = 0 give empty results.
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["cross_attention", "attention_probs"]
+__all__ = ["attention_probs", "cross_attention", "default_scale"]
 
 
 def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def default_scale(head_dim: int) -> float:
+    """1 / sqrt(D); 1.0 for D = 0 (every score is then an empty dot product, 0, whatever the scale)."""
+    return head_dim**-0.5 if head_dim > 0 else 1.0
 
 
 def attention_probs(
@@ -35,11 +44,13 @@ def attention_probs(
     """Softmax probabilities (B, Hq, Lq, Lk) and natural-log LSE (B, Hq, Lq), in fp32 or fp64."""
     B, Hq, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
-    if Hq % Hkv:
+    if Hkv == 0 and Hq == 0:
+        Hkv = 1  # no head at all: nothing to repeat
+    elif Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key heads ({Hkv})")
-    scale = D**-0.5 if scale is None else float(scale)
+    scale = default_scale(D) if scale is None else float(scale)
     q, k = _upcast(query), _upcast(key)
-    k = k.repeat_interleave(Hq // Hkv, dim=1) if Hkv != Hq else k
+    k = k.repeat_interleave(Hq // Hkv, dim=1) if key.shape[1] != Hq else k
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     allowed = torch.ones(B, 1, 1, Lk, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
@@ -48,25 +59,29 @@ def attention_probs(
         if attn_mask.dtype == torch.bool:
             allowed = allowed & attn_mask
         else:
-            s = s + attn_mask.to(s.dtype)
+            bias = attn_mask.to(s.dtype)
+            allowed = allowed & (bias != float("-inf"))  # a -inf entry is a mask: replace, never add
+            s = s + bias
     if is_causal:  # bottom-right aligned: query i sees keys j <= i + (Lk - Lq)
         i = torch.arange(Lq, device=q.device).view(Lq, 1)
         j = torch.arange(Lk, device=q.device).view(1, Lk)
         allowed = allowed & (j <= i + (Lk - Lq))
     allowed = allowed.expand_as(s)
     s = torch.where(allowed, s, torch.full_like(s, float("-inf")))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    if Lk == 0:  # every row fully masked
+        return s.new_zeros(s.shape), s.new_full((B, Hq, Lq), float("-inf"))
+    m_raw = s.amax(dim=-1, keepdim=True)  # NaN when a score is NaN
+    m = torch.where(torch.isfinite(m_raw), m_raw, torch.zeros_like(m_raw)).detach()
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
-    p = e / torch.where(nonempty, denom, torch.ones_like(denom))
-    lse = torch.where(
-        nonempty,
-        m + torch.log(torch.where(nonempty, denom, torch.ones_like(denom))),
-        torch.full_like(denom, float("-inf")),
-    )
-    return p, lse.squeeze(-1)
+    empty = denom == 0  # no allowed key (a NaN denominator is not empty)
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    p = e / safe
+    lse = torch.where(empty, torch.full_like(denom, float("-inf")), m + torch.log(safe))
+    # An allowed +inf score: softmax is inf - inf, NaN for the whole row (multiplied in, so the
+    # gradients of the row are NaN too, as the kernels' are).
+    poison = torch.where(m_raw == float("inf"), torch.full_like(m_raw, float("nan")), torch.ones_like(m_raw))
+    return p * poison, (lse * poison).squeeze(-1)
 
 
 def cross_attention(
@@ -102,7 +117,7 @@ def cross_attention(
         out (B, Hq, Lq, Dv) in query's dtype [, lse].
     """
     B, Hq, Lq, _ = query.shape
-    Hkv = key.shape[1]
+    Hkv = max(key.shape[1], 1)
     p, lse = attention_probs(
         query, key, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal, scale=scale
     )

@@ -15,12 +15,14 @@ import triton
 from torch import Tensor
 
 from mmfast import _dispatch
+from mmfast.reference.cross_attention import default_scale
 from mmfast.reference.dropout import M32, draw_seed, threshold
 from mmfast.triton import cross_attention_kernels as kern
 
 MAX_HEAD_DIM = 256
 _INTERPRET = _dispatch.triton_interpreting()
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,7 +106,8 @@ def _mask_args(q: Tensor, Lk: int, kpm: Tensor | None, mask: Tensor | None) -> t
     return [kpm_t, mask_t], dict(strides=[*kpm_strides, *m_strides], MASK_KIND=kind, HAS_KPM=kpm is not None)
 
 
-def _dropout_args(dropout_p: float, seed: int) -> list:
+def _dropout_args(dropout_p: float, seed: Tensor | int) -> list:
+    seed = int(seed)  # the custom ops take the seed as a 0-dim int64 CPU tensor (see draw_seed)
     return [_i32(seed), _i32(seed >> 32), _i32(threshold(dropout_p)), 1.0 / (1.0 - dropout_p)]
 
 
@@ -127,7 +130,7 @@ def forward(
     is_causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor,
     num_splits: int = 0,
     out: Tensor | None = None,
     lse: Tensor | None = None,
@@ -179,7 +182,7 @@ def backward(
     is_causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor,
     mask_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (shapes and dtypes of q, k, v) and dS (B, Hq, Lq, Lk) fp32 (empty unless mask_grad)."""
@@ -232,7 +235,7 @@ def _fwd_op(
     is_causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor,
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Lq, Dv), lse (B, Hq, Lq) fp32)."""
@@ -255,7 +258,7 @@ def _fwd_out_op(
     is_causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor,
     num_splits: int,
     out: Tensor,
     lse: Tensor,
@@ -285,7 +288,7 @@ def _bwd_op(
     is_causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor,
     mask_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dS): dS (B, Hq, Lq, Lk) fp32 when mask_grad, else an empty tensor."""
@@ -427,8 +430,8 @@ def triton_cross_attention(
     autograd raises if that buffer (or any view of its base) is written again before backward:
     fill the other parts of a fusion buffer first.
     """
-    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    seed = draw_seed() if dropout_p > 0 else 0
+    scale = default_scale(query.shape[-1]) if scale is None else float(scale)
+    seed = draw_seed() if dropout_p > 0 else _NO_SEED
     args = (is_causal, scale, float(dropout_p), seed, int(num_splits))
     if out is None or torch.compiler.is_compiling():
         # Compiled graphs are functionalized (an in-place write into a graph input becomes a copy
@@ -439,7 +442,8 @@ def triton_cross_attention(
             o = out.copy_(o)
     else:
         float_mask = attn_mask is not None and attn_mask.is_floating_point()
-        grads = [query, key, value] + ([attn_mask] if float_mask else [])
+        # ``out`` too: overwriting a buffer with autograd history must cut that history.
+        grads = [query, key, value, out] + ([attn_mask] if float_mask else [])
         if torch.is_grad_enabled() and any(t.requires_grad for t in grads):
             lse_buf = query.new_empty(query.shape[:3], dtype=torch.float32)
             o = _AttentionIntoOut.apply(out, query, key, value, attn_mask, key_padding_mask, *args, lse_buf)

@@ -84,6 +84,7 @@ def _scores(
         if MASK_KIND == 1:
             allowed &= mval != 0
         else:
+            allowed &= mval != float("-inf")  # a -inf entry is a mask: replace, never add
             s += mval.to(tl.float32) * 1.4426950408889634
     if HAS_KPM:
         pad = tl.load(KPM + kpm_base + cols * stride_kpn, mask=col_ok, other=1)
