@@ -108,7 +108,9 @@ def swap_modules(
     report = SwapReport()
     replaced: dict[int, CrossAttention] = {}
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(parent.named_children()):
+        # parent._modules, not named_children(): that de-duplicates, so a module held twice by one
+        # parent (nn.ModuleList([a, a])) would be swapped in one slot only.
+        for child_name, child in list(parent._modules.items()):
             if not isinstance(child, nn.MultiheadAttention):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name

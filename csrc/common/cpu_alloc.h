@@ -14,11 +14,14 @@
 // pages alone was 9% of the single-threaded text->image backward). This is what a caching
 // allocator (jemalloc, tcmalloc) does for every tensor; c10's default CPU allocator does not.
 //
-// empty_hugepage() falls back to at::empty below kMinBytes, when mmap fails, or when
-// MMFAST_CPU_HUGEPAGES=0 (read per call, for A/B runs; the pool is then skipped too).
+// empty_hugepage() falls back to c10's CPU allocator below kMinBytes, when mmap fails, or when
+// MMFAST_CPU_HUGEPAGES=0 (read per allocation, for A/B runs; the pool is then skipped too). Its
+// tensors have ordinary resizable storages (resize_ allocates through the same allocator).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
 #include <cstdint>
@@ -84,30 +87,65 @@ inline HugeBlockPool& huge_block_pool() {
 // so that the call is charged for its outputs as a fresh process would be).
 inline void release_huge_block_cache() { huge_block_pool().release(); }
 
-inline at::Tensor empty_hugepage(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  constexpr size_t kMinBytes = size_t(8) << 20;  // rounding up to 2 MB wastes at most 20%
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
-  const char* e = std::getenv("MMFAST_CPU_HUGEPAGES");
-  if (nbytes < kMinBytes || (e != nullptr && std::string(e) == "0")) return at::empty(sizes, options);
-  const size_t len = (nbytes + kHuge - 1) / kHuge * kHuge;
-  void* p = huge_block_pool().take(len);
-  if (p == nullptr) {
+// A c10::Allocator handing out blocks of >= kMinBytes on 2 MB pages (from the cache when a block of
+// the same rounded length is there) and smaller ones from c10's CPU allocator. Tensors made with it
+// own an ordinary resizable storage: resize_ beyond the block asks this allocator for a new one and
+// the old block goes back to the cache when its last reference dies.
+struct HugePageAllocator final : c10::Allocator {
+  static constexpr size_t kHuge = size_t(2) << 20;
+  static constexpr size_t kMinBytes = size_t(8) << 20;  // rounding up to 2 MB wastes at most 20%
+
+  struct Block {  // deleter context: the mapping's start and length
+    void* ptr;
+    size_t len;
+  };
+  static void free_block(void* ctx) {
+    auto* blk = static_cast<Block*>(ctx);
+    huge_block_pool().give(blk->ptr, blk->len);
+    delete blk;
+  }
+  static bool enabled() {
+    const char* e = std::getenv("MMFAST_CPU_HUGEPAGES");
+    return e == nullptr || std::string(e) != "0";
+  }
+  // A 2 MB aligned mapping of len bytes (len a multiple of 2 MB), or null when mmap fails.
+  static void* map_aligned(size_t len) {
     void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED) return at::empty(sizes, options);
+    if (raw == MAP_FAILED) return nullptr;
     // Keep a 2 MB aligned window of len bytes; give the head and tail back.
     const uintptr_t base = reinterpret_cast<uintptr_t>(raw);
     const uintptr_t start = (base + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
     if (start > base) munmap(raw, start - base);
     const uintptr_t end = base + len + kHuge;
     if (end > start + len) munmap(reinterpret_cast<void*>(start + len), end - (start + len));
-    p = reinterpret_cast<void*>(start);
+    void* p = reinterpret_cast<void*>(start);
     madvise(p, len, MADV_HUGEPAGE);  // advice only: without THP the block is ordinary pages
+    return p;
   }
-  return at::from_blob(
-      p, sizes, [len](void* q) { huge_block_pool().give(q, len); }, options.device(at::kCPU));
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    if (nbytes < kMinBytes || !enabled()) return c10::GetCPUAllocator()->allocate(nbytes);
+    const size_t len = (nbytes + kHuge - 1) / kHuge * kHuge;
+    void* p = huge_block_pool().take(len);
+    if (p == nullptr) p = map_aligned(len);
+    if (p == nullptr) return c10::GetCPUAllocator()->allocate(nbytes);
+    return {p, new Block{p, len}, &free_block, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // the context frees, not the pointer
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+inline HugePageAllocator* hugepage_allocator() {
+  static auto* alloc = new HugePageAllocator();  // never destroyed: storages may outlive statics
+  return alloc;
+}
+
+// A contiguous CPU tensor on the allocator above (an ordinary tensor: resizable, any dtype).
+inline at::Tensor empty_hugepage(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::detail::empty_generic(sizes, hugepage_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
 }
 
 }  // namespace mmfast::cpu

@@ -147,6 +147,20 @@ Masking make_masking(const at::Tensor& q, const at::Tensor& k, const std::option
   return mk;
 }
 
+// Step 1 of both passes: s = scale * q k^T for rows [i0, i0 + rows) and keys [j0, j0 + cols). A
+// non-finite scale is applied after the product, not as the GEMM's alpha: BLAS need not propagate a
+// NaN alpha (MKL's small-matrix kernels do not), and the policy wants every score NaN then.
+template <typename T, typename A>
+void scores(int64_t rows, int64_t cols, int64_t D, A scale, const T* q, int64_t ldq, const T* k, int64_t ldk,
+            A* s, int64_t lds) {
+  const bool finite = std::isfinite(scale);
+  gemm<T>(false, true, rows, cols, D, finite ? scale : A(1), q, ldq, k, ldk, A(0), s, lds);
+  if (finite) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) s[r * lds + c] *= scale;
+  }
+}
+
 // Step 2 of both passes: s[r, c] (row i0 + r, key j0 + c) += bias, or -inf where not allowed.
 template <typename A>
 void apply_masks(const Masking& mk, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
@@ -247,8 +261,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t j0 = lo; j0 < hi; j0 += Nb) {
         const int64_t cols = std::min(Nb, hi - j0);
         // 1. s = scale * q k^T (one GEMM), 2. masks.
-        gemm<T>(false, true, rows, cols, D, scale, Q.row(b, h, i0), Q.sl, K.row(b, g, j0), K.sl, A(0),
-                s.data(), Nb);
+        scores<T, A>(rows, cols, D, scale, Q.row(b, h, i0), Q.sl, K.row(b, g, j0), K.sl, s.data(), Nb);
         apply_masks(mk, b, h, i0, rows, j0, cols, s.data(), Nb);
         // 3. Online softmax: new row max, rescale what was accumulated, p = exp(s - m), l += sum p.
         for (int64_t r = 0; r < rows; ++r) {

@@ -151,6 +151,39 @@ class CrossAttention(nn.Module):
             p.requires_grad_(old[name].requires_grad)
         return new.train(mha.training)
 
+    def __prepare_scriptable__(self) -> nn.MultiheadAttention:
+        """What ``torch.jit.script`` compiles in place of this module: an ``nn.MultiheadAttention``
+        holding the same parameter objects (TorchScript cannot compile mmfast's Python dispatch), so
+        scripted code computes the same function with PyTorch's kernels and trains the same weights.
+        Grouped-query modules (num_kv_heads < num_heads) have no such equivalent and are refused."""
+        if self.num_kv_heads != self.num_heads:
+            raise RuntimeError(
+                "torch.jit.script: a grouped-query CrossAttention (num_kv_heads="
+                f"{self.num_kv_heads} < num_heads={self.num_heads}) has no nn.MultiheadAttention equivalent"
+            )
+        mha = nn.MultiheadAttention(
+            self.embed_dim,
+            self.num_heads,
+            dropout=self.dropout,
+            bias=self.in_proj_bias is not None,
+            kdim=self.kdim,
+            vdim=self.vdim,
+            batch_first=self.batch_first,
+            device="meta",
+        )
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
+            setattr(mha, name, getattr(self, name))
+        mha.out_proj = self.out_proj
+        return mha.train(self.training)
+
+    def merge_masks(
+        self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor
+    ) -> tuple[Tensor | None, int | None]:
+        """nn.MultiheadAttention's ``merge_masks``: PyTorch's fused inference path of
+        ``nn.TransformerEncoderLayer`` (eval mode, no grad) calls it on its ``self_attn`` and then
+        runs its own kernel on this module's weights, so a swapped layer gives the same result."""
+        return nn.MultiheadAttention.merge_masks(self, attn_mask, key_padding_mask, query)
+
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
@@ -284,6 +317,11 @@ class CrossAttention(nn.Module):
         additive float, broadcastable to (N, H, L, S).
         """
         H = self.num_heads
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+                # nn.MultiheadAttention refuses these too: an integer mask is neither a bool mask nor
+                # an additive one, and reading it as either silently changes what is masked.
+                raise TypeError(f"{name} must be bool (True = masked) or floating (additive), got {m.dtype}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
             raise ValueError(f"key_padding_mask must have shape (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
         if attn_mask is not None:

@@ -68,8 +68,8 @@ def attention_probs(
         allowed = allowed & (j <= i + (Lk - Lq))
     allowed = allowed.expand_as(s)
     s = torch.where(allowed, s, torch.full_like(s, float("-inf")))
-    if Lk == 0:  # every row fully masked
-        return s.new_zeros(s.shape), s.new_full((B, Hq, Lq), float("-inf"))
+    if Lk == 0:  # every row fully masked (results kept connected to q and k: zero gradients, not None)
+        return s * 0, s.sum(-1) * 0 + float("-inf")
     m_raw = s.amax(dim=-1, keepdim=True)  # NaN when a score is NaN
     m = torch.where(torch.isfinite(m_raw), m_raw, torch.zeros_like(m_raw)).detach()
     e = torch.exp(s - m)
