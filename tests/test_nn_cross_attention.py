@@ -203,3 +203,35 @@ def test_forward_errors_name_the_argument():
         ca(q, k[0], v)
     with pytest.raises(TypeError, match="nn.MultiheadAttention"):
         CrossAttention.from_multihead_attention(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+@pytest.mark.parametrize("which", ["key_padding_mask", "attn_mask"])
+def test_integer_masks_are_refused(dtype, which):
+    """nn.MultiheadAttention refuses integer masks; reading one as additive once let padding through."""
+    attn = CrossAttention(16, 4, batch_first=True)
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    mask = torch.zeros(2, 7, dtype=dtype) if which == "key_padding_mask" else torch.zeros(5, 7, dtype=dtype)
+    with pytest.raises(TypeError, match=which):
+        attn(q, kv, kv, **{which: mask})
+
+
+@pytest.mark.parametrize("kw", [dict(batch_first=True), dict(kdim=8, vdim=12, batch_first=True), {}])
+def test_torch_jit_script(kw):
+    """torch.jit.script compiles an nn.MultiheadAttention holding the same parameters: same output,
+    and training the scripted module trains this one."""
+    attn = CrossAttention(16, 4, **kw).eval()
+    scripted = torch.jit.script(attn)
+    bf = kw.get("batch_first", False)
+    shape = (lambda L, E: (2, L, E)) if bf else (lambda L, E: (L, 2, E))
+    q, k, v = (
+        torch.randn(shape(5, 16)),
+        torch.randn(shape(7, kw.get("kdim", 16))),
+        torch.randn(shape(7, kw.get("vdim", 16))),
+    )
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    torch.testing.assert_close(scripted(q, k, v, key_padding_mask=pad)[0], attn(q, k, v, key_padding_mask=pad)[0])
+    assert {id(p) for p in scripted.parameters()} == {id(p) for p in attn.parameters()}
+    with pytest.raises(RuntimeError, match="grouped-query"):
+        torch.jit.script(CrossAttention(16, 4, num_kv_heads=2))

@@ -125,3 +125,44 @@ def test_transformer_decoder_with_causal_mask(norm_first):
     out_ref.sum().backward()
     out.sum().backward()
     assert_grads_close(ref, model, atol=2e-5)
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "dense"])
+@pytest.mark.parametrize("masks", ["none", "padding", "padding+src_mask"])
+def test_encoder_inference_fast_path_after_swap(nested, masks):
+    """PyTorch's fused inference path of nn.TransformerEncoder(Layer) (eval, no grad) calls
+    self_attn.merge_masks and reads the weights itself: the swapped model must give the same output
+    as before the swap there, and with grad enabled (where mmfast's kernel runs)."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=nested
+    ).eval()
+    x = torch.randn(3, 7, 32)
+    kw = {}
+    if masks != "none":
+        pad = torch.zeros(3, 7, dtype=torch.bool)
+        pad[1, 4:] = True
+        kw["src_key_padding_mask"] = pad
+    if masks == "padding+src_mask":
+        kw["mask"] = nn.Transformer.generate_square_subsequent_mask(7)
+    with torch.no_grad():
+        want_fast = enc(x, **kw)
+    want = enc(x, **kw)
+    report = mmfast.swap_modules(enc)
+    assert len(report.swapped) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, **kw), want_fast)
+    torch.testing.assert_close(enc(x, **kw), want, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_module_swapped_in_every_slot():
+    """One module held several times (by one parent, and by two parents): every slot swapped, and all
+    slots still hold one shared module (named_children() de-duplicates; the swap must not)."""
+    a, b = nn.MultiheadAttention(16, 4, batch_first=True), nn.MultiheadAttention(16, 2, batch_first=True)
+    model = nn.Sequential(nn.ModuleList([a, a, a]), nn.ModuleDict({"x": a, "y": b}), nn.ModuleList([b, a]))
+    report = mmfast.swap_modules(model)
+    slots = [*model[0], model[1]["x"], model[2][1]]
+    assert all(isinstance(s, CrossAttention) for s in slots) and all(s is slots[0] for s in slots)
+    assert isinstance(model[1]["y"], CrossAttention) and model[1]["y"] is model[2][0]
+    assert len(report.swapped) == 7 and not report.left
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in (*a.parameters(), *b.parameters()))
