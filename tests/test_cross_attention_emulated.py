@@ -82,8 +82,11 @@ def _check(
     if not backward:
         return
     go = torch.randn_like(ro).to(q.dtype)
-    dq, dk, dv, dm = emu.backward(go, q, k, v, o, lse, kpm, mask, causal, scale, dropout_p, seed, mask_grad)
-    ro.backward(go.double())
+    gl = torch.randn_like(rlse).float()  # the LSE's gradient too (it is a differentiable output)
+    dq, dk, dv, dm = emu.backward(
+        go, q, k, v, o, lse, kpm, mask, causal, scale, dropout_p, seed, mask_grad, grad_lse=gl
+    )
+    (ro * go.double()).sum().add((torch.where(torch.isfinite(rlse), rlse, 0) * gl.double()).sum()).backward()
     tol = BWD_TOL[q.dtype]
     torch.testing.assert_close(dq.double(), q64.grad, **tol)
     torch.testing.assert_close(dk.double(), k64.grad, **tol)
