@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from mmfast.nn.cross_attention import CrossAttention
+from mmfast.ops._validate import check_backend
 
 __all__ = ["SwapReport", "swap_modules"]
 
@@ -105,6 +106,11 @@ def swap_modules(
     Behaviour changes, documented: ``need_weights`` defaults to False in CrossAttention (pass
     ``need_weights=True`` where the weights are read), and fully masked query rows give 0, not NaN.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_backend(backend)
+    if filter is not None and not callable(filter):
+        raise TypeError(f"filter must be a callable (name, module) -> bool or None, got {type(filter).__name__}")
     report = SwapReport()
     replaced: dict[int, CrossAttention] = {}
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):

@@ -314,3 +314,60 @@ def test_large_outputs_can_be_resized():
         t.resize_(1, 2, 3)
         t.fill_(1.0)
     assert math.isfinite(float(out.detach().sum()))
+
+
+# ---- dropout: the same torch seed, the same weights dropped on every backend ---------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_reference_draws_the_kernels_dropout_mask(backend):
+    x = attention_inputs(B=2, Hq=4, Hkv=2, Lq=9, Lk=33, D=16, pad_frac=0.2)
+    kw = dict(key_padding_mask=x["key_padding_mask"], dropout_p=0.3, return_lse=True)
+    torch.manual_seed(11)
+    want = ref_attention(x["query"].double(), x["key"].double(), x["value"].double(), **kw)
+    torch.manual_seed(11)
+    got = mmfast.cross_attention(x["query"], x["key"], x["value"], backend=backend, **kw)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+def test_need_weights_path_drops_the_kernels_weights():
+    attn = mmfast.nn.CrossAttention(16, 4, dropout=0.4, batch_first=True).train()
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    torch.manual_seed(2)
+    fast, _ = attn(q, kv, kv)
+    torch.manual_seed(2)
+    slow, weights = attn(q, kv, kv, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert (weights == 0).any()
+
+
+# ---- modules: arguments checked where they are given ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mmfast.nn.CrossAttention(16, "4"),
+        lambda: mmfast.nn.CrossAttention(16.0, 4),
+        lambda: mmfast.nn.CrossAttention(16, True),
+        lambda: mmfast.nn.CrossAttention(16, 4, backend="gpu"),
+        lambda: mmfast.nn.AttentionFusion(text_dim=8, image_dim=6, num_heads=2, backend="fast"),
+        lambda: mmfast.nn.CoAttentionLayer(hidden_size=16, num_heads=4, intermediate_size=32, backend=None),
+        lambda: mmfast.swap_modules(torch.randn(3)),
+        lambda: mmfast.swap_modules(torch.nn.Linear(2, 2), backend="gpu"),
+        lambda: mmfast.swap_modules(torch.nn.Linear(2, 2), filter=3),
+    ],
+)
+def test_module_arguments_checked_up_front(make):
+    with pytest.raises((TypeError, ValueError), match="num_heads|embed_dim|backend|model|filter"):
+        make()
+
+
+def test_fusion_with_empty_text():
+    """An empty text (B, 0, Dt): empty output (empty storages share pointer 0, not memory)."""
+    fusion = mmfast.nn.AttentionFusion(text_dim=8, image_dim=6, num_heads=2)
+    T = torch.randn(2, 0, 8, requires_grad=True)
+    out = fusion(T, torch.randn(2, 4, 6))
+    assert out.shape == (2, 0, 16)
+    out.sum().backward()

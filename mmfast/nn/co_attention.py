@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfast.ops import cross_attention
+from mmfast.ops._validate import check_backend
 
 __all__ = ["CoAttentionLayer"]
 
@@ -117,7 +118,7 @@ class CoAttentionLayer(nn.Module):
         act = _ACTIVATIONS[activation] if isinstance(activation, str) else activation
         inter = 4 * hidden_size if intermediate_size is None else intermediate_size
         h, pa, pd, eps = hidden_size, attention_dropout, hidden_dropout, layer_norm_eps
-        self.num_heads, self.backend = num_heads, backend
+        self.num_heads, self.backend = num_heads, check_backend(backend)
         self.visual_attention = _AttentionBlock("att", h, pa, pd, eps)
         self.lang_self_att = _AttentionBlock("self", h, pa, pd, eps)
         self.visn_self_att = _AttentionBlock("self", h, pa, pd, eps)

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from mmfast import reference
 from mmfast.ops import cross_attention
+from mmfast.ops._validate import check_backend
+from mmfast.reference.dropout import draw_seed, keep_mask
 
 __all__ = ["CrossAttention"]
 
@@ -70,6 +72,9 @@ class CrossAttention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(f"embed_dim and num_heads must be > 0, got {embed_dim} and {num_heads}")
         if embed_dim % num_heads:
@@ -90,7 +95,7 @@ class CrossAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.dropout = float(dropout)
         self.batch_first = batch_first
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
         kv_width = num_kv_heads * self.head_dim
@@ -362,8 +367,9 @@ def _attention_with_weights(
 ) -> tuple[Tensor, Tensor]:
     """The reference path when the weights are wanted: out (N, H, L, Dv), weights (N, H, L, S) after dropout."""
     p, _ = reference.attention_probs(q, k, key_padding_mask=kpm, attn_mask=mask, is_causal=causal)
-    if dropout_p > 0.0:
-        p = F.dropout(p, dropout_p)
+    if dropout_p > 0.0:  # the kernels' keep mask: the same torch seed drops the same weights
+        keep = keep_mask(draw_seed(), *p.shape, dropout_p, device=p.device)
+        p = p * keep / (1.0 - dropout_p)
     rep = q.shape[1] // k.shape[1]
     v = v.repeat_interleave(rep, dim=1) if rep > 1 else v
     o = torch.matmul(p.to(v.dtype), v)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfast.ops import cross_attention
+from mmfast.ops._validate import check_backend
 
 __all__ = ["AttentionFusion"]
 
@@ -66,7 +67,7 @@ class AttentionFusion(nn.Module):
         self.embed_dim = num_heads * head_dim
         self.out_dim = text_dim + self.embed_dim
         self.dropout = float(dropout)
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.q_proj = nn.Linear(text_dim, self.embed_dim, bias=bias, **fk)
         self.k_proj = nn.Linear(image_dim, num_kv_heads * head_dim, bias=bias, **fk)
         self.v_proj = nn.Linear(image_dim, num_kv_heads * head_dim, bias=bias, **fk)

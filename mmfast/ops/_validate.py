@@ -48,3 +48,12 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     return value
+
+
+def check_backend(backend: object) -> str:
+    """A module's ``backend`` argument, checked when the module is built (not at its first call)."""
+    from mmfast._dispatch import BACKENDS  # noqa: PLC0415 - _dispatch imports the ops lazily
+
+    if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return backend

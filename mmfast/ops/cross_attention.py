@@ -40,6 +40,8 @@ def _shares_memory(x: Tensor, others: tuple[Tensor, ...]) -> bool:
     """Whether ``x`` lives in the same storage as one of ``others`` (fake tensors: never)."""
     if torch.compiler.is_compiling():  # dynamo cannot trace storage pointers; eager calls check
         return False
+    if x.numel() == 0:  # nothing is written; empty storages all have pointer 0
+        return False
     try:
         ptr = x.untyped_storage().data_ptr()
         return any(t.untyped_storage().data_ptr() == ptr for t in others)

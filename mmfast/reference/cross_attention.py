@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mmfast.reference.dropout import draw_seed, keep_mask
+
 __all__ = ["attention_probs", "cross_attention", "default_scale"]
 
 
@@ -111,7 +113,8 @@ def cross_attention(
         dropout_p: probability of dropping an attention weight (survivors scaled by 1/(1-p)).
         return_lse: also return the log-sum-exp (B, Hq, Lq) in float32 (float64 for float64 input).
         out: optional (B, Hq, Lq, Dv) tensor the result is copied into.
-        dropout_mask: (B, Hq, Lq, Lk) bool keep-mask to use instead of drawing one (for tests).
+        dropout_mask: (B, Hq, Lq, Lk) bool keep-mask to use instead of drawing one; drawn, it is the
+            kernels' (``mmfast.reference.dropout.keep_mask`` of a seed from torch's generator).
 
     Returns:
         out (B, Hq, Lq, Dv) in query's dtype [, lse].
@@ -122,8 +125,8 @@ def cross_attention(
         query, key, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal, scale=scale
     )
     if dropout_p > 0.0 or dropout_mask is not None:
-        if dropout_mask is None:
-            dropout_mask = torch.rand_like(p) >= dropout_p
+        if dropout_mask is None:  # the kernels' counter-hash mask: the same torch seed, the same result
+            dropout_mask = keep_mask(draw_seed(), B, Hq, Lq, key.shape[2], dropout_p, device=p.device)
         p = p * dropout_mask / (1.0 - dropout_p)
     v = _upcast(value)
     v = v.repeat_interleave(Hq // Hkv, dim=1) if Hkv != Hq else v
