@@ -71,8 +71,7 @@ def timeit(fns: dict, reps: int) -> dict:
 
 def setup(c: Case, provider: str, dtype: torch.dtype, backward: bool) -> Callable[[], object]:
     """Inputs for one case and a closure running it with ``provider``: "mmfast", "mmfast-generic" (fp32
-    fast path off), "mmfast-avx2" (fast path without its AVX-512 tiles), "mmfast-pass2" (fast path with the
-    changes of performance pass 3 switched off: huge pages, dynamic tasks, pass-3 kernels) or "sdpa"."""
+    fast path off), "mmfast-avx2" (fast path without its AVX-512 tiles) or "sdpa"."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(c.B, c.H, c.Lq, c.D, generator=g).to(dtype).requires_grad_(backward)
     k = torch.randn(c.B, c.H, c.Lk, c.D, generator=g).to(dtype).requires_grad_(backward)
@@ -83,18 +82,12 @@ def setup(c: Case, provider: str, dtype: torch.dtype, backward: bool) -> Callabl
         kpm[::2, c.Lk // 2 :] = True
     grad = torch.randn(c.B, c.H, c.Lq, c.D, generator=g).to(dtype)
     if provider.startswith("mmfast"):
-        fast = "0" if provider == "mmfast-generic" else "1"  # generic: the MKL-GEMM kernels, no fast path
-        avx512 = "0" if provider == "mmfast-avx2" else "1"  # avx2: the fast path without AVX-512 tiles
-
-        pass3 = "0" if provider == "mmfast-pass2" else "1"  # pass2: the pass-3 changes switched off
+        # generic: the MKL-GEMM kernels (no fast path); avx2: the fast path without AVX-512 tiles.
+        gemm = {"mmfast-generic": "blas", "mmfast-avx2": "avx2"}.get(provider, "auto")
 
         def run() -> torch.Tensor:
-            os.environ["MMFAST_XATTN_CPU_FAST"] = fast
-            os.environ["MMFAST_XATTN_CPU_AVX512"] = avx512
-            os.environ["MMFAST_CPU_HUGEPAGES"] = pass3
-            os.environ["MMFAST_XATTN_CPU_DYNAMIC"] = pass3
-            os.environ["MMFAST_XATTN_CPU_PASS3"] = pass3
-            return mmfast.cross_attention(q, k, v, key_padding_mask=kpm, backend="cpu")
+            with mmfast.cpu_options(gemm=gemm):
+                return mmfast.cross_attention(q, k, v, key_padding_mask=kpm, backend="cpu")
 
     else:
         mask = None if kpm is None else (~kpm).view(c.B, 1, 1, c.Lk)  # SDPA: True = take part
@@ -124,7 +117,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--generic", action="store_true", help="also time the fp32 kernel without its fast path")
     ap.add_argument("--avx2", action="store_true", help="also time the fp32 fast path without AVX-512")
-    ap.add_argument("--pass2", action="store_true", help="also time the fast path without its pass-3 changes")
     ap.add_argument("--cases", default="", help="comma-separated case indices (default: all)")
     args = ap.parse_args()
     if args.threads:
@@ -147,8 +139,6 @@ def main() -> None:
                 providers.append(("mmfast-generic", torch.float32))
             if args.avx2:
                 providers.append(("mmfast-avx2", torch.float32))
-            if args.pass2:
-                providers.append(("mmfast-pass2", torch.float32))
             res = timeit({pd: setup(c, *pd, backward) for pd in providers}, reps)
             t_mm, t_sdpa = res[("mmfast", torch.float32)]["median"], res[("sdpa", torch.float32)]["median"]
             t_bf16 = res[("mmfast", torch.bfloat16)]["median"]
@@ -171,8 +161,6 @@ def main() -> None:
                 row["generic_fp32_ms"] = 1e3 * res[("mmfast-generic", torch.float32)]["median"]
             if args.avx2:
                 row["avx2_fp32_ms"] = 1e3 * res[("mmfast-avx2", torch.float32)]["median"]
-            if args.pass2:
-                row["pass2_fp32_ms"] = 1e3 * res[("mmfast-pass2", torch.float32)]["median"]
             rows.append(row)
             print(
                 f"{c.name:26s} {row['pass']:8s} mmfast {row['mmfast_fp32_ms']:8.2f} ms  sdpa "
@@ -181,7 +169,6 @@ def main() -> None:
                 f"({100 * row['fraction_of_matmul_rate']:.0f}% of mm rate)"
                 + (f" | generic {row['generic_fp32_ms']:8.2f} ms" if args.generic else "")
                 + (f" | avx2 {row['avx2_fp32_ms']:8.2f} ms" if args.avx2 else "")
-                + (f" | pass2 {row['pass2_fp32_ms']:8.2f} ms" if args.pass2 else "")
             )
     if args.json:
         with open(args.json, "w") as f:

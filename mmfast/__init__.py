@@ -7,6 +7,7 @@ Public API::
     mmfast.siglip_loss(image_features, text_features, logit_scale, logit_bias, ...)
     mmfast.backends()      # per op, each backend: available or not, and why
     mmfast.build_info()    # how the extension was built
+    mmfast.cpu_options()   # the cpu backend's code paths (forced for tests), large-output allocator
     mmfast.nn              # CrossAttention, AttentionFusion, CoAttentionLayer, ClipLoss, SigLipLoss
     mmfast.swap_modules(model)  # replace compatible nn.MultiheadAttention layers in place
 """
@@ -17,6 +18,7 @@ import torch  # noqa: F401 - loads libtorch before the extension
 
 from mmfast import nn as nn
 from mmfast._dispatch import backends
+from mmfast.cpu import cpu_options
 from mmfast.ops import cross_attention, info_nce, siglip_loss
 from mmfast.swap import swap_modules as swap_modules
 
@@ -43,6 +45,7 @@ __all__ = [
     "__version__",
     "backends",
     "build_info",
+    "cpu_options",
     "cross_attention",
     "info_nce",
     "nn",

@@ -1,26 +1,38 @@
 """Each CPU code path of cross-attention against the float64 reference.
 
-fp32 inputs without attn_mask or dropout take the fast path (its AVX-512 tiles where the CPU has
-them, else AVX2); bf16 inputs without them take the bf16 fast path where the CPU has AVX512_BF16;
-everything else takes the generic kernel. The kernel reads MMFAST_XATTN_CPU_FAST /
-MMFAST_XATTN_CPU_AVX512 / MMFAST_XATTN_CPU_PASS3 / MMFAST_XATTN_CPU_DYNAMIC / MMFAST_CPU_HUGEPAGES on
-every call, so each path is forced here.
+fp32 inputs without attn_mask or dropout take the fast path on the tiles of the fp32 tile-product
+path (gemm "avx512" or "avx2"; "blas" runs the generic kernel on MKL); bf16 inputs without them take
+the bf16 fast path when the bf16 path is "avx512_bf16"; everything else takes the generic kernel.
+Each path is forced here through mmfast.cpu_options.
 """
 
 import pytest
 import torch
-from utils import attention_inputs, has_avx512_bf16
+from utils import attention_inputs, has_avx512_bf16, has_avx512f
 from xattn_helpers import compare_with_reference
 
 import mmfast
 
+# name -> mmfast.cpu_options arguments
 PATHS = {
-    "fast-avx512": {},
-    "fast-avx2": {"MMFAST_XATTN_CPU_AVX512": "0"},
-    "generic": {"MMFAST_XATTN_CPU_FAST": "0"},
-    # the fast path without performance pass 3: AVX2 exp with AVX-512 tiles, static tasks, at::empty
-    "fast-pass2": {"MMFAST_XATTN_CPU_PASS3": "0", "MMFAST_XATTN_CPU_DYNAMIC": "0", "MMFAST_CPU_HUGEPAGES": "0"},
+    "fast-avx512": dict(gemm="avx512"),
+    "fast-avx2": dict(gemm="avx2"),
+    "generic": dict(gemm="blas"),
+    "fast-no-hugepages": dict(hugepages=False, block_cache_mb=0),  # outputs from c10's allocator
 }
+
+
+@pytest.fixture
+def cpu_path(request):
+    """Applies the options of the path named by the test's ``path`` parameter for its duration."""
+    opts = PATHS.get(request.node.callspec.params["path"], {})
+    can = {"avx512": has_avx512f, "avx512_bf16": has_avx512_bf16}.get(opts.get("gemm"), lambda: True)
+    if not can():
+        pytest.skip(f"this CPU cannot run gemm={opts['gemm']!r}")
+    with mmfast.cpu_options(**opts):
+        yield
+
+
 CASES = [
     # B, Hq, Hkv, Lq, Lk, D, pad_frac, is_causal
     (2, 4, 4, 7, 49, 64, 0.0, False),
@@ -54,35 +66,25 @@ def _compare(case: tuple, dtype: torch.dtype) -> None:
     )
 
 
-@pytest.mark.parametrize("path", ["fast-bf16", "fast-bf16-pass2", "generic"])
+PATHS["fast-bf16"] = dict(gemm="avx512_bf16")
+
+
+@pytest.mark.parametrize("path", ["fast-bf16", "fast-no-hugepages", "generic"])
 @pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: "x".join(map(str, c[:6])))
-def test_cpu_bf16_path_matches_reference(path, case, monkeypatch):
-    if path.startswith("fast-bf16") and not has_avx512_bf16():
-        pytest.skip("this CPU has no AVX512_BF16: bf16 runs the generic kernel")
-    if path == "generic":
-        monkeypatch.setenv("MMFAST_XATTN_CPU_FAST", "0")
-    if path == "fast-bf16-pass2":  # AVX2 exp and static tasks instead of the AVX-512 exp2 softmax
-        for name, value in PATHS["fast-pass2"].items():
-            monkeypatch.setenv(name, value)
+def test_cpu_bf16_path_matches_reference(path, case, cpu_path):
     _compare(case, torch.bfloat16)
 
 
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", ["fast-avx512", "fast-avx2", "generic", "fast-no-hugepages"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])))
-def test_cpu_path_matches_reference(path, case, monkeypatch):
-    for name, value in PATHS[path].items():
-        monkeypatch.setenv(name, value)
+def test_cpu_path_matches_reference(path, case, cpu_path):
     _compare(case, torch.float32)
 
 
 @pytest.mark.parametrize("path", ["fast-avx512", "fast-avx2", "generic", "fast-bf16"])
-def test_cpu_large_outputs_from_the_block_cache(path, monkeypatch):
+def test_cpu_large_outputs_from_the_block_cache(path, cpu_path):
     """dk, dv >= 8 MB come from huge-page blocks that are reused after they are freed (stale contents):
     two calls with different padding must both match the reference, every element written."""
-    if path == "fast-bf16" and not has_avx512_bf16():
-        pytest.skip("this CPU has no AVX512_BF16: bf16 runs the generic kernel")
-    for name, value in PATHS.get(path, {}).items():
-        monkeypatch.setenv(name, value)
     dtype, Lk = (torch.bfloat16, 16400) if path == "fast-bf16" else (torch.float32, 8200)
     for seed, pad in ((0, 0.0), (1, 0.4), (2, 0.2)):  # the second call reuses the first one's blocks
         if seed == 2:  # the third maps fresh ones after the cache is emptied (as the benchmark does)
@@ -94,14 +96,13 @@ def test_cpu_large_outputs_from_the_block_cache(path, monkeypatch):
         )
 
 
-@pytest.mark.parametrize("path", ["fast-avx512", "fast-avx2", "fast-pass2"])
-def test_cpu_fast_path_interior_padding(path, monkeypatch):
+@pytest.mark.parametrize("path", ["fast-avx512", "fast-avx2", "fast-bf16"])
+def test_cpu_fast_path_interior_padding(path, cpu_path):
     """Padded keys inside the span of unpadded ones (the mask pass runs) next to items padded only at
     the end (the forward skips the mask pass there)."""
-    for name, value in PATHS[path].items():
-        monkeypatch.setenv(name, value)
     torch.manual_seed(3)
-    inp = attention_inputs(B=3, Hq=4, Hkv=2, Lq=40, Lk=150, D=32, dtype=torch.float32)
+    dtype = torch.bfloat16 if path == "fast-bf16" else torch.float32
+    inp = attention_inputs(B=3, Hq=4, Hkv=2, Lq=40, Lk=150, D=32, dtype=dtype)
     kpm = torch.zeros(3, 150, dtype=torch.bool)
     kpm[0, 10:30] = True  # interior hole
     kpm[0, 140:] = True

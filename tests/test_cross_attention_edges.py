@@ -12,24 +12,24 @@ import math
 
 import pytest
 import torch
-from utils import attention_inputs, has_avx512_bf16
+from utils import attention_inputs, has_avx512_bf16, has_avx512f
 
 import mmfast
 from mmfast.reference import cross_attention as ref_attention
 
 NAN, INF = float("nan"), float("inf")
 
-# cpu code paths, forced through the variables the kernel reads on every call.
+# cpu code paths, forced through mmfast.cpu_options.
 CPU_PATHS = {
-    "cpu-fast": {},
-    "cpu-fast-avx2": {"MMFAST_XATTN_CPU_AVX512": "0", "MMFAST_XATTN_CPU_PASS3": "0"},
-    "cpu-generic": {"MMFAST_XATTN_CPU_FAST": "0"},
+    "cpu-fast": dict(gemm="avx512"),
+    "cpu-fast-avx2": dict(gemm="avx2"),
+    "cpu-generic": dict(gemm="blas"),
 }
-# (backend, env, dtype): every place a row's softmax is computed.
+# (backend, cpu_options, dtype): every place a row's softmax is computed.
 PATHS = [
-    *[("cpu", env, torch.float32, name) for name, env in CPU_PATHS.items()],
-    ("cpu", {}, torch.bfloat16, "cpu-bf16"),  # the vdpbf16ps path where the CPU has AVX512_BF16
-    ("cpu", {"MMFAST_XATTN_CPU_FAST": "0"}, torch.bfloat16, "cpu-bf16-generic"),
+    *[("cpu", opts, torch.float32, name) for name, opts in CPU_PATHS.items()],
+    ("cpu", dict(gemm="avx512_bf16"), torch.bfloat16, "cpu-bf16"),  # the vdpbf16ps path
+    ("cpu", dict(gemm="blas"), torch.bfloat16, "cpu-bf16-generic"),
     ("cpu", {}, torch.float16, "cpu-fp16"),
     ("cpu", {}, torch.float64, "cpu-fp64"),
     ("reference", {}, torch.float32, "reference"),
@@ -38,9 +38,20 @@ PATHS = [
 PATH_IDS = [p[3] for p in PATHS]
 
 
-def _setenv(monkeypatch, env: dict) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+@pytest.fixture
+def cpu_opts():
+    """``cpu_opts(options)``: mmfast.cpu_options for the rest of the test (skips a path the CPU lacks)."""
+    stack = []
+
+    def apply(opts: dict) -> None:
+        gemm = opts.get("gemm")
+        if gemm in ("avx512", "avx512_bf16") and not (has_avx512f() if gemm == "avx512" else has_avx512_bf16()):
+            pytest.skip(f"this CPU cannot run gemm={gemm!r}")
+        stack.append(mmfast.cpu_options(**opts))
+
+    yield apply
+    for o in reversed(stack):
+        o.__exit__(None, None, None)
 
 
 def _grads(q, k, v, **kw):
@@ -71,12 +82,12 @@ EMPTY = [
 @pytest.mark.parametrize("shape", EMPTY, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "padding+causal"])
-def test_empty_dims_match_reference(shape, path, masked, monkeypatch):
+def test_empty_dims_match_reference(shape, path, masked, cpu_opts):
     backend, env, dtype, _ = path
     B, Hq, Hkv, Lq, Lk, D, Dv = shape
     if backend == "triton" and min(D, Dv) == 0:
         pytest.skip("the triton backend declares head dims >= 1 (auto takes another backend)")
-    _setenv(monkeypatch, env)
+    cpu_opts(env)
     q, k, v = torch.randn(B, Hq, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, Dv)
     kw = dict(key_padding_mask=torch.rand(B, Lk) < 0.3, is_causal=True) if masked else {}
     got = _grads(q.to(dtype), k.to(dtype), v.to(dtype), backend=backend, **kw)
@@ -95,13 +106,11 @@ def test_empty_query_through_module():
 # ---- NaN and Inf ----------------------------------------------------------------------------------
 
 
-def _nan_rows(path, monkeypatch, poison) -> None:
+def _nan_rows(path, cpu_opts, poison) -> None:
     """``poison(q, k, v)`` puts non-finite values in; rows the reference keeps finite must equal it,
     and the non-finite rows of out and lse must be exactly the reference's."""
     backend, env, dtype, _ = path
-    if dtype == torch.bfloat16 and env == {} and not has_avx512_bf16():
-        pytest.skip("no AVX512_BF16: the bf16 fast path does not run on this CPU")
-    _setenv(monkeypatch, env)
+    cpu_opts(env)
     x = attention_inputs(B=2, Hq=4, Hkv=2, Lq=37, Lk=61, D=32, pad_frac=0.2)
     q, k, v = (t.to(dtype) for t in poison(x["query"], x["key"], x["value"]))
     kpm = x["key_padding_mask"]
@@ -132,14 +141,14 @@ def _inf_key(q, k, v):
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("poison", [_nan_query_row, _inf_key], ids=["nan-query-row", "inf-key"])
-def test_non_finite_rows_match_reference(path, poison, monkeypatch):
-    _nan_rows(path, monkeypatch, poison)
+def test_non_finite_rows_match_reference(path, poison, cpu_opts):
+    _nan_rows(path, cpu_opts, poison)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_nan_scale_poisons_every_row_but_fully_masked_ones(path, monkeypatch):
+def test_nan_scale_poisons_every_row_but_fully_masked_ones(path, cpu_opts):
     backend, env, dtype, _ = path
-    _setenv(monkeypatch, env)
+    cpu_opts(env)
     x = attention_inputs(B=3, Hq=2, Lq=9, Lk=20, D=16, pad_frac=0.3, dtype=dtype)  # item 2 fully padded
     out, lse = mmfast.cross_attention(
         x["query"], x["key"], x["value"], key_padding_mask=x["key_padding_mask"], scale=NAN, return_lse=True,
@@ -150,11 +159,11 @@ def test_nan_scale_poisons_every_row_but_fully_masked_ones(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", [p for p in PATHS if p[0] != "cpu" or "generic" in p[3] or p[2] == torch.float64])
-def test_minus_inf_mask_entry_is_a_mask_even_over_a_nan_score(path, monkeypatch):
+def test_minus_inf_mask_entry_is_a_mask_even_over_a_nan_score(path, cpu_opts):
     """A -inf additive entry excludes the key (replaced, not added: NaN + -inf would be NaN);
     a +inf entry makes the row NaN."""
     backend, env, dtype, _ = path
-    _setenv(monkeypatch, env)
+    cpu_opts(env)
     x = attention_inputs(B=1, Hq=2, Lq=6, Lk=10, D=8, dtype=dtype)
     k = x["key"].clone()
     k[0, :, 4] = NAN  # every row's score at key 4 is NaN

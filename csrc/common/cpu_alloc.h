@@ -8,14 +8,15 @@
 // kernel's default THP mode "madvise" honours it) the fault count drops 512x; the kernel still
 // zeroes the pages. PyTorch's own THP_MEM_ALLOC_ENABLE=1 does the same for every allocation.
 //
-// Freed blocks go to a small cache (at most MMFAST_CPU_POOL_MB, default 256 MB; 0 turns it off) and
+// Freed blocks go to a small cache (at most mmfast.cpu_options(block_cache_mb=...), default 256 MB;
+// 0 turns it off) and
 // the next request of the same rounded size takes one back: no faults and no zeroing at all, the
 // common case of a training loop whose steps repeat the same shapes (the zeroing of fresh 2 MB
 // pages alone was 9% of the single-threaded text->image backward). This is what a caching
 // allocator (jemalloc, tcmalloc) does for every tensor; c10's default CPU allocator does not.
 //
-// empty_hugepage() falls back to c10's CPU allocator below kMinBytes, when mmap fails, or when
-// MMFAST_CPU_HUGEPAGES=0 (read per allocation, for A/B runs; the pool is then skipped too). Its
+// empty_hugepage() falls back to c10's CPU allocator below kMinBytes, when mmap fails, or with
+// mmfast.cpu_options(hugepages=False) (read per allocation; the cache is then skipped too). Its
 // tensors have ordinary resizable storages (resize_ allocates through the same allocator).
 #pragma once
 
@@ -31,6 +32,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/cpu_isa.h"
+
 namespace mmfast::cpu {
 
 // Cache of freed huge-page blocks: (address, length) pairs, lengths multiples of 2 MB.
@@ -40,11 +43,8 @@ struct HugeBlockPool {
   size_t cached = 0;
 
   static size_t cap() {
-    static const size_t bytes = [] {
-      const char* e = std::getenv("MMFAST_CPU_POOL_MB");
-      return (e == nullptr ? size_t(256) : static_cast<size_t>(std::strtoull(e, nullptr, 10))) << 20;
-    }();
-    return bytes;
+    const int64_t mb = options().block_cache_mb.load(std::memory_order_relaxed);
+    return mb > 0 ? static_cast<size_t>(mb) << 20 : 0;
   }
   void* take(size_t len) {
     std::lock_guard<std::mutex> lock(mu);
@@ -104,10 +104,7 @@ struct HugePageAllocator final : c10::Allocator {
     huge_block_pool().give(blk->ptr, blk->len);
     delete blk;
   }
-  static bool enabled() {
-    const char* e = std::getenv("MMFAST_CPU_HUGEPAGES");
-    return e == nullptr || std::string(e) != "0";
-  }
+  static bool enabled() { return options().hugepages.load(std::memory_order_relaxed); }
   // A 2 MB aligned mapping of len bytes (len a multiple of 2 MB), or null when mmap fails.
   static void* map_aligned(size_t len) {
     void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

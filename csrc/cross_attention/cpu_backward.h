@@ -46,7 +46,8 @@ void backward_block(const BackwardArgs<T>& a, BackwardScratch<T>& w, int64_t b, 
   const int64_t Nb = a.Nb;
   const Masking& mk = a.mk;
   // 2. p = exp(scale q k^T + bias - lse), masked entries and empty rows give 0.
-  scores<T, A>(rows, cols, a.D, a.scale, a.Q.row(b, h, i0), a.Q.sl, a.K.row(b, g, j0), a.K.sl, w.s.data(), Nb);
+  scores<T, A>(rows, cols, a.D, a.scale, a.Q.row(b, h, i0), a.Q.sl, a.K.row(b, g, j0), a.K.sl, w.s.data(),
+               Nb);
   apply_masks(mk, b, h, i0, rows, j0, cols, w.s.data(), Nb);
   const A* lse_row = a.lse + (b * a.Hq + h) * a.Lq + i0;
   for (int64_t r = 0; r < rows; ++r) {

@@ -167,8 +167,8 @@ __attribute__((target("avx512f"))) void small_gemm_z(int64_t M, int64_t N, int64
   }
 }
 
-// Whether small_gemm uses the AVX-512 tiles: CPU support, unless MMFAST_XATTN_CPU_AVX512=0 (set per
-// op call by fast_path_ok, for A/B runs).
+// Whether small_gemm uses the AVX-512 tiles (and the softmax the AVX-512 exp2): set per op call by
+// fast_path_ok / fast_bf16_ok from the tile-product path (mmfast.cpu_options, common/cpu_isa.h).
 std::atomic<bool> g_use_avx512{false};
 
 // Row-major C[M x N] (ldc) = alpha sum_k A(m, k) B[k, :] (+ C with kAccumulate; kStream: see the
@@ -269,17 +269,9 @@ __attribute__((target("avx512f"))) void exp_cols_z(float* pt, int64_t cols, cons
 }
 
 // Whether the softmax of a block of Mb lanes runs the AVX-512 exp2 code (scores scaled by log2 e):
-// AVX-512 on, Mb a multiple of 16, and not switched off by MMFAST_XATTN_CPU_PASS3=0 (A/B runs).
-std::atomic<bool> g_pass3{true};
-bool use_exp2_z(int64_t Mb) {
-  return Mb % 16 == 0 && g_use_avx512.load(std::memory_order_relaxed) &&
-         g_pass3.load(std::memory_order_relaxed);
-}
+// AVX-512 tiles on and Mb a multiple of 16.
+bool use_exp2_z(int64_t Mb) { return Mb % 16 == 0 && g_use_avx512.load(std::memory_order_relaxed); }
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
-
-// Whether the fast path hands out its tasks from a shared counter (default) or in static chunks
-// (MMFAST_XATTN_CPU_DYNAMIC=0, set per op call by fast_path_ok, for A/B runs).
-std::atomic<bool> g_dynamic{true};
 
 // Runs body(scratch, t) for t in [0, n) on at::get_num_threads() workers, each with its own
 // scratch = init(). Dynamic: each worker takes the next task from an atomic counter, so a worker
@@ -287,13 +279,6 @@ std::atomic<bool> g_dynamic{true};
 // core), and tasks of unequal cost (padding, causal) balance themselves.
 template <class Init, class Body>
 void parallel_tasks(int64_t n, Init init, Body body) {
-  if (!g_dynamic.load(std::memory_order_relaxed)) {
-    at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
-      auto scratch = init();
-      for (int64_t t = t0; t < t1; ++t) body(scratch, t);
-    });
-    return;
-  }
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
@@ -306,23 +291,19 @@ void parallel_tasks(int64_t n, Init init, Body body) {
   });
 }
 
-// Whether the fast path takes these inputs (MMFAST_XATTN_CPU_FAST=0 turns it off, for A/B runs).
+// Whether the fp32 fast path takes these inputs: its tile path (avx512 or avx2) is the one chosen for
+// fp32 (mmfast.cpu_options(gemm=...); "blas" runs the generic kernel on MKL), no attn_mask or
+// dropout, head dims multiples of 8.
 constexpr int64_t kMaxFastKeys = 16384;  // S^T and dP^T of a block: 2 x Lk x 32 floats per thread
 
 bool fast_path_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                   double dropout_p) {
-  const char* e = std::getenv("MMFAST_XATTN_CPU_FAST");  // read per call: benchmarks toggle it
-  const bool enabled = e == nullptr || std::string(e) != "0";
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  const char* z = std::getenv("MMFAST_XATTN_CPU_AVX512");
-  g_use_avx512.store(has_avx512 && (z == nullptr || std::string(z) != "0"), std::memory_order_relaxed);
-  const char* p3 = std::getenv("MMFAST_XATTN_CPU_PASS3");
-  g_pass3.store(p3 == nullptr || std::string(p3) != "0", std::memory_order_relaxed);
-  const char* dyn = std::getenv("MMFAST_XATTN_CPU_DYNAMIC");
-  g_dynamic.store(dyn == nullptr || std::string(dyn) != "0", std::memory_order_relaxed);
-  return enabled && q.scalar_type() == at::kFloat && !mask.defined() && dropout_p == 0.0 &&
-         q.size(3) % 8 == 0 && v.size(3) % 8 == 0 && q.size(3) > 0 && v.size(3) > 0 && q.size(2) > 0 &&
-         k.size(2) > 0 && k.size(2) <= kMaxFastKeys;
+  if (q.scalar_type() != at::kFloat) return false;
+  const cpu::Gemm g = cpu::gemm_for(at::kFloat);
+  if (g != cpu::Gemm::kAvx512 && g != cpu::Gemm::kAvx2) return false;
+  g_use_avx512.store(g == cpu::Gemm::kAvx512, std::memory_order_relaxed);
+  return !mask.defined() && dropout_p == 0.0 && q.size(3) % 8 == 0 && v.size(3) % 8 == 0 && q.size(3) > 0 &&
+         v.size(3) > 0 && q.size(2) > 0 && k.size(2) > 0 && k.size(2) <= kMaxFastKeys;
 }
 
 // Rows = query block of the transposed layout: x^T[d, r] = x[i0 + r, d], zero beyond `rows`.

@@ -166,11 +166,16 @@ float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t n) {
   return sum;
 }
 
+// Whether the bf16 fast path takes these inputs: the bf16 tile path is "avx512_bf16" (this CPU has
+// AVX512_BF16 and no AMX, or it was forced), no attn_mask or dropout. On AMX CPUs bf16 runs the
+// generic kernel, whose products go to MKL's bf16 GEMM on the AMX tiles.
 bool fast_bf16_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask, double dropout_p) {
-  const char* e = std::getenv("MMFAST_XATTN_CPU_FAST");  // read per call: benchmarks toggle it
-  const bool enabled = e == nullptr || std::string(e) != "0";
-  return enabled && cpu::has_avx512_bf16() && q.scalar_type() == at::kBFloat16 && !mask.defined() &&
-         dropout_p == 0.0 && q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0 && k.size(2) <= kMaxFastKeys;
+  if (q.scalar_type() != at::kBFloat16 || cpu::gemm_for(at::kBFloat16) != cpu::Gemm::kAvx512Bf16)
+    return false;
+  const bool ok = !mask.defined() && dropout_p == 0.0 && q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0 &&
+                  k.size(2) <= kMaxFastKeys;
+  if (ok) g_use_avx512.store(true, std::memory_order_relaxed);  // AVX512_BF16 implies AVX-512: exp2_z
+  return ok;
 }
 
 template <typename T>
