@@ -7,15 +7,15 @@
 // and operand layouts (x and y row-major, yᵀ and y packed once, x_blk packed per row block, T
 // threads in T phases, 256 x 256 tiles) and times every product call. The median over the calls of
 // a product hardly moves when another process takes a core for a while, so two layouts can be
-// compared in one sitting (benchmarks/NOTES.md, pass 5). The epilogues are replaced by a store of
+// compared in one sitting (benchmarks/PERFORMANCE.md). The epilogues are replaced by a store of
 // G = U / 1000, so the figures are the products' own.
 //
 //   g++ -O3 -mavx2 -mfma -fopenmp -Icsrc benchmarks/contrastive_tiles.cpp -o /tmp/tiles
 //   OMP_NUM_THREADS=2 /tmp/tiles [--n 8192] [--d 512] [--reps 3] [--rowmajor-x] [--small-pages]
 //   /tmp/tiles --check            small shapes against a float64 reference, exit code 1 on mismatch
 //
-// --rowmajor-x: grad_y reads x_blk in place (the layout before pass 5). --small-pages: the packed
-// operands on 4 KB pages (before pass 5; the loss now takes them from 2 MB pages).
+// --rowmajor-x: grad_y reads x_blk in place (the older layout; the loss packs it per row block).
+// --small-pages: the packed operands on 4 KB pages (the loss takes them from 2 MB pages).
 #include <omp.h>
 #include <sys/mman.h>
 

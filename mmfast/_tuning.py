@@ -2,7 +2,7 @@
 
 ``auto`` on a CUDA tensor picks between the hand-written ``cuda`` kernels and the ``triton`` ones
 from this table of results measured on real GPUs (benchmarks/device_check.sh writes the figures;
-benchmarks/NOTES.md keeps them). An op/GPU pair with no measurement prefers triton, and
+benchmarks/PERFORMANCE.md keeps them). An op/GPU pair with no measurement prefers triton, and
 ``mmfast.backends()`` marks the cuda kernels as not yet verified on hardware.
 
 Entries: (op, GPU name prefix as torch.cuda.get_device_name reports it) -> backends, best first.

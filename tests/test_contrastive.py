@@ -447,7 +447,7 @@ def test_compile_fullgraph():
 @pytest.mark.skipif(not has_avx512f(), reason="the fp32 tile kernel needs AVX-512F")
 def test_tiles_tool(tmp_path):
     """benchmarks/contrastive_tiles.cpp, the per-product timing replay of the fp32 loss's tile loop
-    (benchmarks/NOTES.md, pass 5), builds; its products match a float64 reference on odd shapes with
+    (benchmarks/PERFORMANCE.md), builds; its products match a float64 reference on odd shapes with
     both x layouts and page sizes; its timing mode runs and rejects bad arguments."""
     exe = tmp_path / "tiles"
     src = emu_build.ROOT / "benchmarks" / "contrastive_tiles.cpp"

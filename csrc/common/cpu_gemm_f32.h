@@ -3,7 +3,7 @@
 // panels of 32 columns, and A is read in place with any row and k strides (so A^T costs nothing).
 // Per-call packing is what a BLAS has to do and this does not: on the contrastive loss's 256 x 256 x
 // 512 tiles it runs at ~110 GFLOP/s per core on Zen 4 (95% of the FMA peak), against ~98 for MKL's
-// SGEMM on the same tiles (benchmarks/NOTES.md).
+// SGEMM on the same tiles (benchmarks/PERFORMANCE.md).
 //
 //   C (m x n, row stride ldc) = (accumulate ? C : 0) + alpha * A (m x K) B (K x n)
 //   A(r, k) = a[r * lda + k * ka]            row-major A: ka = 1; A = X^T of a row-major X: lda = 1

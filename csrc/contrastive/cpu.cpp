@@ -251,7 +251,7 @@ class TileProducts {
   }
   // The same for gemm_f32 (fp32 only; the caller's scalar_t is float), on 2 MB pages: the logits
   // and grad_x products stream these panels from memory, and on 4 KB pages their TLB misses slow
-  // those products by ~5% (benchmarks/contrastive_tiles.cpp, NOTES.md pass 5; the vdpbf16ps packs
+  // those products by ~5% (per-product replay: benchmarks/contrastive_tiles.cpp; the vdpbf16ps packs
   // measured slower on 2 MB pages and stay on ordinary ones). From the huge-page block cache, so
   // the backward reuses the forward's block and a training loop takes no page faults.
   static at::Tensor pack32(const scalar_t* b, int64_t sk, int64_t sn, int64_t K, int64_t cols) {
