@@ -1,9 +1,8 @@
 // fp32 GEMM on AVX-512 FMA for the tile products of the CPU kernels, where the operands are already
 // laid out for it: B is either row-major (k rows of n contiguous floats) or packed once per call in
 // panels of 32 columns, and A is read in place with any row and k strides (so A^T costs nothing).
-// Per-call packing is what a BLAS has to do and this does not: on the contrastive loss's 256 x 256 x
-// 512 tiles it runs at ~110 GFLOP/s per core on Zen 4 (95% of the FMA peak), against ~98 for MKL's
-// SGEMM on the same tiles (benchmarks/PERFORMANCE.md).
+// Per-call packing is what a BLAS has to do and this does not, which is why it beats MKL's SGEMM on
+// the contrastive loss's 256 x 256 x 512 tiles (figures: benchmarks/PERFORMANCE.md).
 //
 //   C (m x n, row stride ldc) = (accumulate ? C : 0) + alpha * A (m x K) B (K x n)
 //   A(r, k) = a[r * lda + k * ka]            row-major A: ka = 1; A = X^T of a row-major X: lda = 1

@@ -184,7 +184,7 @@ const u16* bits(const T* p) {
 }
 
 // P^T = 2^(S^T - lse2) and dS^T = P^T (dP^T - D) in place, AVX-512, Mb = 16 NV lanes (log2 units),
-// all lanes of a row per pass (pass 3 of the fp32 path).
+// all lanes of a row per pass (the softmax of the fp32 path).
 template <int NV>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void exp_ds_cols_z(
     const float* st, const float* dpt, int64_t cols, const float* lse2, const float* di, u16* ptb,
@@ -218,7 +218,7 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t Mb = fast_forward_block_rows(B, Hq, Lq), nqb = (Lq + Mb - 1) / Mb;
 
   const std::vector<char> unmasked = unmasked_spans(mk, B);
-  const bool z = use_exp2_z(Mb);      // the AVX-512 base-2 softmax of cpu_fast.h (pass 3)
+  const bool z = use_exp2_z(Mb);      // the AVX-512 base-2 softmax of cpu_fast.h
   const float lg = z ? kLog2e : 1.f;  // scores in log2 units with z
   struct Scratch {
     std::vector<float> st, ot, m, l, inv;
@@ -314,7 +314,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
   const float scale = static_cast<float>(scale_d);
 
   const std::vector<char> unmasked = unmasked_spans(mk, B);
-  const bool z = use_exp2_z(Mb);      // AVX-512 base-2 exponentials of cpu_fast.h (pass 3)
+  const bool z = use_exp2_z(Mb);      // AVX-512 base-2 exponentials of cpu_fast.h
   const float lg = z ? kLog2e : 1.f;  // scores and lse in log2 units with z
   // One query block per task (Lq <= Mb, no GQA group): dk, dv need no fp32 accumulation.
   const bool single_block = group == 1 && Lq <= Mb;
