@@ -119,13 +119,14 @@ MMFAST_GLOBAL void MMFAST_XATTN_BOUNDS fwd_kernel(Params p) {
   }
   port::cp_async_wait<0>();
 
-  // 6. o = acc / l * 1/(1-p), lse = m ln2 + ln l; an empty row gives o = 0, lse = -inf.
+  // 6. o = acc / l * 1/(1-p), lse = m ln2 + ln l; an empty row gives o = 0, lse = -inf. A NaN or
+  // +inf score made l NaN (exp of NaN, inf - inf): o and lse NaN (docs/numerics.md).
   float mul[2], lse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(l_run[r]);
-    mul[r] = l > 0.f ? p.drop_scale / l : 0.f;
-    lse[r] = l > 0.f ? m_run[r] * kLn2 + logf(l) : -INFINITY;
+    mul[r] = l == 0.f ? 0.f : p.drop_scale / l;
+    lse[r] = l == 0.f ? -INFINITY : m_run[r] * kLn2 + logf(l);
   }
   const int row0 = m0 + warp * 16;
   if (p.n_splits == 1) {
@@ -161,9 +162,16 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) combine_kernel(Params p) {
   const int64_t row = idx / p.Dv;
   const int d = static_cast<int>(idx % p.Dv);
   float mx = -INFINITY;
-  for (int s = 0; s < p.n_splits; ++s) mx = fmaxf(mx, p.lse_part[s * rows + row]);
+  bool nan = false;  // fmaxf drops NaN: a NaN split (a NaN score in its keys) is tracked apart
+  for (int s = 0; s < p.n_splits; ++s) {
+    const float x = p.lse_part[s * rows + row];
+    mx = fmaxf(mx, x);
+    nan |= x != x;
+  }
   float o = 0.f, lse = -INFINITY;
-  if (mx != -INFINITY) {
+  if (nan) {
+    o = lse = NAN;
+  } else if (mx != -INFINITY) {
     float sum = 0.f;
     for (int s = 0; s < p.n_splits; ++s) sum += expf(p.lse_part[s * rows + row] - mx);
     lse = mx + logf(sum);

@@ -104,8 +104,8 @@ inline Inputs prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::
   TORCH_CHECK(k_in.size(0) == p.B && v_in.size(0) == p.B, "key and value must have query's batch size ", p.B);
   TORCH_CHECK(k_in.size(3) == p.D, "key must have query's head dim ", p.D, ", got ", k_in.size(3));
   TORCH_CHECK(v_in.size(1) == p.Hkv && v_in.size(2) == p.Lk, "value must have key's heads and length");
-  TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "query heads (", p.Hq, ") must be a multiple of key heads (",
-              p.Hkv, ")");
+  TORCH_CHECK((p.Hkv > 0 && p.Hq % p.Hkv == 0) || (p.Hq == 0 && p.Hkv == 0), "query heads (", p.Hq,
+              ") must be a multiple of key heads (", p.Hkv, ")");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   auto strides = [](const at::Tensor& x, int64_t& sb, int64_t& sh, int64_t& sl) {
     sb = x.stride(0), sh = x.stride(1), sl = x.stride(2);
@@ -175,7 +175,9 @@ inline void run_forward(Inputs& in, const at::Tensor& out, const at::Tensor& lse
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2), p.o_sd = out.stride(3);
   p.lse = lse.data_ptr<float>();
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
-  if (rows == 0 || p.Dv == 0) return;
+  if (rows == 0) return;
+  TORCH_CHECK(p.D > 0 && p.Dv > 0, "cross_attention (cuda): head dims must be >= 1, got D=", p.D, ", Dv=", p.Dv,
+              " (the cpu and reference backends take 0)");
   dispatch(in.q.scalar_type(), std::max(p.D, p.Dv), [&](auto tag, auto hd) {
     using T = typename decltype(tag)::type;
     constexpr int HD = decltype(hd)::value;

@@ -115,6 +115,11 @@ def validate(
             raise ValueError(f"out must not overlap itself (an expanded view), got strides {out.stride()}")
         if _shares_memory(out, (query, key, value)):
             raise ValueError("out must not share memory with query, key or value")
+        if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
+            raise RuntimeError(
+                "out is a leaf tensor that requires grad: the result cannot be written into it in place "
+                "(pass out=None, a buffer without requires_grad, or call under torch.no_grad())"
+            )
     return dict(
         dtype=query.dtype,
         B=B,
