@@ -207,6 +207,29 @@ def test_bad_inputs_name_the_argument(emu):
         emu.forward(q, k, v, None, None, False, 1.0, 0.0, 0, out=torch.empty(2, 2, 3, 15))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("poison", ["query-row", "inf-key", "nan-scale"])
+def test_non_finite_rows(emu, splits, poison):
+    """docs/numerics.md: a NaN query row, or an allowed +inf score, makes that row's out and lse NaN
+    (also through the split-KV merge); the other rows equal the reference; fully padded rows 0, -inf."""
+    q, k, v = _inputs(2, 2, 1, 9, 70, 40, 40, torch.float32)
+    kpm = torch.zeros(2, 70, dtype=torch.bool)
+    kpm[1] = True  # item 1 fully padded
+    scale = 40**-0.5
+    if poison == "query-row":
+        q[0, 1, 4, 7] = float("nan")
+    elif poison == "inf-key":
+        k[0, 0, 33] = float("inf")
+    else:
+        scale = float("nan")
+    o, lse = emu.forward(q, k, v, kpm, None, False, scale, 0.0, 0, splits=splits)
+    ro, rl = ref.cross_attention(q.double(), k.double(), v.double(), key_padding_mask=kpm, scale=scale, return_lse=True)
+    bad = torch.isnan(ro).any(-1)
+    assert bad.any() and torch.equal(torch.isnan(o).any(-1), bad) and torch.equal(torch.isnan(lse), torch.isnan(rl))
+    assert (o[1] == 0).all() and (lse[1] == float("-inf")).all()
+    torch.testing.assert_close(o.double()[~bad], ro[~bad], **FWD_TOL[torch.float32])
+
+
 # ---- the same checks on a real GPU (torch.ops.mmfast.* registered by cuda.cu) -------------------
 
 
