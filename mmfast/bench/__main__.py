@@ -86,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     providers = select_providers(device, names, args.compile)
     usable = [p for p in providers if p.why_not(device) is None]
     unavailable = {p.name: p.why_not(device) for p in all_providers(device) if p.why_not(device)}
+    if names is None and not any(p.name.startswith("mmfast-") for p in usable):
+        # A table of the peers alone would read as a result; say why mmfast is missing instead.
+        why = report.not_run({k: v for k, v in unavailable.items() if k.startswith("mmfast-")})
+        sys.stderr.write(
+            f"mmfast-bench: none of mmfast's kernels can run on {device}: {why}.\n"
+            "Time the peers alone with --providers (e.g. --providers torch-naive,torch-sdpa).\n"
+        )
+        return 2
     mem_budget = int(args.mem_budget_gb * 2**30) if args.mem_budget_gb else measure.available_memory(device) // 2
     # The sweep's big points get the checked call and two timed ones (the first measures memory).
     min_reps = 2 if args.sweep_batch else cfg["min_reps"]

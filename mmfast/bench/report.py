@@ -78,8 +78,16 @@ def markdown(rows: list[Row], info: dict[str, Any], unavailable: dict[str, str],
     if used:
         lines += ["", "Providers: " + "; ".join(f"{p}: {notes[p]}" if notes.get(p) else p for p in used) + "."]
     if unavailable:
-        lines += ["", "Not run here: " + "; ".join(f"{k} ({v})" for k, v in unavailable.items()) + "."]
+        lines += ["", f"Not run here: {not_run(unavailable)}."]
     return "\n".join(lines) + "\n"
+
+
+def not_run(unavailable: dict[str, str]) -> str:
+    """"a, b (why); c (why)": providers that share a reason are named together."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in unavailable.items():
+        by_reason.setdefault(why, []).append(name)
+    return "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items())
 
 
 def order_rows(rows: list[Row], op_order: list[str], provider_order: list[str]) -> list[Row]:
