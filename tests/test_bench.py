@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import mmfast
-from mmfast.bench import measure
+from mmfast.bench import measure, report
 from mmfast.bench.__main__ import main
 from mmfast.bench.cases import attention_case, chunked_loss, compute_reference, contrastive_case, flops, make_data
 from mmfast.bench.providers import Provider, Unsupported, _naive_contrastive, _sdpa
-from mmfast.bench.runner import Progress, Runner, Settings
+from mmfast.bench.runner import Progress, Row, Runner, Settings
+from mmfast.bench.suites import REFERENCE, _prepare, plan, run_suite
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -187,3 +188,65 @@ def test_cli_sweep_smoke(tmp_path, capsys):
     assert [int(r["N"]) for r in rows] == [64, 128, 256, 512, 1024, 2048, 4096]
     assert rows[0]["status"] == "ok" and rows[-1]["status"] == "oom" and "OOM (needs" in rows[-1]["note"]
     assert (out / "sweep.png").exists() == HAS_MPL
+
+
+def _providers():
+    return [
+        Provider("torch-lce", ("info_nce",), _naive_contrastive),  # a non-baseline peer
+        Provider("torch-naive", ("info_nce",), _naive_contrastive),  # info_nce's baseline
+        Provider("mmfast-x", ("info_nce",), _naive_contrastive),
+    ]
+
+
+def test_plan_runs_mmfast_then_baselines_then_peers_cheapest_first():
+    cases = [contrastive_case("info_nce", n, 8, torch.float32, m) for n in (128, 64) for m in ("fwd+bwd", "fwd")]
+    order = [(p.name, c["N"], c.mode) for c, p in plan(cases, _providers(), torch.device("cpu"))]
+    cheapest = [(64, "fwd"), (64, "fwd+bwd"), (128, "fwd"), (128, "fwd+bwd")]
+    assert order == [(name, n, m) for name in ("mmfast-x", "torch-naive", "torch-lce") for n, m in cheapest]
+
+
+def test_a_group_times_no_peer_without_mmfast():
+    """mmfast's fwd+bwd row is predicted not to fit: the peers of that group are not timed either."""
+    cases = [contrastive_case("info_nce", 64, 8, torch.float32, m) for m in ("fwd", "fwd+bwd")]
+    r = runner()
+    r.time_hist[("mmfast-x", "info_nce", torch.float32, "fwd+bwd")] = [(flops(cases[1]), 1e4)]
+    rows = {(row.provider, row.mode): row for row in run_suite(cases, _providers(), r, 30.0, progress=False)}
+    assert rows[("mmfast-x", "fwd+bwd")].status == "skipped" and "needs ~" in rows[("mmfast-x", "fwd+bwd")].note
+    for peer in ("torch-naive", "torch-lce"):
+        assert rows[(peer, "fwd")].status == "ok"
+        assert rows[(peer, "fwd+bwd")].status == "skipped"
+        assert rows[(peer, "fwd+bwd")].note == "mmfast's row of this group did not run"
+    assert rows[("mmfast-x", "fwd")].status == "ok"
+
+
+def test_costly_reference_falls_back_to_the_chunked_loss():
+    """A big contrastive case whose reference would not fit its row's share is still checked (the
+    loss, against the chunked evaluation) instead of being skipped."""
+    case = contrastive_case("siglip_loss", 96, 16, torch.float32, "fwd+bwd")
+    r = runner()
+    r.time_hist[(REFERENCE, "siglip_loss", torch.float32)] = [(flops(case), 50.0)]
+    data = _prepare(case, r, r.device, share=60.0)
+    assert not data.ref_grads and "loss checked, gradients not" in data.note
+    row = r.run(case, Provider("mmfast-x", ("siglip_loss",), _naive_contrastive), data, share=10.0)
+    assert row.status == "ok" and row.max_err < 1e-5 and "gradients not" in row.note
+    assert _prepare(case, r, r.device, share=1000.0).ref_grads  # fits: the full reference, gradients too
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib not installed (plots are optional)")
+def test_speedup_plot_labels_fit_and_legend_names_the_baselines():
+    shapes = ["text->image B=32 H=12 Lq=32 Lk=577 D=64 pad with a long tail of words", "N=16384 D=512"]
+    rows = []
+    for op, shape in (("cross_attention", shapes[0]), ("info_nce", shapes[1])):
+        for prov, speedup in (("mmfast-cpu", 2.5), ("open_clip", 0.7)):
+            rows.append(Row(op, shape, "fp32", "fwd+bwd", prov, "ok", speedup=speedup, median_ms=1.0))
+    fig = report.speedup_figure(rows, {"cpu": "test CPU", "date_utc": "today"})
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    for artist in [*ax.get_yticklabels(), legend, ax.xaxis.label, ax.title]:
+        box = artist.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, artist
+    texts = " ".join(t.get_text() for t in legend.get_texts())
+    assert "torch-naive (info_nce)" in texts and "torch-sdpa (cross_attention)" in texts and "mmfast-cpu" in texts

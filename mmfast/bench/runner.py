@@ -166,7 +166,8 @@ class Runner:
             return row
         if t_pred is not None and (2 * t_pred > share or key in self.time_skipped):
             self.time_skipped.add(key)
-            return self.blank_row(case, provider.name, "skipped", f"time budget (needs ~{2 * t_pred:.0f} s)", fl)
+            mem = "" if m_pred is None else f", predicted peak {_fmt_bytes(m_pred)}"
+            return self.blank_row(case, provider.name, "skipped", f"time budget (needs ~{2 * t_pred:.0f} s{mem})", fl)
         return None
 
     def run(self, case: Case, provider: Provider, data: Data, share: float) -> Row:

@@ -17,31 +17,38 @@ from mmfast.bench.cases import (
     make_data,
 )
 from mmfast.bench.measure import PeakMemory
-from mmfast.bench.providers import Provider
+from mmfast.bench.providers import BASELINE, Provider
 from mmfast.bench.runner import Progress, Row, Runner
 
 REFERENCE = "reference"  # history key of the ground-truth runs
 
 
-def _prepare(case: Case, runner: Runner, device: torch.device, time_left: float) -> Data | str:
+def _prepare(case: Case, runner: Runner, device: torch.device, share: float) -> Data | str:
     """Inputs and reference results for ``case``, or why they were not computed.
 
-    The reference materializes the logits, so it gets the same memory and time predictions as a
-    provider; where its memory would not fit, contrastive cases fall back to the chunked loss
-    (the loss is then checked, not the gradients).
+    The reference materializes the logits, so it gets the same time and memory predictions as a
+    provider. Where it would not fit (its predicted time over half of ``share``, the seconds of the
+    row that asks for it, or its memory over the budget), contrastive cases take the chunked loss instead: the
+    loss is checked, the gradients only at the smaller N.
     """
     data = make_data(case, device)
     ref_case = Case(case.op, case.dims, case.dtype, "fwd+bwd", case.kind)
     fl = flops(ref_case, data.valid_keys)
     key = (REFERENCE, case.op, case.dtype)
     t_pred, m_pred = runner.predicted(key, fl)
-    if t_pred is not None and t_pred > time_left:
-        return f"time budget (reference needs ~{t_pred:.0f} s)"
-    if m_pred is not None and m_pred > runner.s.mem_budget:
+    too_slow = t_pred is not None and t_pred > share / 2  # leave the row itself half its share
+    too_big = m_pred is not None and m_pred > runner.s.mem_budget
+    if too_slow or too_big:
         if case.op not in CONTRASTIVE_OPS:
-            return f"reference would need {m_pred / 2**30:.1f} GB"
+            return (
+                f"reference would need {m_pred / 2**30:.1f} GB"
+                if too_big
+                else f"time budget (reference needs ~{t_pred:.0f} s)"
+            )
         data = _chunked_truth(case, data)
-        data.note = "loss checked, gradients not (the reference would exceed the memory budget)"
+        data.note = (
+            f"loss checked, gradients not (the reference would exceed the {'memory' if too_big else 'time'} budget)"
+        )
         return data
     t0 = time.perf_counter()
     with PeakMemory(device) as peak:
@@ -61,32 +68,55 @@ def _chunked_truth(case: Case, data: Data) -> Data:
     return data
 
 
+def is_mmfast(provider: Provider) -> bool:
+    return provider.name.startswith("mmfast-")
+
+
+def plan(cases: list[Case], providers: list[Provider], device: torch.device) -> list[tuple[Case, Provider]]:
+    """The rows in the order they run: mmfast's, then the baselines (so every group gets its
+    speed-up before a second peer takes time), then the other peers; cheapest first in each part."""
+    pairs = [(c, p) for c in cases for p in providers if c.op in p.ops and p.why_not(device) is None]
+
+    def part(p: Provider, op: str) -> int:
+        return 0 if is_mmfast(p) else 1 if p.name == BASELINE.get(op) else 2
+
+    return sorted(pairs, key=lambda cp: (part(cp[1], cp[0].op), flops(cp[0])))
+
+
 def run_suite(
     cases: list[Case], providers: list[Provider], runner: Runner, budget_s: float, progress: bool = True
 ) -> list[Row]:
-    """Every (case, provider) row, cheapest first, so time the small rows leave over goes to big ones.
+    """Every (case, provider) row, within ``budget_s`` seconds (reference runs included).
 
-    Each row may spend an equal share of the time left (``budget_s`` in all, reference runs
-    included); a row predicted not to fit its share is marked "skipped" rather than run.
+    mmfast's rows run first and may use all the time left: a row's share is the time left over the
+    rows left in its part (mmfast's, then the peers'), so the time small rows leave goes to the big
+    ones. A peer runs only in a group (op, shape, dtype, mode) where an mmfast row ran: no group
+    times a peer without mmfast. A row predicted not to fit its share is marked "skipped".
     """
     device = runner.device
-    pairs = [(c, p) for c in cases for p in providers if c.op in p.ops and p.why_not(device) is None]
-    pairs.sort(key=lambda cp: flops(cp[0]))
+    pairs = plan(cases, providers, device)
+    n_mine = sum(1 for _, p in pairs if is_mmfast(p))
+    left_in_part = {True: n_mine, False: len(pairs) - n_mine}  # rows left in mmfast's part, in the peers'
     last_use = {c.data_key: i for i, (c, _) in enumerate(pairs)}
     start = time.perf_counter()
     cache: dict[tuple, Data | str] = {}
+    mmfast_ran: set[Case] = set()  # cases where an mmfast row was attempted (not skipped for budget)
     bar = Progress(len(pairs), "mmfast-bench", progress)
     rows = []
     for i, (case, prov) in enumerate(pairs):
+        mine = is_mmfast(prov)
         left = start + budget_s + runner.setup_s - time.perf_counter()
-        share = left / (len(pairs) - i)
-        row = runner.precheck(case, prov, share) if left > 0 else _spent(runner, case, prov)
+        share = left / left_in_part[mine]
+        left_in_part[mine] -= 1
+        if not mine and case not in mmfast_ran:
+            row = runner.blank_row(case, prov.name, "skipped", "mmfast's row of this group did not run", flops(case))
+        else:
+            row = runner.precheck(case, prov, share) if left > 0 else _spent(runner, case, prov)
         if row is None:
             # Inputs and reference are made at the first row of a case that is going to run.
             if case.data_key not in cache:
-                n_rows = sum(1 for c, _ in pairs[i:] if c.data_key == case.data_key)
                 try:
-                    cache[case.data_key] = _prepare(case, runner, device, share * n_rows)
+                    cache[case.data_key] = _prepare(case, runner, device, share)
                 except Exception as e:  # noqa: BLE001 - the case's rows say why, the run goes on
                     cache[case.data_key] = f"reference failed: {type(e).__name__}: {e}".splitlines()[0][:160]
             data = cache[case.data_key]
@@ -94,6 +124,8 @@ def run_suite(
                 row = runner.blank_row(case, prov.name, "skipped", data, flops(case))
             else:
                 row = runner.run(case, prov, data, share)
+        if mine and row.status not in ("skipped", "oom"):
+            mmfast_ran.add(case)
         rows.append(row)
         if last_use[case.data_key] == i:
             cache.pop(case.data_key, None)
