@@ -1,6 +1,6 @@
 """``python -m mmfast.bench`` / ``mmfast-bench``: mmfast's kernels against their peers, side by side.
 
-Default: the standard suite on the best device present, within about 5 minutes. See docs/bench.md.
+Default: the standard suite on the best device present, within about 5 minutes. See README.md, "Benchmarks".
 """
 
 from __future__ import annotations
