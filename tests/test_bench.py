@@ -164,13 +164,15 @@ def test_progress_without_tqdm(monkeypatch, capsys):
 def test_cli_smoke(tmp_path, capsys):
     out = tmp_path / "res"
     argv = ["--smoke", "--ops", "info_nce", "--modes", "fwd+bwd", "--providers", "mmfast-reference,torch-naive"]
-    rc = main([*argv, "--budget", "8", "--no-progress", "--out", str(out)])
+    rc = main(
+        [*argv, "--budget", "60", "--no-progress", "--out", str(out)]
+    )  # an upper bound: ample on a loaded machine
     assert rc == 0
     table = capsys.readouterr().out
     assert "| info_nce | N=64 D=32 | fp32 | fwd+bwd | torch-naive |" in table
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["provider"] for r in rows] == ["mmfast-reference", "torch-naive"]
-    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
+    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows), rows
     meta = json.load(open(out / "results.json"))["machine"]
     assert meta["matmul_gflops"]["fp32"] > 0 and meta["device"] == "cpu"
     assert (out / "speedup.png").exists() == HAS_MPL

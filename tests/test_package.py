@@ -68,13 +68,17 @@ def test_installed_package_works_from_another_folder(tmp_path):
     """After tools/setup.sh (pip install -e .): mmfast imports from any folder, even one holding an
     empty folder named mmfast (a clone folder that would shadow it as a namespace package), and
     mmfast-bench is on PATH."""
-    try:
-        dist = importlib.metadata.distribution("mmfast")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("mmfast is not pip-installed in this environment (tools/setup.sh installs it)")
-    url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
-    if Path(url.removeprefix("file://")).resolve() != ROOT:
-        pytest.skip(f"the installed mmfast is another checkout ({url})")
+    # Installed distributions record where they came from (direct_url.json); build metadata
+    # (an mmfast.egg-info folder left in the checkout) does not.
+    urls = [
+        json.loads(d.read_text("direct_url.json") or "{}").get("url", "")
+        for d in importlib.metadata.distributions(name="mmfast")
+    ]
+    paths = [Path(u.removeprefix("file://")).resolve() for u in urls if u.startswith("file://")]
+    if ROOT not in paths:
+        pytest.skip(
+            f"this checkout is not pip-installed here (installed: {paths or 'none'}; tools/setup.sh installs it)"
+        )
     (tmp_path / "mmfast").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = "import mmfast; print(mmfast.__file__, mmfast.__version__)"
