@@ -11,7 +11,15 @@ import torch
 import mmfast
 from mmfast.bench import measure, report
 from mmfast.bench.__main__ import main
-from mmfast.bench.cases import attention_case, chunked_loss, compute_reference, contrastive_case, flops, make_data
+from mmfast.bench.cases import (
+    attention_case,
+    chunked_loss,
+    compute_reference,
+    contrastive_case,
+    flops,
+    make_data,
+    suite,
+)
 from mmfast.bench.providers import Provider, Unsupported, _naive_contrastive, _sdpa
 from mmfast.bench.runner import Progress, Row, Runner, Settings
 from mmfast.bench.suites import REFERENCE, _prepare, plan, run_suite
@@ -200,11 +208,19 @@ def _providers():
     ]
 
 
-def test_plan_runs_mmfast_then_baselines_then_peers_cheapest_first():
+def test_plan_order_mmfast_baselines_large_batch_then_peers():
     cases = [contrastive_case("info_nce", n, 8, torch.float32, m) for n in (128, 64) for m in ("fwd+bwd", "fwd")]
-    order = [(p.name, c["N"], c.mode) for c, p in plan(cases, _providers(), torch.device("cpu"))]
-    cheapest = [(64, "fwd"), (64, "fwd+bwd"), (128, "fwd"), (128, "fwd+bwd")]
-    assert order == [(name, n, m) for name in ("mmfast-x", "torch-naive", "torch-lce") for n, m in cheapest]
+    order = [(part, p.name, c["N"], c.mode) for part, c, p in plan(cases, _providers(), torch.device("cpu"))]
+    small, large = [(64, "fwd"), (64, "fwd+bwd")], [(128, "fwd"), (128, "fwd+bwd")]
+    assert order == (
+        [(0, "mmfast-x", *nm) for nm in small]
+        + [(1, "torch-naive", *nm) for nm in small]
+        + [(2, "mmfast-x", *nm) for nm in large]  # the largest batch, after every smaller group has a speed-up
+        + [(3, "torch-naive", *nm) for nm in large]
+        + [(4, "torch-lce", *nm) for nm in small + large]
+    )
+    one_size = [c for c in cases if c["N"] == 64]
+    assert [part for part, _, _ in plan(one_size, _providers(), torch.device("cpu"))] == [0, 0, 1, 1, 4, 4]
 
 
 def test_a_group_times_no_peer_without_mmfast():
@@ -252,3 +268,12 @@ def test_speedup_plot_labels_fit_and_legend_names_the_baselines():
         assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, artist
     texts = " ".join(t.get_text() for t in legend.get_texts())
     assert "torch-naive (info_nce)" in texts and "torch-sdpa (cross_attention)" in texts and "mmfast-cpu" in texts
+
+
+def test_default_suite_has_the_large_batch_in_training_mode():
+    cases = suite("default", ["info_nce", "siglip_loss"], [torch.float32, torch.bfloat16], ["fwd", "fwd+bwd"])
+    assert {(c.op, c["N"], c.mode) for c in cases} == {
+        (op, n, mode)
+        for op in ("info_nce", "siglip_loss")
+        for n, mode in ((4096, "fwd"), (4096, "fwd+bwd"), (16384, "fwd+bwd"))
+    }

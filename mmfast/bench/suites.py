@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 
 import torch
@@ -27,16 +28,18 @@ def _prepare(case: Case, runner: Runner, device: torch.device, share: float) -> 
     """Inputs and reference results for ``case``, or why they were not computed.
 
     The reference materializes the logits, so it gets the same time and memory predictions as a
-    provider. Where it would not fit (its predicted time over half of ``share``, the seconds of the
-    row that asks for it, or its memory over the budget), contrastive cases take the chunked loss instead: the
-    loss is checked, the gradients only at the smaller N.
+    provider. A contrastive case whose reference would not fit (its predicted time over half of
+    ``share``, the seconds of the row that asks for it, or its memory over the budget) takes the
+    chunked loss instead: the loss is checked, the gradients only at the smaller N. A cross-attention
+    case whose reference would not fit its row's share is skipped.
     """
     data = make_data(case, device)
     ref_case = Case(case.op, case.dims, case.dtype, "fwd+bwd", case.kind)
     fl = flops(ref_case, data.valid_keys)
     key = (REFERENCE, case.op, case.dtype)
     t_pred, m_pred = runner.predicted(key, fl)
-    too_slow = t_pred is not None and t_pred > share / 2  # leave the row itself half its share
+    # Contrastive cases have a cheaper truth: take it once the reference would use half the row's share.
+    too_slow = t_pred is not None and t_pred > (share / 2 if case.op in CONTRASTIVE_OPS else share)
     too_big = m_pred is not None and m_pred > runner.s.mem_budget
     if too_slow or too_big:
         if case.op not in CONTRASTIVE_OPS:
@@ -72,43 +75,49 @@ def is_mmfast(provider: Provider) -> bool:
     return provider.name.startswith("mmfast-")
 
 
-def plan(cases: list[Case], providers: list[Provider], device: torch.device) -> list[tuple[Case, Provider]]:
-    """The rows in the order they run: mmfast's, then the baselines (so every group gets its
-    speed-up before a second peer takes time), then the other peers; cheapest first in each part."""
+def plan(cases: list[Case], providers: list[Provider], device: torch.device) -> list[tuple[int, Case, Provider]]:
+    """The rows (part, case, provider) in the order they run: by part, cheapest first in each.
+
+    0. mmfast's rows; 1. the baselines (every group gets its speed-up before the large batch runs);
+    2. mmfast's rows at the largest contrastive batch, when the suite has several; 3. their
+    baselines; 4. the other peers.
+    """
     pairs = [(c, p) for c in cases for p in providers if c.op in p.ops and p.why_not(device) is None]
+    sizes = {c["N"] for c in cases if c.op in CONTRASTIVE_OPS}
+    large = max(sizes) if len(sizes) > 1 else None
 
-    def part(p: Provider, op: str) -> int:
-        return 0 if is_mmfast(p) else 1 if p.name == BASELINE.get(op) else 2
+    def part(case: Case, p: Provider) -> int:
+        if not is_mmfast(p) and p.name != BASELINE.get(case.op):
+            return 4
+        return (2 if case.op in CONTRASTIVE_OPS and case["N"] == large else 0) + (0 if is_mmfast(p) else 1)
 
-    return sorted(pairs, key=lambda cp: (part(cp[1], cp[0].op), flops(cp[0])))
+    return sorted(((part(c, p), c, p) for c, p in pairs), key=lambda row: (row[0], flops(row[1])))
 
 
 def run_suite(
     cases: list[Case], providers: list[Provider], runner: Runner, budget_s: float, progress: bool = True
 ) -> list[Row]:
-    """Every (case, provider) row, within ``budget_s`` seconds (reference runs included).
+    """Every (case, provider) row, in ``plan``'s order, within ``budget_s`` seconds (references included).
 
-    mmfast's rows run first and may use all the time left: a row's share is the time left over the
-    rows left in its part (mmfast's, then the peers'), so the time small rows leave goes to the big
-    ones. A peer runs only in a group (op, shape, dtype, mode) where an mmfast row ran: no group
-    times a peer without mmfast. A row predicted not to fit its share is marked "skipped".
+    A row's share is the time left over the rows left in its part, so each part may use all the
+    time the earlier ones left, and the time small rows leave goes to the big ones. A peer runs only
+    in a group (op, shape, dtype, mode) where mmfast's row ran: no group times a peer without
+    mmfast. A row predicted not to fit its share is marked "skipped" (with what it would need).
     """
     device = runner.device
-    pairs = plan(cases, providers, device)
-    n_mine = sum(1 for _, p in pairs if is_mmfast(p))
-    left_in_part = {True: n_mine, False: len(pairs) - n_mine}  # rows left in mmfast's part, in the peers'
-    last_use = {c.data_key: i for i, (c, _) in enumerate(pairs)}
+    rows_plan = plan(cases, providers, device)
+    left_in_part = collections.Counter(part for part, _, _ in rows_plan)
+    last_use = {c.data_key: i for i, (_, c, _) in enumerate(rows_plan)}
     start = time.perf_counter()
     cache: dict[tuple, Data | str] = {}
     mmfast_ran: set[Case] = set()  # cases where an mmfast row was attempted (not skipped for budget)
-    bar = Progress(len(pairs), "mmfast-bench", progress)
+    bar = Progress(len(rows_plan), "mmfast-bench", progress)
     rows = []
-    for i, (case, prov) in enumerate(pairs):
-        mine = is_mmfast(prov)
+    for i, (part, case, prov) in enumerate(rows_plan):
         left = start + budget_s + runner.setup_s - time.perf_counter()
-        share = left / left_in_part[mine]
-        left_in_part[mine] -= 1
-        if not mine and case not in mmfast_ran:
+        share = left / left_in_part[part]
+        left_in_part[part] -= 1
+        if not is_mmfast(prov) and case not in mmfast_ran:
             row = runner.blank_row(case, prov.name, "skipped", "mmfast's row of this group did not run", flops(case))
         else:
             row = runner.precheck(case, prov, share) if left > 0 else _spent(runner, case, prov)
@@ -124,7 +133,7 @@ def run_suite(
                 row = runner.blank_row(case, prov.name, "skipped", data, flops(case))
             else:
                 row = runner.run(case, prov, data, share)
-        if mine and row.status not in ("skipped", "oom"):
+        if is_mmfast(prov) and row.status not in ("skipped", "oom"):
             mmfast_ran.add(case)
         rows.append(row)
         if last_use[case.data_key] == i:
