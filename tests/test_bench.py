@@ -221,6 +221,9 @@ def test_plan_order_mmfast_baselines_large_batch_then_peers():
     )
     one_size = [c for c in cases if c["N"] == 64]
     assert [part for part, _, _ in plan(one_size, _providers(), torch.device("cpu"))] == [0, 0, 1, 1, 4, 4]
+    # Equal FLOPs: the narrower dtype first (the cheaper row).
+    both = [contrastive_case("info_nce", 64, 8, dtype, "fwd") for dtype in (torch.float32, torch.bfloat16)]
+    assert [c.dtype for _, c, _ in plan(both, _providers()[2:], torch.device("cpu"))] == [torch.bfloat16, torch.float32]
 
 
 def test_a_group_times_no_peer_without_mmfast():
