@@ -136,6 +136,9 @@ def test_time_prediction_skips_rows_that_do_not_fit():
     tiny = make_data(contrastive_case("info_nce", 8, 4, torch.float32, "fwd"), r.device)
     row = r.run(case, Provider("p", ("info_nce",), None), tiny, share=20.0)
     assert row.status == "skipped" and "needs ~32 s" in row.note  # 2 calls x 16 x 1 s: time grows with the FLOPs
+    r.mem_hist[("p", "info_nce", torch.float32, "fwd")] = [(flops(case) / 16, 100.0 * 2**20)]
+    assert "needs ~32 s, predicted peak 1.7 GB" in r.needs(case, Provider("p", ("info_nce",), None))
+    assert r.needs(case, Provider("q", ("info_nce",), None)) == "no prediction"
 
 
 def test_memory_growth_read_from_increments():

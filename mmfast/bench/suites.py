@@ -188,4 +188,4 @@ def run_sweep(
 
 
 def _spent(runner: Runner, case: Case, p: Provider) -> Row:
-    return runner.blank_row(case, p.name, "skipped", "time budget spent", flops(case))
+    return runner.blank_row(case, p.name, "skipped", f"time budget spent ({runner.needs(case, p)})", flops(case))
