@@ -241,6 +241,9 @@ def test_a_group_times_no_peer_without_mmfast():
         assert rows[(peer, "fwd+bwd")].status == "skipped"
         assert rows[(peer, "fwd+bwd")].note == "mmfast's row of this group did not run"
     assert rows[("mmfast-x", "fwd")].status == "ok"
+    # Peers alone (--providers without mmfast): the rule does not apply, they run.
+    rows = run_suite(cases, _providers()[:2], runner(), 30.0, progress=False)
+    assert [row.status for row in rows] == ["ok"] * 4, [row.note for row in rows]
 
 
 def test_costly_reference_falls_back_to_the_chunked_loss():

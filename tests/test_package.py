@@ -206,3 +206,5 @@ def test_without_extension_bench_refuses_and_lists_mmfast_cpu(unbuilt, tmp_path)
     assert proc.returncode == 0, proc.stderr
     not_run = next(ln for ln in proc.stdout.splitlines() if ln.startswith("Not run here:"))
     assert "mmfast-cpu" in not_run and NOT_BUILT in not_run
+    row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| info_nce |"))
+    assert "| torch-naive |" in row and "skipped" not in row, row

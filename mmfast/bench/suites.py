@@ -104,9 +104,10 @@ def run_suite(
     """Every (case, provider) row, in ``plan``'s order, within ``budget_s`` seconds (references included).
 
     A row's share is the time left over the rows left in its part, so each part may use all the
-    time the earlier ones left, and the time small rows leave goes to the big ones. A peer runs only
-    in a group (op, shape, dtype, mode) where mmfast's row ran: no group times a peer without
-    mmfast. A row predicted not to fit its share is marked "skipped" (with what it would need).
+    time the earlier ones left, and the time small rows leave goes to the big ones. Where the run
+    has an mmfast provider, a peer runs only in a group (op, shape, dtype, mode) where mmfast's row
+    ran: no group times a peer without mmfast. A row predicted not to fit its share is marked
+    "skipped" (with what it would need).
     """
     device = runner.device
     rows_plan = plan(cases, providers, device)
@@ -114,6 +115,7 @@ def run_suite(
     last_use = {c.data_key: i for i, (_, c, _) in enumerate(rows_plan)}
     start = time.perf_counter()
     cache: dict[tuple, Data | str] = {}
+    with_mmfast = {c for _, c, p in rows_plan if is_mmfast(p)}  # (--providers may leave mmfast out)
     mmfast_ran: set[Case] = set()  # cases where an mmfast row was attempted (not skipped for budget)
     bar = Progress(len(rows_plan), "mmfast-bench", progress)
     rows = []
@@ -121,7 +123,7 @@ def run_suite(
         left = start + budget_s + runner.setup_s - time.perf_counter()
         share = left / left_in_part[part]
         left_in_part[part] -= 1
-        if not is_mmfast(prov) and case not in mmfast_ran:
+        if not is_mmfast(prov) and case in with_mmfast and case not in mmfast_ran:
             row = runner.blank_row(case, prov.name, "skipped", "mmfast's row of this group did not run", flops(case))
         else:
             row = runner.precheck(case, prov, share) if left > 0 else _spent(runner, case, prov)
