@@ -1,5 +1,10 @@
 """Build mmfast._C: C++ CPU kernels always; CUDA kernels when a matching toolkit is present.
 
+Install: ``pip install -e . --no-build-isolation`` (torch, ninja and pybind11 installed first; the
+package metadata and the ``mmfast-bench`` script are declared in pyproject.toml). Quick in-place
+rebuild: ``python setup.py build_ext --inplace``. Both compile into the same object folder, so each
+reuses what the other compiled; ninja prints one ``[n/m]`` line per compiled file.
+
 Environment:
   MMFAST_BUILD_CUDA=0|1   force a CPU-only build (quick iteration) or require CUDA (error if absent);
                           unset: build CUDA kernels whenever a toolkit matching torch's CUDA is found.
@@ -12,8 +17,9 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 import torch  # noqa: E402
@@ -91,12 +97,33 @@ ext = Extension(
     extra_link_args=["-fopenmp"],
 )
 
+
+class BuildExt(cpp_ext.BuildExtension):
+    """torch's ninja build, with one object folder for every way of building.
+
+    pip's editable and wheel builds compile in a fresh temporary folder, which would recompile every
+    file (minutes) even right after ``setup.py build_ext --inplace``; pointing them all at the
+    folder that command uses lets ninja skip what is up to date.
+    """
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        tag = f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        self.build_temp = os.path.join(ROOT, "build", tag)
+
+    def build_extensions(self) -> None:
+        for e in self.extensions:
+            jobs = os.environ.get("MAX_JOBS", "ninja's default")
+            print(
+                f"mmfast: building {e.name} from {len(e.sources)} files (CUDA kernels: {'yes' if with_cuda else 'no'}, "
+                f"jobs: {jobs}, objects in {self.build_temp}); ninja prints a [n/m] line per file",
+                flush=True,
+            )
+        super().build_extensions()
+
+
+# Name, version, dependencies, packages and the mmfast-bench script: pyproject.toml.
 setup(
-    name="mmfast",
-    version=VERSION,
-    packages=find_packages(include=["mmfast", "mmfast.*"]),
     ext_modules=[ext],
-    cmdclass={"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    entry_points={"console_scripts": ["mmfast-bench=mmfast.bench.__main__:main"]},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )

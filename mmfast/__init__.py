@@ -5,7 +5,8 @@ Public API::
     mmfast.cross_attention(query, key, value, *, key_padding_mask=None, attn_mask=None, ...)
     mmfast.info_nce(image_features, text_features, logit_scale, *, labels=None, ...)
     mmfast.siglip_loss(image_features, text_features, logit_scale, logit_bias, ...)
-    mmfast.backends()      # per op, each backend: available or not, and why
+    mmfast.backends()      # per op, each backend: available or not, and why (pretty=True: a table;
+                           # python -m mmfast prints it)
     mmfast.build_info()    # how the extension was built
     mmfast.cpu_options()   # the cpu backend's code paths (forced for tests), large-output allocator
     mmfast.nn              # CrossAttention, AttentionFusion, CoAttentionLayer, ClipLoss, SigLipLoss
@@ -26,7 +27,9 @@ __version__ = "0.1.0"
 
 
 def build_info() -> dict:
-    """Version of the extension, whether CUDA kernels are in it and for which archs."""
+    """How mmfast._C was built: version, whether CUDA kernels are in it and for which archs, compiler,
+    torch. Without the extension: ``{"extension": None, "reason": ...}``, the reason saying why it
+    does not load (not built, or built for another torch) and how to build it."""
     from mmfast._dispatch import extension  # noqa: PLC0415
 
     ext, why = extension()

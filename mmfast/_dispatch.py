@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,15 +42,27 @@ DEFAULT_PRIORITY: dict[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------------------------
 
 
+BUILD_HINT = (
+    "build it in the repository: pip install -e . --no-build-isolation "
+    "(or python setup.py build_ext --inplace; bash tools/setup.sh also installs the requirements)"
+)
+
+
 @functools.cache
 def extension() -> tuple[Any, str | None]:
-    """(mmfast._C or None, why it could not be loaded)."""
+    """(mmfast._C or None, why it could not be loaded, with how to build it)."""
+    try:
+        spec = importlib.util.find_spec("mmfast._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return None, f"the C++ extension mmfast._C is not built; {BUILD_HINT}"
     try:
         from mmfast import _C  # noqa: PLC0415
 
         return _C, None
     except ImportError as e:  # import never fails because the extension is missing
-        return None, f"extension mmfast._C not built or not loadable ({e})"
+        return None, f"mmfast._C ({spec.origin}) does not load ({e}); rebuild it for this torch: {BUILD_HINT}"
 
 
 def has_ops(*names: str) -> bool:
@@ -58,6 +71,9 @@ def has_ops(*names: str) -> bool:
     if extension()[0] is None:
         return False
     return all(hasattr(torch.ops.mmfast, n) for n in names)
+
+
+TRITON_CPU_RULE = "triton takes CPU tensors only under TRITON_INTERPRET=1 (the interpreter: a test tool, slow)"
 
 
 def triton_interpreting() -> bool:
@@ -95,7 +111,9 @@ def availability(name: str) -> str | None:
         why = _triton_import_error()
         if why:
             return why
-        return None  # importable; CPU tensors need TRITON_INTERPRET=1 (a per-input reason)
+        if not torch.cuda.is_available() and not triton_interpreting():
+            return f"no GPU visible; {TRITON_CPU_RULE}"
+        return None
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
@@ -157,7 +175,7 @@ def device_reasons(name: str, device: torch.device) -> list[str]:
         return [f"cuda backend takes CUDA tensors, got {device.type}"]
     if name == "triton":
         if device.type == "cpu" and not triton_interpreting():
-            return ["triton takes CPU tensors only under TRITON_INTERPRET=1 (the interpreter)"]
+            return [TRITON_CPU_RULE]
         if device.type not in ("cpu", "cuda"):
             return [f"triton backend takes CUDA tensors, got {device.type}"]
     return []
@@ -180,7 +198,7 @@ def select(op: str, backend: str, device: torch.device, args: dict[str, Any]) ->
             raise ValueError(f"backend={backend!r} is not one of auto, {', '.join(BACKENDS)}")
         b = entry.backends.get(backend)
         if b is None:
-            raise RuntimeError(f"mmfast.{op}: backend {backend!r} is not implemented for this op")
+            raise RuntimeError(f"mmfast.{op}: backend {backend!r} is unavailable: {unregistered_reason(backend)}")
         reasons = _all_reasons(b, device, args)
         if reasons:
             raise RuntimeError(f"mmfast.{op}: backend {backend!r} cannot take these inputs: " + "; ".join(reasons))
@@ -193,29 +211,61 @@ def select(op: str, backend: str, device: torch.device, args: dict[str, Any]) ->
     for name in order:
         b = entry.backends.get(name)
         if b is None:
-            report.append(f"  {name}: not implemented for this op")
+            report.append(f"  {name}: {unregistered_reason(name)}")
             continue
         reasons = _all_reasons(b, device, args)
         if not reasons:
+            if name == "reference" and device.type == "cpu" and extension()[0] is None:
+                _warn_reference_fallback()
             return b
         report.append(f"  {name}: " + "; ".join(reasons))
     raise RuntimeError(f"mmfast.{op}: no backend can take these inputs:\n" + "\n".join(report))
 
 
-def backends() -> dict[str, dict[str, dict[str, Any]]]:
-    """Per op, each backend: ``{"available": bool, "reason": str | None, "note": str | None}``."""
+def unregistered_reason(name: str) -> str:
+    """Why backend ``name`` has no implementation of an op registered here."""
+    if name in ("cpu", "cuda"):
+        ext, why = extension()
+        if ext is None:
+            return why or ""
+        return (
+            f"this build of mmfast._C lacks the op's kernels (built from an older checkout?); rebuild it: {BUILD_HINT}"
+        )
+    if name == "triton" and _triton_import_error():
+        return _triton_import_error() or ""
+    return "not implemented for this op"
+
+
+@functools.cache
+def _warn_reference_fallback() -> None:
+    """Once per process: auto picked the slow reference because the kernels are not built."""
+    warnings.warn(f"mmfast runs its pure-PyTorch reference (slow): {extension()[1]}", stacklevel=4)
+
+
+def backends(pretty: bool = False) -> dict[str, dict[str, dict[str, Any]]] | str:
+    """Per op, each backend: ``{"available": bool, "reason": str | None, "note": str | None}``.
+
+    ``pretty=True`` returns a readable table instead (op x backend, why not, the CPU code paths):
+    ``print(mmfast.backends(pretty=True))``, or ``python -m mmfast``.
+    """
     _load_ops()
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for op_name, entry in sorted(_OPS.items()):
         row = {}
         for name in BACKENDS:
             b = entry.backends.get(name)
-            why = "not implemented for this op" if b is None else availability(name)
+            why = unregistered_reason(name) if b is None else availability(name)
             note = b.note if b else None
             if name == "cuda" and b is not None and not _tuning.cuda_verified(op_name):
                 note = "CUDA kernels not yet verified on hardware; auto prefers triton on CUDA tensors"
+            if name == "triton" and why is None and not torch.cuda.is_available():
+                note = "interpreter only: CPU tensors through TRITON_INTERPRET=1, a test tool (no GPU visible)"
             row[name] = {"available": why is None, "reason": why, "note": note}
         out[op_name] = row
+    if pretty:
+        from mmfast._backends_table import backends_table  # noqa: PLC0415
+
+        return backends_table(out, extension())
     return out
 
 

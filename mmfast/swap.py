@@ -49,6 +49,9 @@ def _why_not(mha: nn.Module) -> str | None:
         return "has hooks registered on it (they would be lost)"
     if getattr(mha, "parametrizations", None) is not None:
         return "has parametrizations"
+    if len({p.dtype for p in mha.parameters()}) > 1:
+        dtypes = ", ".join(f"{n} {str(p.dtype).removeprefix('torch.')}" for n, p in mha.named_parameters())
+        return f"parameters of mixed dtypes ({dtypes}); CrossAttention computes in one dtype"
     return None
 
 

@@ -9,11 +9,20 @@ import pytest
 import torch
 
 import mmfast
-from mmfast.bench import measure
+from mmfast.bench import measure, report
 from mmfast.bench.__main__ import main
-from mmfast.bench.cases import attention_case, chunked_loss, compute_reference, contrastive_case, flops, make_data
+from mmfast.bench.cases import (
+    attention_case,
+    chunked_loss,
+    compute_reference,
+    contrastive_case,
+    flops,
+    make_data,
+    suite,
+)
 from mmfast.bench.providers import Provider, Unsupported, _naive_contrastive, _sdpa
-from mmfast.bench.runner import Progress, Runner, Settings
+from mmfast.bench.runner import Progress, Row, Runner, Settings
+from mmfast.bench.suites import REFERENCE, _prepare, plan, run_suite
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -127,6 +136,9 @@ def test_time_prediction_skips_rows_that_do_not_fit():
     tiny = make_data(contrastive_case("info_nce", 8, 4, torch.float32, "fwd"), r.device)
     row = r.run(case, Provider("p", ("info_nce",), None), tiny, share=20.0)
     assert row.status == "skipped" and "needs ~32 s" in row.note  # 2 calls x 16 x 1 s: time grows with the FLOPs
+    r.mem_hist[("p", "info_nce", torch.float32, "fwd")] = [(flops(case) / 16, 100.0 * 2**20)]
+    assert "needs ~32 s, predicted peak 1.7 GB" in r.needs(case, Provider("p", ("info_nce",), None))
+    assert r.needs(case, Provider("q", ("info_nce",), None)) == "no prediction"
 
 
 def test_memory_growth_read_from_increments():
@@ -163,13 +175,15 @@ def test_progress_without_tqdm(monkeypatch, capsys):
 def test_cli_smoke(tmp_path, capsys):
     out = tmp_path / "res"
     argv = ["--smoke", "--ops", "info_nce", "--modes", "fwd+bwd", "--providers", "mmfast-reference,torch-naive"]
-    rc = main([*argv, "--budget", "8", "--no-progress", "--out", str(out)])
+    rc = main(
+        [*argv, "--budget", "60", "--no-progress", "--out", str(out)]
+    )  # an upper bound: ample on a loaded machine
     assert rc == 0
     table = capsys.readouterr().out
     assert "| info_nce | N=64 D=32 | fp32 | fwd+bwd | torch-naive |" in table
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["provider"] for r in rows] == ["mmfast-reference", "torch-naive"]
-    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows)
+    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in rows), rows
     meta = json.load(open(out / "results.json"))["machine"]
     assert meta["matmul_gflops"]["fp32"] > 0 and meta["device"] == "cpu"
     assert (out / "speedup.png").exists() == HAS_MPL
@@ -187,3 +201,88 @@ def test_cli_sweep_smoke(tmp_path, capsys):
     assert [int(r["N"]) for r in rows] == [64, 128, 256, 512, 1024, 2048, 4096]
     assert rows[0]["status"] == "ok" and rows[-1]["status"] == "oom" and "OOM (needs" in rows[-1]["note"]
     assert (out / "sweep.png").exists() == HAS_MPL
+
+
+def _providers():
+    return [
+        Provider("torch-lce", ("info_nce",), _naive_contrastive),  # a non-baseline peer
+        Provider("torch-naive", ("info_nce",), _naive_contrastive),  # info_nce's baseline
+        Provider("mmfast-x", ("info_nce",), _naive_contrastive),
+    ]
+
+
+def test_plan_order_mmfast_baselines_large_batch_then_peers():
+    cases = [contrastive_case("info_nce", n, 8, torch.float32, m) for n in (128, 64) for m in ("fwd+bwd", "fwd")]
+    order = [(part, p.name, c["N"], c.mode) for part, c, p in plan(cases, _providers(), torch.device("cpu"))]
+    small, large = [(64, "fwd"), (64, "fwd+bwd")], [(128, "fwd"), (128, "fwd+bwd")]
+    assert order == (
+        [(0, "mmfast-x", *nm) for nm in small]
+        + [(1, "torch-naive", *nm) for nm in small]
+        + [(2, "mmfast-x", *nm) for nm in large]  # the largest batch, after every smaller group has a speed-up
+        + [(3, "torch-naive", *nm) for nm in large]
+        + [(4, "torch-lce", *nm) for nm in small + large]
+    )
+    one_size = [c for c in cases if c["N"] == 64]
+    assert [part for part, _, _ in plan(one_size, _providers(), torch.device("cpu"))] == [0, 0, 1, 1, 4, 4]
+    # Equal FLOPs: the narrower dtype first (the cheaper row).
+    both = [contrastive_case("info_nce", 64, 8, dtype, "fwd") for dtype in (torch.float32, torch.bfloat16)]
+    assert [c.dtype for _, c, _ in plan(both, _providers()[2:], torch.device("cpu"))] == [torch.bfloat16, torch.float32]
+
+
+def test_a_group_times_no_peer_without_mmfast():
+    """mmfast's fwd+bwd row is predicted not to fit: the peers of that group are not timed either."""
+    cases = [contrastive_case("info_nce", 64, 8, torch.float32, m) for m in ("fwd", "fwd+bwd")]
+    r = runner()
+    r.time_hist[("mmfast-x", "info_nce", torch.float32, "fwd+bwd")] = [(flops(cases[1]), 1e4)]
+    rows = {(row.provider, row.mode): row for row in run_suite(cases, _providers(), r, 30.0, progress=False)}
+    assert rows[("mmfast-x", "fwd+bwd")].status == "skipped" and "needs ~" in rows[("mmfast-x", "fwd+bwd")].note
+    for peer in ("torch-naive", "torch-lce"):
+        assert rows[(peer, "fwd")].status == "ok"
+        assert rows[(peer, "fwd+bwd")].status == "skipped"
+        assert rows[(peer, "fwd+bwd")].note == "mmfast's row of this group did not run"
+    assert rows[("mmfast-x", "fwd")].status == "ok"
+    # Peers alone (--providers without mmfast): the rule does not apply, they run.
+    rows = run_suite(cases, _providers()[:2], runner(), 30.0, progress=False)
+    assert [row.status for row in rows] == ["ok"] * 4, [row.note for row in rows]
+
+
+def test_costly_reference_falls_back_to_the_chunked_loss():
+    """A big contrastive case whose reference would not fit its row's share is still checked (the
+    loss, against the chunked evaluation) instead of being skipped."""
+    case = contrastive_case("siglip_loss", 96, 16, torch.float32, "fwd+bwd")
+    r = runner()
+    r.time_hist[(REFERENCE, "siglip_loss", torch.float32)] = [(flops(case), 50.0)]
+    data = _prepare(case, r, r.device, share=60.0)
+    assert not data.ref_grads and "loss checked, gradients not" in data.note
+    row = r.run(case, Provider("mmfast-x", ("siglip_loss",), _naive_contrastive), data, share=10.0)
+    assert row.status == "ok" and row.max_err < 1e-5 and "gradients not" in row.note
+    assert _prepare(case, r, r.device, share=1000.0).ref_grads  # fits: the full reference, gradients too
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib not installed (plots are optional)")
+def test_speedup_plot_labels_fit_and_legend_names_the_baselines():
+    shapes = ["text->image B=32 H=12 Lq=32 Lk=577 D=64 pad with a long tail of words", "N=16384 D=512"]
+    rows = []
+    for op, shape in (("cross_attention", shapes[0]), ("info_nce", shapes[1])):
+        for prov, speedup in (("mmfast-cpu", 2.5), ("open_clip", 0.7)):
+            rows.append(Row(op, shape, "fp32", "fwd+bwd", prov, "ok", speedup=speedup, median_ms=1.0))
+    fig = report.speedup_figure(rows, {"cpu": "test CPU", "date_utc": "today"})
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    for artist in [*ax.get_yticklabels(), legend, ax.xaxis.label, ax.title]:
+        box = artist.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, artist
+    texts = " ".join(t.get_text() for t in legend.get_texts())
+    assert "torch-naive (info_nce)" in texts and "torch-sdpa (cross_attention)" in texts and "mmfast-cpu" in texts
+
+
+def test_default_suite_has_the_large_batch_in_training_mode():
+    cases = suite("default", ["info_nce", "siglip_loss"], [torch.float32, torch.bfloat16], ["fwd", "fwd+bwd"])
+    assert {(c.op, c["N"], c.mode) for c in cases} == {
+        (op, n, mode)
+        for op in ("info_nce", "siglip_loss")
+        for n, mode in ((4096, "fwd"), (4096, "fwd+bwd"), (16384, "fwd+bwd"))
+    }

@@ -73,3 +73,11 @@ def test_loss_from_open_clip_settings():
     assert (clip.local_loss, clip.gather_with_grad, clip.rank, clip.world_size) == (True, True, 1, 2)
     with pytest.raises(TypeError, match="ClipLoss or SigLipLoss"):
         loss_from_open_clip(torch.nn.MSELoss())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_scripted_model_is_refused_not_silently_kept(tiny_clip):
+    """open_clip's jit=True returns torch.jit.script(model); swapping inside it cannot work."""
+    scripted = torch.jit.script(copy.deepcopy(tiny_clip))
+    with pytest.raises(TypeError, match="jit=True"):
+        apply_mmfast_to_open_clip(scripted)

@@ -162,7 +162,10 @@ def test_bert_cross_attention_matches(op_calls):
     assert op_calls == [(True, False, False), (False, False, False)] * 2  # no padding: op's is_causal
 
 
-def test_bert_output_attentions(op_calls):
+def test_bert_output_attentions(op_calls, monkeypatch):
+    maps_calls = []
+    real = mt.attention_through_maps
+    monkeypatch.setattr(mt, "attention_through_maps", lambda *a, **k: maps_calls.append(1) or real(*a, **k))
     ref = _bert().eval()
     model = copy.deepcopy(ref)
     mt.register()
@@ -173,7 +176,9 @@ def test_bert_output_attentions(op_calls):
     enc_mask[2, 4:] = 0
     kw = dict(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc, encoder_attention_mask=enc_mask)
     a, b = ref(**kw, output_attentions=True), model(**kw, output_attentions=True)
-    assert len(op_calls) == 4 and len(b.attentions) == 2 and len(b.cross_attentions) == 2
+    # the maps' slow path, through mmfast's attention function, instead of the op
+    assert len(maps_calls) == 4 and not op_calls and len(b.attentions) == 2 and len(b.cross_attentions) == 2
+    torch.testing.assert_close(b.logits, a.logits, **TOL)
     for x, y in zip(a.attentions + a.cross_attentions, b.attentions + b.cross_attentions):
         torch.testing.assert_close(y, x, **TOL)
 
@@ -247,6 +252,77 @@ def test_lxmert_matches(Lv, op_calls):
         torch.testing.assert_close(y, x, **TOL)
 
 
+def _maps_and_grads(model, run, pick):
+    """Run ``model``, retain the gradients of the tensors ``pick(out)`` returns (attention maps,
+    hidden states), back-propagate a random weighting of the outputs; the retained gradients."""
+    out = run(model)
+    tensors = pick(out)
+    for t in tensors:
+        t.retain_grad()
+    torch.manual_seed(1)
+    outputs = [
+        o for o in (getattr(out, n, None) for n in ("language_output", "vision_output", "logits")) if o is not None
+    ]
+    sum((o * torch.randn_like(o)).sum() for o in outputs).backward()
+    return tensors, [t.grad for t in tensors]
+
+
+def test_lxmert_attention_maps_carry_gradients():
+    """transformers' test_retain_grad_hidden_states_attentions, stronger: every returned map (language,
+    vision, cross) gets a gradient, equal to the unpatched model's."""
+    ref = _lxmert()
+    model = mt.apply_mmfast_to_lxmert(copy.deepcopy(ref))
+    inputs = _lxmert_inputs()
+
+    def run(m):
+        return m(**inputs, output_attentions=True, output_hidden_states=True)
+
+    def pick(out):
+        maps = [*out.language_attentions, *out.vision_attentions, *out.cross_encoder_attentions]
+        return [out.language_hidden_states[0], out.vision_hidden_states[0], *maps]
+
+    want_t, want = _maps_and_grads(ref, run, pick)
+    got_t, got = _maps_and_grads(model, run, pick)
+    assert len(got) == 2 + 2 + 1 + 2
+    for name, a, b, ta, tb in zip(range(len(got)), want, got, want_t, got_t):
+        torch.testing.assert_close(tb, ta, **TOL, msg=lambda m, n=name: f"tensor {n}: {m}")
+        assert b is not None, f"tensor {name} got no gradient"
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(b, a, **TOL, msg=lambda m, n=name: f"gradient of tensor {n}: {m}")
+
+
+def test_interface_attention_maps_carry_gradients():
+    """The same through attn_implementation="mmfast" (BERT self- and cross-attention maps)."""
+    ref = _bert()
+    model = copy.deepcopy(ref)
+    mt.register()
+    model.set_attn_implementation("mmfast")
+    ids, mask = _padded_ids()
+    enc = torch.randn(3, 11, 32)
+    enc_mask = torch.ones(3, 11, dtype=torch.long)
+    enc_mask[2, 4:] = 0
+
+    def run(m):
+        return m(
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=enc,
+            encoder_attention_mask=enc_mask,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
+
+    def pick(out):
+        return [out.hidden_states[0], *out.attentions, *out.cross_attentions]
+
+    _, want = _maps_and_grads(ref, run, pick)
+    _, got = _maps_and_grads(model, run, pick)
+    assert len(got) == 5
+    for a, b in zip(want, got):
+        assert b is not None and b.abs().sum() > 0
+        torch.testing.assert_close(b, a, **TOL)
+
+
 def test_lxmert_trains_like_unpatched():
     ref = _lxmert()
     model = mt.apply_mmfast_to_lxmert(copy.deepcopy(ref))
@@ -286,8 +362,20 @@ def test_attention_function_matches_sdpa(case):
     elif case == "float":
         mask = torch.randn(B, 1, Lq, Lk)
     a, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
-    b, _ = mt.mmfast_attention_forward(module, q, k, v, mask, scaling=0.3)
+    b, weights = mt.mmfast_attention_forward(module, q, k, v, mask, scaling=0.3)
     torch.testing.assert_close(b, a, **TOL)
+    assert weights is None
+    # With the maps asked for: the same output and query gradient, computed from the maps it returns.
+    w = torch.randn_like(a)
+    qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+    (sdpa_attention_forward(module, qa, k, v, mask, scaling=0.3)[0] * w).sum().backward()
+    b, maps = mt.mmfast_attention_forward(module, qb, k, v, mask, scaling=0.3, output_attentions=True)
+    torch.testing.assert_close(b, a, **TOL)
+    assert maps.shape == (B, H, Lq, Lq if case == "static_prefill" else Lk)
+    maps.retain_grad()
+    (b * w).sum().backward()
+    torch.testing.assert_close(qb.grad, qa.grad, **TOL)
+    assert maps.grad is not None and maps.grad.abs().sum() > 0
 
 
 def test_registered_in_both_interfaces():

@@ -3,7 +3,7 @@
 Runs every available mmfast backend and the installed peers on the same inputs, checks each
 against the reference before timing it, and reports median time with 20/80% quantiles, speed-up
 over the PyTorch baseline, GFLOP/s as a fraction of the machine's matmul rate (measured in the same
-run) and peak memory. See docs/bench.md.
+run) and peak memory. See README.md, "Benchmarks".
 """
 
 from mmfast.bench.cases import Case, flops

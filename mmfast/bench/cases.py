@@ -89,7 +89,13 @@ ATTENTION_SHAPES = {
     "quick": [("text->image", 32, 12, 32, 577, 64, True)],
     "smoke": [("text->image", 2, 2, 5, 37, 16, True)],
 }
-CONTRASTIVE_N = {"default": [4096, 16384], "quick": [4096], "smoke": [64]}
+# Batch sizes per preset and mode: the large batch is a training case (fwd+bwd); its forward alone
+# would cost the default run's budget without adding a claim.
+CONTRASTIVE_N = {
+    "default": {"fwd": [4096], "fwd+bwd": [4096, 16384]},
+    "quick": {"fwd": [4096], "fwd+bwd": [4096]},
+    "smoke": {"fwd": [64], "fwd+bwd": [64]},
+}
 CONTRASTIVE_D = {"default": 512, "quick": 512, "smoke": 32}
 DEFAULT_DTYPES = {"default": ["fp32", "bf16"], "quick": ["fp32"], "smoke": ["fp32"]}
 
@@ -102,7 +108,7 @@ def suite(preset: str, ops: list[str], dtypes: list[torch.dtype], modes: list[st
             for mode in modes:
                 if op in CONTRASTIVE_OPS:
                     D = CONTRASTIVE_D[preset]
-                    cases += [contrastive_case(op, N, D, dtype, mode) for N in CONTRASTIVE_N[preset]]
+                    cases += [contrastive_case(op, N, D, dtype, mode) for N in CONTRASTIVE_N[preset][mode]]
                 else:
                     cases += [attention_case(*s, dtype=dtype, mode=mode) for s in ATTENTION_SHAPES[preset]]
     return cases

@@ -67,23 +67,27 @@ def _mmfast_build(backend: str) -> Callable[[Case, dict[str, Any]], Callable[[],
 
 
 def mmfast_providers(device: torch.device) -> list[Provider]:
-    """One provider per mmfast backend available on this machine (from ``mmfast.backends()``).
+    """One provider per mmfast backend (from ``mmfast.backends()``), whether it runs here or not.
 
-    A backend that cannot take tensors on ``device`` (the dispatcher's device rule) is listed as
-    unavailable there, with the dispatcher's reason.
+    A backend that is unavailable on this machine (the extension not built, no GPU, ...) or that
+    cannot take tensors on ``device`` (the dispatcher's device rule) is listed with that reason, so
+    the table's "Not run here" says why mmfast-cpu (say) is missing.
     """
     table = mmfast.backends()
-    names = [b for b in _dispatch.BACKENDS if any(op[b]["available"] for op in table.values())]
     out = []
-    for name in names:
+    for name in _dispatch.BACKENDS:
         ops = tuple(op for op in table if table[op][name]["available"])
-        why = "; ".join(_dispatch.device_reasons(name, device))
+        reasons = [table[op][name]["reason"] for op in table if not table[op][name]["available"]]
+        why = None if ops else reasons[0]
+        why = why or "; ".join(_dispatch.device_reasons(name, device)) or None
         if name == "triton" and device.type == "cpu" and not why:
             why = "on CPU tensors Triton runs its interpreter: a test tool, not a kernel"
         note = f"mmfast backend={name!r}" + (" (the ground truth itself)" if name == "reference" else "")
         build = _mmfast_build(name)
         out.append(
-            Provider(f"mmfast-{name}", ops, build, default=name != "reference", note=note, unavailable=why or None)
+            Provider(
+                f"mmfast-{name}", ops or tuple(table), build, default=name != "reference", note=note, unavailable=why
+            )
         )
     return out
 

@@ -78,8 +78,16 @@ def markdown(rows: list[Row], info: dict[str, Any], unavailable: dict[str, str],
     if used:
         lines += ["", "Providers: " + "; ".join(f"{p}: {notes[p]}" if notes.get(p) else p for p in used) + "."]
     if unavailable:
-        lines += ["", "Not run here: " + "; ".join(f"{k} ({v})" for k, v in unavailable.items()) + "."]
+        lines += ["", f"Not run here: {not_run(unavailable)}."]
     return "\n".join(lines) + "\n"
+
+
+def not_run(unavailable: dict[str, str]) -> str:
+    """Providers that share a reason named together: "a, b (why); c (why)"."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in unavailable.items():
+        by_reason.setdefault(why, []).append(name)
+    return "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items())
 
 
 def order_rows(rows: list[Row], op_order: list[str], provider_order: list[str]) -> list[Row]:
@@ -134,24 +142,33 @@ def _pyplot() -> Any:
         return None
 
 
-def plot_speedups(rows: list[Row], info: dict[str, Any], path: str) -> str | None:
-    """Horizontal bars: each provider's speed-up over the op's PyTorch baseline, per case."""
+def _baseline_label(ops: list[str]) -> str:
+    by_baseline: dict[str, list[str]] = {}
+    for op in ops:
+        if op in BASELINE:
+            by_baseline.setdefault(BASELINE[op], []).append(op)
+    return "1x = the baseline: " + "; ".join(f"{b} ({', '.join(o)})" for b, o in by_baseline.items())
+
+
+def speedup_figure(rows: list[Row], info: dict[str, Any]) -> Any:
+    """Horizontal bars: each provider's speed-up over its op's PyTorch baseline, per case (None: nothing
+    timed or no matplotlib). The left margin is sized from the drawn labels, so none is clipped."""
     plt = _pyplot()
     timed = [r for r in rows if r.speedup is not None and r.provider != BASELINE.get(r.op)]
     if plt is None or not timed:
         return None
-    cases = list(dict.fromkeys(f"{r.op} {r.shape} {r.dtype} {r.mode}" for r in timed))
+
+    def label(r: Row) -> str:
+        return f"{r.op} {r.dtype} {r.mode}\n{r.shape}"
+
+    cases = list(dict.fromkeys(label(r) for r in timed))
     provs = list(dict.fromkeys(r.provider for r in timed))
     height = 0.8 / len(provs)
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) * max(1, len(provs) / 2) + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(cases) * max(1, len(provs) / 2) + 1.8))
     for j, p in enumerate(provs):
-        ys, xs = [], []
-        for r in timed:
-            if r.provider == p:
-                ys.append(cases.index(f"{r.op} {r.shape} {r.dtype} {r.mode}") + j * height)
-                xs.append(r.speedup)
-        ax.barh(ys, xs, height=height, label=p)
-    ax.axvline(1.0, color="k", lw=0.8)
+        mine = [r for r in timed if r.provider == p]
+        ax.barh([cases.index(label(r)) + j * height for r in mine], [r.speedup for r in mine], height=height, label=p)
+    ax.axvline(1.0, color="k", lw=0.8, label=_baseline_label(list(dict.fromkeys(r.op for r in timed))))
     ax.set_xscale("log")
     lo, hi = min(r.speedup for r in timed), max(r.speedup for r in timed)
     ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo / 2 <= t <= hi * 2]
@@ -161,10 +178,26 @@ def plot_speedups(rows: list[Row], info: dict[str, Any], path: str) -> str | Non
     ax.invert_yaxis()
     ax.set_xlabel("speed-up over the PyTorch baseline (log scale; > 1 is faster)")
     ax.set_title(f"mmfast-bench, {info.get('gpu') or info['cpu']}, {info['date_utc']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08 - 0.4 / fig.get_figheight()), ncol=2)
+    # Size the margins from what was drawn: the labels' width on the left, the legend below.
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    label_w = max(t.get_window_extent(renderer).width for t in ax.get_yticklabels()) / fig.dpi
+    legend_h = ax.get_legend().get_window_extent(renderer).height / fig.dpi
+    fig.set_size_inches(label_w + 7.5, fig.get_figheight() + legend_h)
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=(label_w + 0.25) / w, right=1 - 0.3 / w, top=1 - 0.4 / h, bottom=(legend_h + 0.8) / h)
+    ax.get_legend().set_bbox_to_anchor((0.5, -0.6 / (h * ax.get_position().height)))
+    return fig
+
+
+def plot_speedups(rows: list[Row], info: dict[str, Any], path: str) -> str | None:
+    """The speed-up bars (``speedup_figure``) as a PNG at ``path``; None when there is nothing to plot."""
+    fig = speedup_figure(rows, info)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 

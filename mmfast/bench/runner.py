@@ -166,8 +166,16 @@ class Runner:
             return row
         if t_pred is not None and (2 * t_pred > share or key in self.time_skipped):
             self.time_skipped.add(key)
-            return self.blank_row(case, provider.name, "skipped", f"time budget (needs ~{2 * t_pred:.0f} s)", fl)
+            return self.blank_row(case, provider.name, "skipped", f"time budget ({self.needs(case, provider, fl)})", fl)
         return None
+
+    def needs(self, case: Case, provider: Provider, fl: float | None = None) -> str:
+        """What the prediction says a row would need: "needs ~T s, predicted peak M" (or "no prediction")."""
+        fl = flops(case) if fl is None else fl
+        t_pred, m_pred = self.predicted((provider.name, case.op, case.dtype, case.mode), fl)
+        if t_pred is None:
+            return "no prediction"
+        return f"needs ~{2 * t_pred:.0f} s" + ("" if m_pred is None else f", predicted peak {_fmt_bytes(m_pred)}")
 
     def run(self, case: Case, provider: Provider, data: Data, share: float) -> Row:
         """Check, then time ``provider`` on ``case``; ``share``: the seconds this row may spend."""

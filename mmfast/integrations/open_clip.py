@@ -7,6 +7,7 @@ constructor (``mmfast.nn.ClipLoss`` / ``SigLipLoss``).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mmfast.nn.losses import ClipLoss, SigLipLoss
@@ -16,7 +17,16 @@ __all__ = ["apply_mmfast_to_open_clip", "loss_from_open_clip"]
 
 
 def apply_mmfast_to_open_clip(model: nn.Module, *, backend: str = "auto") -> SwapReport:
-    """Replace the attention layers of an open_clip model (CLIP, CoCa, ...) in place; returns the report."""
+    """Replace the attention layers of an open_clip model (CLIP, CoCa, ...) in place; returns the report.
+
+    A TorchScript model (``create_model(..., jit=True)``) is refused: its attention is compiled
+    code, which no module swap reaches, so it would silently keep PyTorch's attention.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "apply_mmfast_to_open_clip got a TorchScript model (open_clip's jit=True): its attention is compiled "
+            "and cannot be swapped. Create the model with jit=False and apply mmfast before any torch.jit.script."
+        )
     return swap_modules(model, backend=backend)
 
 

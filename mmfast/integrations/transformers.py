@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfast import reference
@@ -31,6 +32,7 @@ __all__ = [
     "MIN_TRANSFORMERS_VERSION",
     "apply_mmfast_to_clip",
     "apply_mmfast_to_lxmert",
+    "attention_through_maps",
     "mmfast_attention_forward",
     "register",
 ]
@@ -74,6 +76,35 @@ def _padding_only(mask: Tensor, batch: int) -> Tensor | None:
     return None
 
 
+def attention_through_maps(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Attention whose output is computed FROM the attention maps it returns (the slow path).
+
+    The maps P = dropout(softmax(Q K^T * scale + masks)) (B, Hq, Lq, Lk), in query's dtype, and
+    out = P V (B, Hq, Lq, Dv): a gradient of the output reaches the maps, so a model's
+    ``output_attentions`` can be inspected with ``retain_grad()`` as in eager attention. Arguments
+    as ``mmfast.cross_attention`` (key_padding_mask True = padding; attn_mask bool True = take part
+    or additive float; causal bottom-right); GQA: Hq % Hkv == 0.
+    """
+    p, _ = reference.attention_probs(
+        query, key, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal, scale=scale
+    )
+    p = p.to(query.dtype)
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    rep = query.shape[1] // key.shape[1]
+    v = value.repeat_interleave(rep, dim=1) if rep > 1 else value
+    return torch.matmul(p.to(v.dtype), v), p
+
+
 def mmfast_attention_forward(
     module: nn.Module,
     query: Tensor,
@@ -98,7 +129,9 @@ def mmfast_attention_forward(
 
     Returns:
         (output (B, Lq, Hq, Dv) contiguous, weights): weights (B, Hq, Lq, Lk) only when the model
-        asks for ``output_attentions`` (computed by the slow reference path, before dropout), else None.
+        asks for ``output_attentions``, else None. The weights need the whole (Lq, Lk) matrix, so
+        that call takes the slow path, ``attention_through_maps``: the output is computed from the
+        returned weights (after dropout), which therefore carry its gradient, as in eager attention.
     """
     # (a sliding window needs nothing here: the mask builder already encodes it)
     for unsupported in ("softcap", "position_bias", "s_aux"):
@@ -120,16 +153,13 @@ def mmfast_attention_forward(
         mask = None if kpm is not None else attention_mask
         if mask is not None and mask.is_floating_point():
             mask = mask.to(query.dtype)
+    if kwargs.get("output_attentions"):  # slow path: the weights need the full (Lq, Lk) matrix
+        out, weights = attention_through_maps(query, key, value, kpm, mask, is_causal, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), weights
     out = cross_attention(
         query, key, value, key_padding_mask=kpm, attn_mask=mask, is_causal=is_causal, scale=scaling, dropout_p=dropout
     )
-    weights = None
-    if kwargs.get("output_attentions"):  # slow path: the weights need the full (Lq, Lk) matrix
-        probs, _ = reference.attention_probs(
-            query, key, key_padding_mask=kpm, attn_mask=mask, is_causal=is_causal, scale=scaling
-        )
-        weights = probs.to(query.dtype)
-    return out.transpose(1, 2).contiguous(), weights
+    return out.transpose(1, 2).contiguous(), None
 
 
 def mmfast_mask(*args: Any, **kwargs: Any) -> Tensor | None:
@@ -217,12 +247,11 @@ class _LxmertAttention(nn.Module):
         )
         kpm = _extended_to_padding(attention_mask)
         p = self.dropout.p if self.training else 0.0
+        if output_attentions:  # slow path: the output from the maps, which then carry its gradient
+            o, probs = attention_through_maps(q, k, v, kpm, dropout_p=p)
+            return o.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.head_size), probs
         o = cross_attention(q, k, v, key_padding_mask=kpm, dropout_p=p, backend=self.backend)
-        o = o.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.head_size)
-        if output_attentions:  # slow path: the weights need the full (Lq, Lk) matrix
-            probs, _ = reference.attention_probs(q, k, key_padding_mask=kpm)
-            return o, probs.to(q.dtype)
-        return (o,)
+        return (o.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.head_size),)
 
 
 class _LxmertXLayer(CoAttentionLayer):
@@ -237,13 +266,24 @@ class _LxmertXLayer(CoAttentionLayer):
         output_attentions: bool = False,
     ) -> tuple[Tensor, ...]:
         lang_pad, vis_pad = _extended_to_padding(lang_attention_mask), _extended_to_padding(visual_attention_mask)
-        lang, vis = super().forward(lang_feats, visual_feats, lang_pad, vis_pad)
         if not output_attentions:
-            return lang, vis
-        att = self.visual_attention.att  # the lang -> visual cross-attention weights, reference path
-        q = self._heads(att.query(lang_feats))
-        probs, _ = reference.attention_probs(q, self._heads(att.key(visual_feats)), key_padding_mask=vis_pad)
-        return lang, vis, probs.to(lang.dtype)
+            return super().forward(lang_feats, visual_feats, lang_pad, vis_pad)
+        # Slow path: the lang -> visual cross-attention (LXMERT returns its maps) is computed from
+        # its maps, so they carry the outputs' gradient; the other direction takes the op.
+        att = self.visual_attention.att
+        q, k, v = (
+            self._heads(att.query(lang_feats)),
+            self._heads(att.key(visual_feats)),
+            self._heads(att.value(visual_feats)),
+        )
+        o_l, probs = attention_through_maps(q, k, v, vis_pad, dropout_p=att.dropout.p if self.training else 0.0)
+        o_v = self._attend(att, visual_feats, lang_feats, lang_pad)
+        x = self.visual_attention.output(o_l.transpose(1, 2).reshape(lang_feats.shape), lang_feats)
+        y = self.visual_attention.output(o_v, visual_feats)
+        # Steps 2 and 3 of CoAttentionLayer.forward: self-attention, then the feed-forward blocks.
+        x = self.lang_self_att.output(self._attend(self.lang_self_att.self, x, x, lang_pad), x)
+        y = self.visn_self_att.output(self._attend(self.visn_self_att.self, y, y, vis_pad), y)
+        return self.lang_output(self.lang_inter(x), x), self.visn_output(self.visn_inter(y), y), probs
 
 
 def apply_mmfast_to_lxmert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
