@@ -337,7 +337,8 @@ def _grads(
     _bwd_dy[lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(D, m["BLOCK_DV"]))](
         *common, dc, N, M, D, *_strides(a, c), **meta, **NO_FUSION
     )
-    return da, dc, ds[:2].sum(1), ds[2].sum()
+    db = ds[2].sum() if loss == SIGLIP else torch.zeros((), device=a.device)  # InfoNCE: no bias
+    return da, dc, ds[:2].sum(1), db
 
 
 @contrastive_backward.register_fake
@@ -409,6 +410,14 @@ def siglip_loss(
     return out
 
 
+def _block_labels(labels: Tensor | None, n: int, m: int, device: torch.device) -> Tensor:
+    """A block's labels in [-1, m); None: no target / positive in this block (all -1: the kernels
+    read absent labels as the diagonal)."""
+    if labels is None:
+        return torch.full((n,), -1, device=device, dtype=torch.int64)
+    return _checked_labels(labels, n, -1, m)
+
+
 def block_forward(
     x: Tensor, y: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float, *, labels: Tensor | None, loss: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -417,9 +426,7 @@ def block_forward(
     scale, bias = _scalar(logit_scale, dev).detach(), _scalar(logit_bias, dev).detach()
     x, y = _indexable(x), _indexable(y)
     n, m = x.shape[0], y.shape[0]
-    if labels is None:  # no target / positive in this block
-        labels = torch.full((n,), -1, device=dev, dtype=torch.int64)
-    labels = _checked_labels(labels, n, -1, m)
+    labels = _block_labels(labels, n, m, dev)
     code = INFO_NCE if loss == "info_nce" else SIGLIP
     row_part, tgt_part, col_part = _partials(x, y, scale, bias, labels, code, code == INFO_NCE)
     if code == SIGLIP:
@@ -444,7 +451,7 @@ def block_backward(
     dev = x.device
     scale, bias = _scalar(logit_scale, dev).detach(), _scalar(logit_bias, dev).detach()
     x, y = _indexable(x), _indexable(y)
-    labels = _checked_labels(labels, x.shape[0], -1, y.shape[0])
+    labels = _block_labels(labels, x.shape[0], y.shape[0], dev)
     g = row_weight.float().contiguous()
     h = None if col_weight is None else col_weight.float().contiguous()
     code = INFO_NCE if loss == "info_nce" else SIGLIP
