@@ -843,9 +843,11 @@ GradSums<acc_t> grad_tile_row(const GradArgs& g, int64_t i, int64_t j0, int64_t 
     t += grad_row<acc_t>(g, i, j0 + l + 1, u + l + 1, G + l + 1, bm - l - 1, false);
   }
   if (has_target && !g.siglip) {  // G_{i, l_i} -= c_i (a_i from the row term, e_{l_i} from the column term)
+    // The products rounded on their own (as the softmax terms' were): a lone candidate's P = 1
+    // then gives exactly 0 in Σ G U too.
     G[l] -= static_cast<const acc_t*>(g.target_w)[i];
-    t.gu_row -= static_cast<const acc_t*>(g.row_w)[i] * ul;
-    if (g.col_w != nullptr) t.gu_col -= static_cast<const acc_t*>(g.target_e)[i] * ul;
+    t.gu_row -= scaled(static_cast<const acc_t*>(g.row_w)[i], ul);
+    if (g.col_w != nullptr) t.gu_col -= scaled(static_cast<const acc_t*>(g.target_e)[i], ul);
   }
   return t;
 }
@@ -863,8 +865,7 @@ struct InfoNceGradTile : cpu::NoBegin {
   const float* c;         // column LSE (with e)
   const int64_t* labels;  // l_i
   int64_t j0;             // the tile's first column
-  const float* cw;        // c_i: G_{i, l_i} -= c_i
-  const float* ce;        // e_{l_i}
+  const float* ce;        // e_{l_i}: G_{i, l_i} gets a_i (P - 1) + e_{l_i} (Q - 1)
   float* G;
   int64_t ldg;
   double gu_row = 0, gu_col = 0;  // Σ G U over the tile, row and column terms
@@ -882,34 +883,30 @@ struct InfoNceGradTile : cpu::NoBegin {
       }
     }
     __m512 grow = _mm512_setzero_ps(), gcol = _mm512_setzero_ps();
-    double fix_row = 0, fix_col = 0;
 #pragma GCC unroll 8
     for (int r_ = 0; r_ < MR; ++r_) {
       const int64_t row = i + r_;
       const __m512 vw = _mm512_set1_ps(w[row]), vr = _mm512_set1_ps(r[row]);
       const int64_t l = labels[row] < 0 ? -1 : labels[row] - j0 - j;  // target column within these 32
-      float u_l = 0;
-      if (l >= 0 && l < 32) u_l = acc[r_][l / 16][l % 16];
       for (int h = 0; h < 2; ++h) {
+        // the target lane, where the term becomes a (P - 1) (and e (Q - 1)) before it is summed
+        const __mmask16 tl = l >= 16 * h && l < 16 * h + 16 ? __mmask16(mk[h] & (1u << (l - 16 * h))) : 0;
         const __m512 u = acc[r_][h];  // masked lanes hold 0 (B was read masked)
         const __m512 sij = _mm512_mul_ps(vs, u);
         __m512 v = _mm512_maskz_mul_ps(mk[h], vw, cpu::exp_f32x16(_mm512_sub_ps(sij, vr)));
+        v = _mm512_mask_sub_ps(v, tl, v, vw);
         grow = _mm512_fmadd_ps(v, u, grow);
         if (e != nullptr) {
-          const __m512 vce = _mm512_maskz_mul_ps(mk[h], ve[h], cpu::exp_f32x16(_mm512_sub_ps(sij, vc[h])));
+          __m512 vce = _mm512_maskz_mul_ps(mk[h], ve[h], cpu::exp_f32x16(_mm512_sub_ps(sij, vc[h])));
+          vce = _mm512_mask_sub_ps(vce, tl, vce, _mm512_set1_ps(ce[row]));
           gcol = _mm512_fmadd_ps(vce, u, gcol);
           v = _mm512_add_ps(v, vce);
         }
         _mm512_mask_storeu_ps(G + row * ldg + j + 16 * h, mk[h], v);
       }
-      if (l >= 0 && l < 32 && ((uint32_t(m0) | uint32_t(m1) << 16) >> l & 1u)) {
-        G[row * ldg + j + l] -= cw[row];
-        fix_row -= static_cast<double>(w[row] * u_l);
-        if (e != nullptr) fix_col -= static_cast<double>(ce[row] * u_l);
-      }
     }
-    gu_row += static_cast<double>(_mm512_reduce_add_ps(grow)) + fix_row;
-    gu_col += static_cast<double>(_mm512_reduce_add_ps(gcol)) + fix_col;
+    gu_row += static_cast<double>(_mm512_reduce_add_ps(grow));
+    gu_col += static_cast<double>(_mm512_reduce_add_ps(gcol));
   }
 };
 
@@ -973,8 +970,7 @@ TileGrads tile_grads(const at::Tensor& x, const at::Tensor& y, const GradArgs& g
                                 e != nullptr ? static_cast<const float*>(g.col_lse) + j0 : nullptr,
                                 g.labels + i0,
                                 j0,
-                                static_cast<const float*>(g.target_w) + i0,
-                                static_cast<const float*>(g.target_e) + i0,
+                                e != nullptr ? static_cast<const float*>(g.target_e) + i0 : nullptr,
                                 U,
                                 tl.bm};
             tp.logits_epilogue(i0, bn, j0, bm, epi);
