@@ -180,8 +180,10 @@ def _clip_backward(
         )  # fmt: skip
         dx = dxb if dx is None else dx.add_(dxb)
         ds_rows = dsb[0] if ds_rows is None else ds_rows + dsb[0]
+        del dxb  # before the next block's kernel allocates its own
         ring.wait(works + pending_send, k)
         acc = [dyb, dsb[1:]] if k == 0 else [acc_in[0].add_(dyb), acc_in[1].add_(dsb[1:])]
+        del dyb
         pending_send = ring.post(acc, [], tag=40)
         if k < W - 1:
             packet = nxt
@@ -293,8 +295,10 @@ def _siglip_backward(
             x, cur, scale, bias, labels=labels, row_weight=w, loss="siglip", backend=backend
         )
         dx, ds, db = (dxb, dsb[0], dbb) if dx is None else (dx.add_(dxb), ds + dsb[0], db + dbb)
+        del dxb
         ring.wait(works + pending_send, k)
         pending_send = ring.post([dyb if k == 0 else acc_in[0].add_(dyb)], [], tag=70)
+        del dyb
         if k < W - 1:
             cur = nxt
     own = [torch.empty_like(dx)]
