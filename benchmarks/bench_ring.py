@@ -60,7 +60,7 @@ def one_call(impl: str, n: int, d: int, dtype: torch.dtype, rank: int, world: in
         loss = loss_fn(x, y, s.exp())
         loss.backward()
         seconds = time.perf_counter() - start
-    value = float(loss)
+    value = float(loss.detach())
     del loss, x, y, s
     dist.barrier()
     return {"peak": peak.bytes, "seconds": seconds, "loss": value}
@@ -108,9 +108,15 @@ def report(rows: list[dict], args, world: int) -> dict:
         ns = [line["n"] for line in oc]
         peak = quadratic_at(ns, [line["peak_mib"] for line in oc], args.batch)
         secs = oc[-1]["seconds"] * (args.batch / ns[-1]) ** 2
-        out["rows"].append({"provider": "open_clip", "n": args.batch, "peak_mib": peak, "seconds": secs, "predicted": True})
-        print(f"| open_clip (predicted from n = {', '.join(map(str, ns))}) | {args.batch} | {peak:.0f} | {secs:.1f} | |")
-    got = {line["provider"]: line["peak_mib"] for line in out["rows"] if line["n"] == args.batch and not line["predicted"]}
+        out["rows"].append(
+            {"provider": "open_clip", "n": args.batch, "peak_mib": peak, "seconds": secs, "predicted": True}
+        )
+        print(
+            f"| open_clip (predicted from n = {', '.join(map(str, ns))}) | {args.batch} | {peak:.0f} | {secs:.1f} | |"
+        )
+    got = {
+        line["provider"]: line["peak_mib"] for line in out["rows"] if line["n"] == args.batch and not line["predicted"]
+    }
     if "ring" in got and "gather" in got:
         ratio = got["ring"] / got["gather"]
         out["ring_over_gather_peak"] = ratio
