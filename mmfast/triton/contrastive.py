@@ -300,7 +300,9 @@ def contrastive_backward(
     col_stats = loss == INFO_NCE and direction == 0
     g = _weights(grad, a.shape[0], loss, direction, reduction)
     rlse = (col_stat if direction == 2 else row_stat) if loss == INFO_NCE else None
-    da, dc, ds, db = _grads(a, c, scale, bias, labels, g, g if col_stats else None, rlse, col_stat, loss, a.dtype)
+    da, dc, ds, db = _grads(
+        a, c, scale, bias, labels, g, g if col_stats else None, rlse, col_stat, loss, a.dtype, False
+    )
     dx, dy = _oriented(da, dc, direction)
     return dx, dy, ds.sum(), db
 
@@ -317,9 +319,10 @@ def _grads(
     clse: Tensor | None,
     loss: int,
     out_dtype: torch.dtype,
+    split: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Both backward kernels: (da (N, D), dc (M, D) in out_dtype, dscale (2,) = [g terms, h terms],
-    dbias ()). g (N,) row weights, h (M,) column weights or None (no column term)."""
+    """Both backward kernels: (da (N, D), dc (M, D) in out_dtype, dscale (2,) = [g terms, h terms]
+    (with ``split``; else [all, 0]), dbias ()). g (N,) row weights, h (M,) column weights or None."""
     (N, D), M = a.shape, c.shape[0]
     col_stats = h is not None
     da = torch.empty(N, D, device=a.device, dtype=out_dtype)
@@ -332,7 +335,7 @@ def _grads(
     meta = dict(LOSS=loss, HAS_LABELS=labels is not None, COL_STATS=col_stats, PRECISION=_precision(a.dtype))
     common = (a, c, scale, bias, lab, g, h, rlse, clse)
     _bwd_dx[lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(D, m["BLOCK_DV"]))](
-        *common, da, ds[0], ds[1], ds[2], N, M, D, *_strides(a, c), **meta, **NO_FUSION
+        *common, da, ds[0], ds[1], ds[2], N, M, D, *_strides(a, c), **meta, SPLIT_DS=split and col_stats, **NO_FUSION
     )
     _bwd_dy[lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(D, m["BLOCK_DV"]))](
         *common, dc, N, M, D, *_strides(a, c), **meta, **NO_FUSION
@@ -455,7 +458,7 @@ def block_backward(
     g = row_weight.float().contiguous()
     h = None if col_weight is None else col_weight.float().contiguous()
     code = INFO_NCE if loss == "info_nce" else SIGLIP
-    return _grads(x, y, scale, bias, labels, g, h, row_lse, col_lse, code, torch.float32)
+    return _grads(x, y, scale, bias, labels, g, h, row_lse, col_lse, code, torch.float32, True)
 
 
 def reasons(*, dtype: torch.dtype, N: int, M: int, D: int, direction: str, reduction: str) -> list[str]:
@@ -516,7 +519,7 @@ def compile_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
         )
         bwd_const = dict(flags, **bwd_blocks, PRECISION="ieee")
         dx_sig = dict(bwd_sig, dx_ptr=f"*{t}", ds_ptr="*fp32", dsc_ptr="*fp32", db_ptr="*fp32")
-        specs.append(_spec(f"bwd_dx_{tag}", K._bwd_dx_kernel, dx_sig, bwd_const))
+        specs.append(_spec(f"bwd_dx_{tag}", K._bwd_dx_kernel, dx_sig, dict(bwd_const, SPLIT_DS=False)))
         dy_sig = dict(bwd_sig, dy_ptr=f"*{t}")
         specs.append(_spec(f"bwd_dy_{tag}", K._bwd_dy_kernel, dy_sig, bwd_const))
     merge_sig = {"part_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "L": "i32"}

@@ -202,9 +202,11 @@ def _bwd_dx_kernel(
     sxn, sxd, syn, syd,
     LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, COL_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT_DS: tl.constexpr,
 ):  # fmt: skip
-    """dx[rows, dv] = s Σ_j G[rows, j] y[j, dv] for rows of block pid_n and dims of chunk pid_d."""
+    """dx[rows, dv] = s Σ_j G[rows, j] y[j, dv] for rows of block pid_n and dims of chunk pid_d.
+    SPLIT_DS (the block primitive): d(scale) kept as its g terms (ds) and h terms (dsc) apart;
+    otherwise all of it in ds (and dsc 0), which spares the loss a live tile of registers."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -233,8 +235,11 @@ def _bwd_dx_kernel(
             y_ptr + cols[:, None] * syn + dv[None, :] * syd, mask=col_ok[:, None] & (dv[None, :] < D), other=0.0
         )
         acc = tl.dot(G.to(yv.dtype), yv, acc, input_precision=PRECISION)
-        ds += tl.sum((G - Gc) * T, axis=1)
-        dsc += tl.sum(Gc * T, axis=1)
+        if SPLIT_DS:
+            ds += tl.sum((G - Gc) * T, axis=1)
+            dsc += tl.sum(Gc * T, axis=1)
+        else:
+            ds += tl.sum(G * T, axis=1)
         db += tl.sum(G, axis=1)
     tl.store(
         dx_ptr + rows[:, None] * D + dv[None, :],
