@@ -391,7 +391,6 @@ def _bad_cases():
         ("scale shape", lambda: mmfast.info_nce(x, y, torch.ones(2)), ValueError, "logit_scale"),
         ("scale type", lambda: mmfast.info_nce(x, y, "1.0"), TypeError, "logit_scale"),
         ("bias shape", lambda: mmfast.siglip_loss(x, y, 1.0, torch.ones(3)), ValueError, "logit_bias"),
-        ("empty batch", lambda: mmfast.info_nce(x[:0], y[:0], 1.0), ValueError, "empty"),
         ("direction", lambda: mmfast.info_nce(x, y, 1.0, direction="rows"), ValueError, "direction"),
         ("reduction", lambda: mmfast.info_nce(x32, y, 1.0, reduction="avg"), ValueError, "reduction"),
         ("image M < N", lambda: mmfast.info_nce(x, y[:2], 1.0, direction="image"), ValueError, "M >= N"),
@@ -434,7 +433,11 @@ def test_opcheck(loss, direction, M, labels, reduction):
     torch.library.opcheck(torch.ops.mmfast.contrastive_forward.default, args)
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(tmp_path, monkeypatch):
+    # a private Inductor cache: one shared with an older checkout may hold graphs compiled against
+    # that checkout's fake functions of the same custom ops (the cache key does not cover them)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
     inp = contrastive_inputs(N=33, D=16, requires_grad=True)
     x, y, s = inp["image_features"], inp["text_features"], inp["logit_scale"]
     fn = torch.compile(lambda a, b, c: mmfast.info_nce(a, b, c, backend="cpu"), fullgraph=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mmfast import reference
+from mmfast.ops.contrastive import stat_shapes
 from tests import emu_build
 from tests.utils import BWD_TOL, FWD_TOL, contrastive_inputs
 
@@ -55,9 +56,14 @@ def _check(emu, loss, N, M, D, dtype, direction="both", reduction="mean", labels
     want = _reference(loss, x64, y64, s64, b64, lab, direction, reduction)
     assert out.dtype == torch.float32 and out.shape == want.shape
     torch.testing.assert_close(out.double(), want.detach(), **FWD_TOL[dtype])
-    if loss == "info_nce":  # the saved statistics are the exact row / column log-sum-exp
-        logits = s64.detach() * x64.detach() @ y64.detach().t()
+    # the saved statistics: the exact row / column log-sum-exp where the direction reads them (one
+    # layout on every backend)
+    r, c = stat_shapes(N, M, LOSS[loss], DIRECTION[direction])
+    assert row_stat.shape == (r,) and col_stat.shape == (c,)
+    logits = s64.detach() * x64.detach() @ y64.detach().t()
+    if r:
         torch.testing.assert_close(row_stat.double(), logits.logsumexp(1), **FWD_TOL[dtype])
+    if c:
         torch.testing.assert_close(col_stat.double(), logits.logsumexp(0), **FWD_TOL[dtype])
 
     grad = torch.randn(want.shape, dtype=torch.float32)

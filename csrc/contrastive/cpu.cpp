@@ -7,16 +7,23 @@
 //
 // InfoNCE (https://arxiv.org/abs/1807.03748, CLIP https://arxiv.org/abs/2103.00020):
 //   r_i = logsumexp_j S_ij (row LSE),  c_j = logsumexp_i S_ij (column LSE),  t_i = S_{i, l_i}
-//   (each LSE kept as the pair (max, log Σ exp(S - max)) and used as (S - max) - log Σ)
+//   (the forward keeps each LSE as the pair (max, log Σ exp(S - max)) and forms the loss as
+//   (max - t) + log Σ; it hands the backward r = max + log Σ)
 //   image loss  L_img[i] = r_i - t_i;   text loss  L_txt[j] = c_j - t_{inv_j}   (inv = labels⁻¹)
 //   "both": row i = (L_img[i] + L_txt[i]) / 2.  "text" is "image" with x and y swapped.
 //   With a_i = dLoss/dL_img[i] and e_j = dLoss/dL_txt[j] (from grad_loss and the reduction):
 //     G_ij = a_i exp(S_ij - r_i) + e_j exp(S_ij - c_j) - [j == l_i] (a_i + e_j)     (= dLoss/dS_ij)
-//     dx = s G y,   dy = s Gᵀ x,   ds = Σ_ij G_ij U_ij.
+//     dx = s G y,   dy = s Gᵀ x,   ds = Σ_ij G_ij U_ij  (kept as the a and the e terms' shares).
 //   The target logit t_i and the target term of G are taken from the same tile element as the
-//   softmax (so P_ii - 1 is formed before the GEMMs: no cancellation between two large terms).
+//   softmax (so P_ii - 1 is formed before the GEMMs: no cancellation between two large terms), and
+//   the backward rounds S = s U exactly as the forward did (never fused into an FMA with the
+//   subtraction of r_i), so where the exact gradient is 0 (one candidate: P = 1) it is 0.
+//   Non-finite logits (NUMERICS.md): the running maxima are clamped to ±FLT_MAX, so a row or
+//   column holding +inf gets the log-sum-exp +inf (never inf - inf = NaN), one of only -inf gets
+//   -inf, and a NaN stays in the rows and columns that hold it.
 //
-// SigLIP (https://arxiv.org/abs/2303.15343): L_ij = s U_ij + b, z_ii = 1, z_ij = -1 (i != j):
+// SigLIP (https://arxiv.org/abs/2303.15343): L_ij = s U_ij + b, z_ij = 1 at the positive pairs
+// (j = l_i; default i = j; l_i = -1: none), z_ij = -1 elsewhere:
 //   loss_ij = -log σ(z_ij L_ij) = softplus(-z_ij L_ij);  row i = Σ_j loss_ij
 //   dLoss/dL_ij = G_ij = -w_i z_ij σ(-z_ij L_ij);  dx = s G y,  dy = s Gᵀ x,  ds = Σ G U,  db = Σ G.
 //
@@ -57,10 +64,24 @@
 
 // loss: 0 = InfoNCE, 1 = SigLIP; direction: 0 = both, 1 = image, 2 = text;
 // reduction: 0 = mean, 1 = sum, 2 = none. scale, bias: 0-dim floating tensors (bias unused by
-// InfoNCE). labels: (N,) int64 or absent. row_stat / col_stat: what the backward needs. InfoNCE:
-// (2, N) and (2, M) (col_stat (2, 0) unless direction is both) in the accumulation dtype, holding
-// the log-sum-exp split as [max; log Σ exp(S - max)], so that S - lse = (S - max) - log Σ keeps full
-// precision when the logits are large (|S| ~ 1e4: an fp32 lse alone is off by ~1e-3). SigLIP: (0,).
+// InfoNCE). labels: (N,) int64 ((M,) for direction text) or absent (arange); SigLIP: each image's
+// positive text, -1 for none, at most one image per text.
+// Statistics, one layout on every backend (cpu, cuda, triton, reference): row_stat = the rows'
+// log-sum-exp of S (N,), col_stat = the columns' (M,), in the accumulation dtype (fp32; fp64 for
+// fp64 input), each empty (0,) when the direction does not read it (image: no col_stat, text: no
+// row_stat; SigLIP: both empty). A max is folded into the log-sum-exp and merging two is logaddexp;
+// the backward's exp(S - lse) then carries lse's rounding, which is no larger than that of the fp32
+// logit S itself.
+//
+// Block primitives (one tile-block of a larger logits matrix, for losses over logits that no
+// process holds whole: the ring of mmfast.nn.ClipLoss):
+//   contrastive_block_forward: labels (n,) in [-1, m) = each row's target column in this block (-1:
+//     elsewhere; absent: no targets). InfoNCE -> (row_lse (n,), col_lse (m,), target (n,) = S_{i, l_i}
+//     or 0). SigLIP -> (rows (n,) = Σ_j softplus(-z_ij L_ij), (0,), (0,)).
+//   contrastive_block_backward: G from external final statistics and per-row / per-column loss
+//     weights a (n,) and e (m,) (e empty: no column term; SigLIP: rows only) -> (dx (n, D), dy (m, D)
+//     in the accumulation dtype, dscale (2,) = [Σ of the a terms' G U, Σ of the e terms' G U],
+//     dbias () = Σ G (SigLIP; 0 for InfoNCE)).
 TORCH_LIBRARY_FRAGMENT(mmfast, m) {
   m.def(
       "contrastive_forward(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor? labels, int loss, "
@@ -68,6 +89,13 @@ TORCH_LIBRARY_FRAGMENT(mmfast, m) {
   m.def(
       "contrastive_backward(Tensor grad_loss, Tensor x, Tensor y, Tensor scale, Tensor bias, "
       "Tensor? labels, Tensor row_stat, Tensor col_stat, int loss, int direction, int reduction) "
+      "-> (Tensor dx, Tensor dy, Tensor dscale, Tensor dbias)");
+  m.def(
+      "contrastive_block_forward(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor? labels, "
+      "int loss) -> (Tensor row, Tensor col, Tensor target)");
+  m.def(
+      "contrastive_block_backward(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor? labels, "
+      "Tensor row_lse, Tensor col_lse, Tensor row_weight, Tensor col_weight, int loss) "
       "-> (Tensor dx, Tensor dy, Tensor dscale, Tensor dbias)");
 }
 
@@ -273,7 +301,9 @@ class TileProducts {
   at::Tensor yt_f32_, y_rows_f32_;
 };
 
-// How the rows are cut: one contiguous chunk of row blocks per thread.
+// How the rows are cut: one contiguous chunk of row blocks per thread. The forward and the backward
+// use the same tiles, so each logit is computed by the same GEMM call (same shapes, same summation
+// order, whichever library runs it) in both: the backward reproduces the forward's S bit for bit.
 struct Tiling {
   int64_t bn, bm, chunks, rows_per_chunk;
 };
@@ -285,7 +315,11 @@ Tiling make_tiling(int64_t N, int64_t M) {
   const int64_t row_blocks = (N + bn - 1) / bn;
   const int64_t chunks = std::min(threads, row_blocks);
   const int64_t rows_per_chunk = (row_blocks + chunks - 1) / chunks * bn;
-  return {bn, std::min<int64_t>(kBlockCols, M), chunks, rows_per_chunk};
+  // Column blocks narrow enough for every thread to get a column chunk in each phase of the backward
+  // (a multiple of 32, the width of the packed panels that a block must start on).
+  const int64_t bm =
+      std::min({kBlockCols, M, std::max<int64_t>(32, ((M + chunks - 1) / chunks + 31) / 32 * 32)});
+  return {bn, bm, chunks, rows_per_chunk};
 }
 
 // Calls fn(chunk, i0, bn_actual, j0, bm_actual, U) for every tile of U = x yᵀ: U points to the
@@ -346,8 +380,25 @@ void for_each_tile_phased(int64_t N, int64_t M, const Tiling& tl, TileFn&& fn) {
 
 // Online LSE update of one tile (steps of the forward, after the GEMM):
 //   1. S = s U; row max and (if cols) column max of the tile.
-//   2. rows: m' = max(m, tile max), l = l e^(m - m') + Σ_j e^(S_ij - m').
+//   2. rows: m' = max(m, tile max), l = l e^(m̂ - m̂') + Σ_j e^(S_ij - m̂'), m̂ = shift(m).
 //   3. columns: the same along i, vectorized across the tile's columns.
+// m is the true running max (it may be ±inf or NaN); the exps are taken against shift(m), m clamped
+// to ±FLT_MAX, so +inf - +inf and -inf - -inf never occur (see the file comment).
+template <typename acc_t>
+inline acc_t shift(acc_t m) {
+  return std::min(std::max(m, std::numeric_limits<acc_t>::lowest()), std::numeric_limits<acc_t>::max());
+}
+#if MMFAST_CONTRASTIVE_AVX2
+inline __m256 shift8(__m256 m) {  // NaN stays NaN (max / min return the second operand on NaN)
+  return _mm256_min_ps(_mm256_set1_ps(std::numeric_limits<float>::max()),
+                       _mm256_max_ps(_mm256_set1_ps(std::numeric_limits<float>::lowest()), m));
+}
+#endif
+__attribute__((target("avx512f"))) inline __m512 shift16(__m512 m) {
+  return _mm512_min_ps(_mm512_set1_ps(std::numeric_limits<float>::max()),
+                       _mm512_max_ps(_mm512_set1_ps(std::numeric_limits<float>::lowest()), m));
+}
+
 // row[j] *= s over a row; returns the row's max and raises colmax[j] to row[j] (colmax may be null).
 template <typename acc_t>
 acc_t scale_row_max(acc_t* row, int64_t n, acc_t s, acc_t* colmax) {
@@ -374,10 +425,11 @@ acc_t scale_row_max(acc_t* row, int64_t n, acc_t s, acc_t* colmax) {
   return mx;
 }
 
-// Σ_j exp(row[j] - m).
+// Σ_j exp(row[j] - m̂), m̂ = shift(m).
 template <typename acc_t>
 acc_t sum_exp(const acc_t* row, int64_t n, acc_t m) {
   acc_t sum = 0;
+  m = shift(m);
   int64_t j = 0;
 #if MMFAST_CONTRASTIVE_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -391,19 +443,19 @@ acc_t sum_exp(const acc_t* row, int64_t n, acc_t m) {
   return sum;
 }
 
-// acc[j] += exp(row[j] - m[j]).
+// acc[j] += exp(row[j] - shift(m[j])).
 template <typename acc_t>
 void add_exp(const acc_t* row, const acc_t* m, acc_t* acc, int64_t n) {
   int64_t j = 0;
 #if MMFAST_CONTRASTIVE_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
     for (; j + 8 <= n; j += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(m + j)));
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift8(_mm256_loadu_ps(m + j))));
       _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), e));
     }
   }
 #endif
-  for (; j < n; ++j) acc[j] += exp_(row[j] - m[j]);
+  for (; j < n; ++j) acc[j] += exp_(row[j] - shift(m[j]));
 }
 
 template <typename acc_t>
@@ -413,12 +465,12 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
   for (int64_t r = 0; r < bn; ++r) {  // 1. scale, row and column maxima; 2. rows
     acc_t* row = S + r * ld;
     const acc_t m_new = std::max(row_m[r], scale_row_max(row, bm, s, col_m != nullptr ? col_tmp : nullptr));
-    row_l[r] = row_l[r] * exp_(row_m[r] - m_new) + sum_exp(row, bm, m_new);
+    row_l[r] = row_l[r] * exp_(shift(row_m[r]) - shift(m_new)) + sum_exp(row, bm, m_new);
     row_m[r] = m_new;
   }
   if (col_m == nullptr) return;
   for (int64_t j = 0; j < bm; ++j) {  // 3. columns
-    col_l[j] *= exp_(col_m[j] - col_tmp[j]);
+    col_l[j] *= exp_(shift(col_m[j]) - shift(col_tmp[j]));
     col_m[j] = col_tmp[j];
   }
   for (int64_t r = 0; r < bn; ++r) add_exp(S + r * ld, col_m, col_l, bm);
@@ -433,7 +485,7 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
 struct InfoNceLseTile : cpu::NoBegin {
   float s;
   float* rm;  // (block rows x 16) lane maxima
-  float* rl;  // (block rows x 16) lane sums of e^(S - lane max)
+  float* rl;  // (block rows x 16) lane sums of e^(S - shift(lane max))
   float* cm;  // the chunk's column max and sum, or null for one direction
   float* cl;
   const int64_t* labels;  // l_i
@@ -460,10 +512,11 @@ struct InfoNceLseTile : cpu::NoBegin {
       const __m512 m = _mm512_loadu_ps(pm);
       __m512 sum = _mm512_loadu_ps(pl);
       const __m512 mn = _mm512_max_ps(m, _mm512_max_ps(acc[r][0], acc[r][1]));
+      const __m512 mns = shift16(mn);
       const __mmask16 grown = _mm512_cmp_ps_mask(mn, m, _CMP_GT_OQ);
-      if (grown) sum = _mm512_mask_mul_ps(sum, grown, sum, cpu::exp_f32x16(_mm512_sub_ps(m, mn)));
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m0, cpu::exp_f32x16(_mm512_sub_ps(acc[r][0], mn))));
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m1, cpu::exp_f32x16(_mm512_sub_ps(acc[r][1], mn))));
+      if (grown) sum = _mm512_mask_mul_ps(sum, grown, sum, cpu::exp_f32x16(_mm512_sub_ps(shift16(m), mns)));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m0, cpu::exp_f32x16(_mm512_sub_ps(acc[r][0], mns))));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m1, cpu::exp_f32x16(_mm512_sub_ps(acc[r][1], mns))));
       _mm512_storeu_ps(pm, mn);
       _mm512_storeu_ps(pl, sum);
     }
@@ -474,10 +527,11 @@ struct InfoNceLseTile : cpu::NoBegin {
       __m512 mn = m;
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) mn = _mm512_max_ps(mn, acc[r][h]);
+      const __m512 mns = shift16(mn);
       const __mmask16 grown = _mm512_mask_cmp_ps_mask(mk[h], mn, m, _CMP_GT_OQ);
-      if (grown) sum = _mm512_mask_mul_ps(sum, grown, sum, cpu::exp_f32x16(_mm512_sub_ps(m, mn)));
+      if (grown) sum = _mm512_mask_mul_ps(sum, grown, sum, cpu::exp_f32x16(_mm512_sub_ps(shift16(m), mns)));
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) sum = _mm512_add_ps(sum, cpu::exp_f32x16(_mm512_sub_ps(acc[r][h], mn)));
+      for (int r = 0; r < MR; ++r) sum = _mm512_add_ps(sum, cpu::exp_f32x16(_mm512_sub_ps(acc[r][h], mns)));
       _mm512_mask_storeu_ps(cm + j + 16 * h, mk[h], mn);
       _mm512_mask_storeu_ps(cl + j + 16 * h, mk[h], sum);
     }
@@ -490,26 +544,32 @@ inline std::pair<float, float> row_lanes_done(float* rm, float* rl) {
   for (int t = 0; t < 16; ++t) m = std::max(m, rm[t]);
   float sum = 0;
   for (int t = 0; t < 16; ++t) {
-    if (rl[t] != 0.f) sum += rl[t] * std::exp(rm[t] - m);  // empty lanes hold (-inf, 0); NaN passes
+    if (rl[t] != 0.f) sum += rl[t] * std::exp(shift(rm[t]) - shift(m));  // empty lanes hold (-inf, 0)
     rm[t] = -std::numeric_limits<float>::infinity();
     rl[t] = 0.f;
   }
   return {m, std::log(sum)};
 }
 
-// Returns (row stats (2, N), column stats (2, M) or (2, 0), target logits t_i = S_{i, l_i} (N,)) in
-// the accumulation dtype; stats are [max; log Σ exp(S - max)].
+// The forward's statistics, in the accumulation dtype: each log-sum-exp as (max, log Σ exp(S -
+// shift(max))) over rows (N) and, with cols, columns (M); target logits t_i = S_{i, l_i} (0 where
+// l_i = -1 or out of [0, M)).
+struct LseParts {
+  at::Tensor row_max, row_log, col_max, col_log, target;
+  at::Tensor row_lse() const { return row_max + row_log; }
+  at::Tensor col_lse() const { return col_max + col_log; }
+};
+
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x, const at::Tensor& y,
-                                                            const at::Tensor& labels, double scale,
-                                                            bool cols) {
+LseParts info_nce_lse(const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels, double scale,
+                      bool cols) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = x.size(0), M = y.size(0);
   const Tiling tl = make_tiling(N, M);
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   at::Tensor row_stat = at::empty({2, N}, acc_opts);
-  at::Tensor target = at::empty({N}, acc_opts);
+  at::Tensor target = at::zeros({N}, acc_opts);
   const int64_t* lab = labels.data_ptr<int64_t>();
   acc_t* tgt = target.data_ptr<acc_t>();
   // Per-chunk column statistics (max, sum-exp), merged in chunk order below.
@@ -568,15 +628,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse(const at::Tensor& x,
         }
       },
       /*logits=*/!fused);
-  if (!cols) return {row_stat, at::empty({2, 0}, acc_opts), target};
-  at::Tensor m = std::get<0>(col_m.max(0));  // merge: m_j = max_c m_cj, l_j = Σ_c l_cj e^(m_cj - m_j)
+  LseParts out{row_stat[0], row_stat[1], at::Tensor(), at::Tensor(), target};
+  if (!cols) return out;
+  // merge: m_j = max_c m_cj, l_j = Σ_c l_cj e^(shift(m_cj) - shift(m_j))
+  const auto lo = std::numeric_limits<acc_t>::lowest(), hi = std::numeric_limits<acc_t>::max();
+  out.col_max = std::get<0>(col_m.max(0));
+  const at::Tensor m_shift = out.col_max.clamp(lo, hi);
   at::Tensor l = at::zeros({M}, acc_opts);
-  for (int64_t c = 0; c < tl.chunks; ++c) l.add_(col_l[c] * (col_m[c] - m).exp());
-  return {row_stat, at::stack({m, l.log()}), target};
+  for (int64_t c = 0; c < tl.chunks; ++c) l.add_(col_l[c] * (col_m[c].clamp(lo, hi) - m_shift).exp());
+  out.col_log = l.log();
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
-// SigLIP forward: per-row sums of softplus(V), V_ij = L_ij off the diagonal and -L_ii on it.
+// SigLIP forward: per-row sums of softplus(V), V_ij = L_ij off the positive pairs, -L_{i, l_i} on them.
 // ---------------------------------------------------------------------------------------------
 template <typename acc_t>
 acc_t softplus_sum(const acc_t* u, int64_t n, acc_t s, acc_t b) {
@@ -611,21 +676,24 @@ acc_t softplus_sum(const acc_t* u, int64_t n, acc_t s, acc_t b) {
   return sum;
 }
 
+// labels: (N,) each row's positive column (-1: none).
 template <typename scalar_t>
-at::Tensor siglip_rows(const at::Tensor& x, const at::Tensor& y, double scale, double bias) {
+at::Tensor siglip_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels, double scale,
+                       double bias) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = x.size(0);
   const Tiling tl = make_tiling(N, y.size(0));
   at::Tensor rows = at::zeros({N}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* out = rows.data_ptr<acc_t>();
   const acc_t s = scale, b = bias;
+  const int64_t* lab = labels.data_ptr<int64_t>();
   const TileProducts<scalar_t> tp(x, y, /*backward=*/false);
   for_each_tile<scalar_t>(
       tp, N, y.size(0), tl,
       [&](int64_t, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
         for (int64_t r = 0; r < bn; ++r) {
           const acc_t* u = U + r * tl.bm;
-          const int64_t d = i0 + r - j0;  // the diagonal's column in this tile, if 0 <= d < bm
+          const int64_t d = lab[i0 + r] < 0 ? -1 : lab[i0 + r] - j0;  // the positive's column, if 0 <= d < bm
           if (d < 0 || d >= bm) {
             out[i0 + r] += softplus_sum(u, bm, s, b);
           } else {
@@ -643,63 +711,90 @@ at::Tensor siglip_rows(const at::Tensor& x, const at::Tensor& y, double scale, d
 // ---------------------------------------------------------------------------------------------
 struct GradArgs {
   double s, b;
-  const void* row_w;     // (N,) a_i (InfoNCE image weights) or w_i (SigLIP)
-  const void* col_w;     // (M,) e_j or null (InfoNCE text weights)
-  const void* row_stat;  // (2, N) [max; log Σ] (InfoNCE only)
-  const void* col_stat;  // (2, M) or null
-  int64_t n_rows, n_cols;
-  const int64_t* labels;  // (N,) InfoNCE targets l_i
-  const void* target_w;   // (N,) c_i = a_i + e_{l_i}: G_{i, l_i} -= c_i
+  const void* row_w;      // (N,) a_i (InfoNCE image weights) or w_i (SigLIP)
+  const void* col_w;      // (M,) e_j or null (InfoNCE text weights)
+  const void* row_lse;    // (N,) r_i (InfoNCE only)
+  const void* col_lse;    // (M,) c_j or null
+  const int64_t* labels;  // (N,) InfoNCE targets l_i / SigLIP positives (-1: none in this matrix)
+  const void* target_w;   // (N,) InfoNCE c_i = a_i + e_{l_i}: G_{i, l_i} -= c_i
+  const void* target_e;   // (N,) InfoNCE e_{l_i} (the column term's share of c_i, for Σ G U)
   bool siglip;
 };
 
+// s * u rounded to acc_t, never fused with what follows: GCC contracts s * u - r into one FMA
+// (-ffp-contract=fast, its default with -mfma), which would skip the rounding of S = s U that the
+// forward's log-sum-exp saw, and give P = e^(S - r) != 1 where the forward had exactly 1.
+template <typename T>
+inline T scaled(T s, T u) {
+  T p = s * u;
+  asm("" : "+x"(p));
+  return p;
+}
+
+// ΣG U of one row segment, split into the row weights' terms and the column weights'.
+template <typename acc_t>
+struct GradSums {
+  acc_t gu_row = 0, gu_col = 0, g = 0;
+  GradSums& operator+=(const GradSums& o) {
+    gu_row += o.gu_row;
+    gu_col += o.gu_col;
+    g += o.g;
+    return *this;
+  }
+};
+
 // InfoNCE's G over a row segment: G_j = w e^(S_j - r) (+ e_j e^(S_j - c_j) for both directions),
-// S = s u, each LSE as (max, log Σ); returns Σ G u.
+// S = s u rounded as in the forward.
 template <bool kBoth, typename acc_t>
-acc_t softmax_grad(const acc_t* u, acc_t* G, int64_t n, acc_t s, acc_t w, acc_t rm, acc_t rl, const acc_t* e,
-                   const acc_t* cm, const acc_t* cl) {
-  acc_t gu = 0;
+GradSums<acc_t> softmax_grad(const acc_t* u, acc_t* G, int64_t n, acc_t s, acc_t w, acc_t r, const acc_t* e,
+                             const acc_t* c) {
+  GradSums<acc_t> t;
   int64_t j = 0;
 #if MMFAST_CONTRASTIVE_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 vs = _mm256_set1_ps(s), vrm = _mm256_set1_ps(rm), vrl = _mm256_set1_ps(rl);
-    const __m256 vw = _mm256_set1_ps(w);
-    __m256 agu = _mm256_setzero_ps();
+    const __m256 vs = _mm256_set1_ps(s), vr = _mm256_set1_ps(r), vw = _mm256_set1_ps(w);
+    __m256 arow = _mm256_setzero_ps(), acol = _mm256_setzero_ps();
     for (; j + 8 <= n; j += 8) {
       const __m256 uj = _mm256_loadu_ps(u + j);
       const __m256 sij = _mm256_mul_ps(vs, uj);
-      __m256 v = _mm256_mul_ps(vw, exp8(_mm256_sub_ps(_mm256_sub_ps(sij, vrm), vrl)));
+      __m256 v = _mm256_mul_ps(vw, exp8(_mm256_sub_ps(sij, vr)));
+      arow = _mm256_fmadd_ps(v, uj, arow);
       if constexpr (kBoth) {
-        const __m256 pc =
-            exp8(_mm256_sub_ps(_mm256_sub_ps(sij, _mm256_loadu_ps(cm + j)), _mm256_loadu_ps(cl + j)));
-        v = _mm256_fmadd_ps(_mm256_loadu_ps(e + j), pc, v);
+        const __m256 vc =
+            _mm256_mul_ps(_mm256_loadu_ps(e + j), exp8(_mm256_sub_ps(sij, _mm256_loadu_ps(c + j))));
+        acol = _mm256_fmadd_ps(vc, uj, acol);
+        v = _mm256_add_ps(v, vc);
       }
-      agu = _mm256_fmadd_ps(v, uj, agu);
       _mm256_storeu_ps(G + j, v);
     }
-    gu = cpu::hsum8(agu);
+    t.gu_row = cpu::hsum8(arow);
+    t.gu_col = cpu::hsum8(acol);
   }
 #endif
   for (; j < n; ++j) {
-    const acc_t sij = s * u[j];
-    acc_t v = w * exp_((sij - rm) - rl);
-    if constexpr (kBoth) v += e[j] * exp_((sij - cm[j]) - cl[j]);
-    gu += v * u[j];
+    const acc_t sij = scaled(s, u[j]);
+    acc_t v = w * exp_(sij - r);
+    t.gu_row += v * u[j];
+    if constexpr (kBoth) {
+      const acc_t vc = e[j] * exp_(sij - c[j]);
+      t.gu_col += vc * u[j];
+      v += vc;
+    }
     G[j] = v;
   }
-  return gu;
+  return t;
 }
 
-// G for one row segment: columns [j0, j0 + n) of row i; returns Σ G U and Σ G (for ds, db).
+// G for one row segment: columns [j0, j0 + n) of row i (pos: SigLIP's positive pair).
 template <typename acc_t>
-std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const acc_t* u, acc_t* G,
-                                 int64_t n, bool diag) {
+GradSums<acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const acc_t* u, acc_t* G, int64_t n,
+                         bool pos) {
   const acc_t s = g.s, b = g.b;
   const acc_t w = static_cast<const acc_t*>(g.row_w)[i];
-  acc_t gu = 0, gs = 0;
+  GradSums<acc_t> t;
   int64_t j = 0;
-  if (g.siglip) {  // G = w σ(L) off the diagonal, -w σ(-L) on it; σ(v) = 1 / (1 + e^-v)
-    const acc_t sign = diag ? -1 : 1;
+  if (g.siglip) {  // G = w σ(L) on negatives, -w σ(-L) on the positive; σ(v) = 1 / (1 + e^-v)
+    const acc_t sign = pos ? -1 : 1;
 #if MMFAST_CONTRASTIVE_AVX2
     if constexpr (std::is_same_v<acc_t, float>) {
       const __m256 vs = _mm256_set1_ps(-sign * s), vb = _mm256_set1_ps(-sign * b),
@@ -713,130 +808,124 @@ std::pair<acc_t, acc_t> grad_row(const GradArgs& g, int64_t i, int64_t j0, const
         ags = _mm256_add_ps(ags, v);
         _mm256_storeu_ps(G + j, v);
       }
-      gu = cpu::hsum8(agu);
-      gs = cpu::hsum8(ags);
+      t.gu_row = cpu::hsum8(agu);
+      t.g = cpu::hsum8(ags);
     }
 #endif
     for (; j < n; ++j) {
       const acc_t v = sign * w / (acc_t(1) + exp_(-sign * (s * u[j] + b)));
-      gu += v * u[j];
-      gs += v;
+      t.gu_row += v * u[j];
+      t.g += v;
       G[j] = v;
     }
-    return {gu, gs};
+    return t;
   }
-  const acc_t* rs = static_cast<const acc_t*>(g.row_stat);
-  const acc_t rm = rs[i], rl = rs[g.n_rows + i];  // e^(S - r_i) = e^((S - max) - log Σ)
-  if (g.col_w == nullptr)
-    return {softmax_grad<false, acc_t>(u, G, n, s, w, rm, rl, nullptr, nullptr, nullptr), 0};
+  const acc_t r = static_cast<const acc_t*>(g.row_lse)[i];
+  if (g.col_w == nullptr) return softmax_grad<false, acc_t>(u, G, n, s, w, r, nullptr, nullptr);
   const acc_t* e = static_cast<const acc_t*>(g.col_w) + j0;
-  const acc_t* cm = static_cast<const acc_t*>(g.col_stat) + j0;
-  return {softmax_grad<true, acc_t>(u, G, n, s, w, rm, rl, e, cm, cm + g.n_cols), 0};
+  return softmax_grad<true, acc_t>(u, G, n, s, w, r, e, static_cast<const acc_t*>(g.col_lse) + j0);
 }
 
 // G for row i of a tile (columns j0 .. j0 + bm - 1), softmax or sigmoid part plus InfoNCE's target
-// term; returns (Σ G U, Σ G). G may alias u (fp32/fp64: G overwrites the U tile in place).
+// term. G may alias u (fp32/fp64: G overwrites the U tile in place).
 template <typename acc_t>
-std::pair<acc_t, acc_t> grad_tile_row(const GradArgs& g, int64_t i, int64_t j0, int64_t bm, const acc_t* u,
-                                      acc_t* G) {
-  const int64_t l = g.siglip ? -1 : g.labels[i] - j0;  // target column in this tile, if any
+GradSums<acc_t> grad_tile_row(const GradArgs& g, int64_t i, int64_t j0, int64_t bm, const acc_t* u,
+                              acc_t* G) {
+  const int64_t l = g.labels[i] < 0 ? -1 : g.labels[i] - j0;  // target / positive column in this tile
   const bool has_target = l >= 0 && l < bm;
   const acc_t ul = has_target ? u[l] : acc_t(0);  // read before G overwrites it
-  const int64_t d = g.siglip ? i - j0 : -1;       // SigLIP's diagonal column, if any
-  std::pair<acc_t, acc_t> t{0, 0};
-  auto add = [&](int64_t a, int64_t n, bool diag) {
-    const auto p = grad_row<acc_t>(g, i, j0 + a, u + a, G + a, n, diag);
-    t.first += p.first;
-    t.second += p.second;
-  };
-  if (d < 0 || d >= bm) {
-    add(0, bm, false);
-  } else {  // the diagonal element has z = +1
-    add(0, d, false);
-    add(d, 1, true);
-    add(d + 1, bm - d - 1, false);
+  GradSums<acc_t> t;
+  if (!g.siglip || !has_target) {
+    t = grad_row<acc_t>(g, i, j0, u, G, bm, false);
+  } else {  // SigLIP's positive pair has z = +1
+    t += grad_row<acc_t>(g, i, j0, u, G, l, false);
+    t += grad_row<acc_t>(g, i, j0 + l, u + l, G + l, 1, true);
+    t += grad_row<acc_t>(g, i, j0 + l + 1, u + l + 1, G + l + 1, bm - l - 1, false);
   }
-  if (has_target) {  // G_{i, l_i} -= c_i
-    const acc_t ci = static_cast<const acc_t*>(g.target_w)[i];
-    G[l] -= ci;
-    t.first -= ci * ul;
+  if (has_target && !g.siglip) {  // G_{i, l_i} -= c_i (a_i from the row term, e_{l_i} from the column term)
+    // The products rounded on their own (as the softmax terms' were): a lone candidate's P = 1
+    // then gives exactly 0 in Σ G U too.
+    G[l] -= static_cast<const acc_t*>(g.target_w)[i];
+    t.gu_row -= scaled(static_cast<const acc_t*>(g.row_w)[i], ul);
+    if (g.col_w != nullptr) t.gu_col -= scaled(static_cast<const acc_t*>(g.target_e)[i], ul);
   }
   return t;
 }
 
 // InfoNCE's gradient tile (grad_tile_row for fp32) computed from the logits GEMM's registers: U is
 // never stored, G (bn x bm, row stride ldg) is. Same formulas and rounding steps as softmax_grad,
-// with 16-lane exps (exp_f32x16). Pointers are offset to the tile: rows by i0, columns by j0.
+// with 16-lane exps (exp_f32x16). Lanes past the last column are zeroed before they reach Σ G U
+// (their u is 0, but w e^(0 - r) overflows to inf when r is very negative: inf * 0 = NaN).
+// Pointers are offset to the tile: rows by i0, columns by j0.
 struct InfoNceGradTile : cpu::NoBegin {
   float s;
-  const float* w;   // a_i
-  const float* rm;  // row LSE [max; log Σ]
-  const float* rl;
-  const float* e;   // e_j, or null for one direction
-  const float* cm;  // column LSE (with e)
-  const float* cl;
+  const float* w;         // a_i
+  const float* r;         // row LSE
+  const float* e;         // e_j, or null for one direction
+  const float* c;         // column LSE (with e)
   const int64_t* labels;  // l_i
   int64_t j0;             // the tile's first column
-  const float* cw;        // c_i: G_{i, l_i} -= c_i
+  const float* ce;        // e_{l_i}: G_{i, l_i} gets a_i (P - 1) + e_{l_i} (Q - 1)
   float* G;
   int64_t ldg;
-  double gu = 0;  // Σ G U over the tile
+  double gu_row = 0, gu_col = 0;  // Σ G U over the tile, row and column terms
 
   template <int MR>
   __attribute__((target("avx512f"))) void operator()(int64_t i, int64_t j, __m512 (&acc)[MR][2], __mmask16 m0,
                                                      __mmask16 m1) {
     const __mmask16 mk[2] = {m0, m1};
     const __m512 vs = _mm512_set1_ps(s);
-    __m512 ve[2], vcm[2], vcl[2];
+    __m512 ve[2], vc[2];
     if (e != nullptr) {
       for (int h = 0; h < 2; ++h) {
         ve[h] = _mm512_maskz_loadu_ps(mk[h], e + j + 16 * h);
-        vcm[h] = _mm512_maskz_loadu_ps(mk[h], cm + j + 16 * h);
-        vcl[h] = _mm512_maskz_loadu_ps(mk[h], cl + j + 16 * h);
+        vc[h] = _mm512_maskz_loadu_ps(mk[h], c + j + 16 * h);
       }
     }
-    __m512 gsum = _mm512_setzero_ps();
-    double fix = 0;
+    __m512 grow = _mm512_setzero_ps(), gcol = _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const int64_t row = i + r;
-      const __m512 vw = _mm512_set1_ps(w[row]), vrm = _mm512_set1_ps(rm[row]), vrl = _mm512_set1_ps(rl[row]);
-      const int64_t l = labels[row] - j0 - j;  // target column within these 32, if 0 <= l < 32
-      float u_l = 0;
-      if (l >= 0 && l < 32) u_l = acc[r][l / 16][l % 16];
+    for (int r_ = 0; r_ < MR; ++r_) {
+      const int64_t row = i + r_;
+      const __m512 vw = _mm512_set1_ps(w[row]), vr = _mm512_set1_ps(r[row]);
+      const int64_t l = labels[row] < 0 ? -1 : labels[row] - j0 - j;  // target column within these 32
       for (int h = 0; h < 2; ++h) {
-        const __m512 u = acc[r][h];  // masked lanes hold 0 (B was read masked): no Σ G U share
+        // the target lane, where the term becomes a (P - 1) (and e (Q - 1)) before it is summed
+        const __mmask16 tl = l >= 16 * h && l < 16 * h + 16 ? __mmask16(mk[h] & (1u << (l - 16 * h))) : 0;
+        const __m512 u = acc[r_][h];  // masked lanes hold 0 (B was read masked)
         const __m512 sij = _mm512_mul_ps(vs, u);
-        __m512 v = _mm512_mul_ps(vw, cpu::exp_f32x16(_mm512_sub_ps(_mm512_sub_ps(sij, vrm), vrl)));
-        if (e != nullptr)
-          v = _mm512_fmadd_ps(ve[h], cpu::exp_f32x16(_mm512_sub_ps(_mm512_sub_ps(sij, vcm[h]), vcl[h])), v);
-        gsum = _mm512_fmadd_ps(v, u, gsum);
+        __m512 v = _mm512_maskz_mul_ps(mk[h], vw, cpu::exp_f32x16(_mm512_sub_ps(sij, vr)));
+        v = _mm512_mask_sub_ps(v, tl, v, vw);
+        grow = _mm512_fmadd_ps(v, u, grow);
+        if (e != nullptr) {
+          __m512 vce = _mm512_maskz_mul_ps(mk[h], ve[h], cpu::exp_f32x16(_mm512_sub_ps(sij, vc[h])));
+          vce = _mm512_mask_sub_ps(vce, tl, vce, _mm512_set1_ps(ce[row]));
+          gcol = _mm512_fmadd_ps(vce, u, gcol);
+          v = _mm512_add_ps(v, vce);
+        }
         _mm512_mask_storeu_ps(G + row * ldg + j + 16 * h, mk[h], v);
       }
-      if (l >= 0 && l < 32 && ((uint32_t(m0) | uint32_t(m1) << 16) >> l & 1u)) {
-        G[row * ldg + j + l] -= cw[row];
-        fix -= static_cast<double>(cw[row] * u_l);
-      }
     }
-    gu += static_cast<double>(_mm512_reduce_add_ps(gsum)) + fix;
+    gu_row += static_cast<double>(_mm512_reduce_add_ps(grow));
+    gu_col += static_cast<double>(_mm512_reduce_add_ps(gcol));
   }
 };
 
-// Returns (dx, dy) in the accumulation dtype and (Σ G U, Σ G) over all tiles.
+struct TileGrads {
+  at::Tensor dx, dy;  // accumulation dtype
+  double gu_row, gu_col, g;
+};
+
+// (dx, dy) in the accumulation dtype and Σ G U (row and column terms), Σ G over all tiles.
 //
 // Schedule: the columns are cut into as many chunks as the rows (whole column blocks), and the tiles
 // run in T = chunks phases: in phase p, row chunk c takes column chunk (c + p) mod T. Within a phase
 // no two threads share a row of dx or a row of dy, so both are written in place, with no per-thread
 // partial dy and no merge, and every element is summed in the same order on every run.
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& x, const at::Tensor& y,
-                                                              const GradArgs& g) {
+TileGrads tile_grads(const at::Tensor& x, const at::Tensor& y, const GradArgs& g) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = x.size(0), M = y.size(0), D = x.size(1);
-  Tiling tl = make_tiling(N, M);
-  // Column blocks narrow enough for every thread to get a column chunk in each phase (a multiple of
-  // 32, the width of the packed panels that a block must start on).
-  tl.bm = std::min(tl.bm, std::max<int64_t>(32, ((M + tl.chunks - 1) / tl.chunks + 31) / 32 * 32));
+  const Tiling tl = make_tiling(N, M);
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // dx and dy are not zeroed: the first product into each block overwrites it. They come from the
   // huge-page block cache: a training step gets back the previous step's blocks.
@@ -845,7 +934,7 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
   // Whether a row block of dx / a column block of dy has had its first product (which overwrites).
   // A flag is only touched by the thread that owns its block in the current phase.
   std::vector<char> dx_started((N + tl.bn - 1) / tl.bn, 0), dy_started((M + tl.bm - 1) / tl.bm, 0);
-  std::vector<double> gu_sum(tl.chunks, 0.0), g_sum(tl.chunks, 0.0);
+  std::vector<GradSums<double>> sums(tl.chunks);
   const TileProducts<scalar_t> tp(x, y, /*backward=*/true);
   // Per-chunk buffers: G in the input dtype for bf16/fp16 (so their GEMMs run on low-precision units;
   // for fp32/fp64 G overwrites the U tile in place), Gᵀ for the vdpbf16ps kernel, one fp32 G row.
@@ -872,24 +961,21 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
         scalar_t* Gt = gtbuf[c].data();
         if (fused) {
           if constexpr (std::is_same_v<scalar_t, float>) {
-            const float* rs = static_cast<const float*>(g.row_stat);
-            const float* cs = static_cast<const float*>(g.col_stat);
             const float* e = static_cast<const float*>(g.col_w);
             InfoNceGradTile epi{{},
                                 static_cast<float>(g.s),
                                 static_cast<const float*>(g.row_w) + i0,
-                                rs + i0,
-                                rs + N + i0,
+                                static_cast<const float*>(g.row_lse) + i0,
                                 e != nullptr ? e + j0 : nullptr,
-                                e != nullptr ? cs + j0 : nullptr,
-                                e != nullptr ? cs + g.n_cols + j0 : nullptr,
+                                e != nullptr ? static_cast<const float*>(g.col_lse) + j0 : nullptr,
                                 g.labels + i0,
                                 j0,
-                                static_cast<const float*>(g.target_w) + i0,
+                                e != nullptr ? static_cast<const float*>(g.target_e) + i0 : nullptr,
                                 U,
                                 tl.bm};
             tp.logits_epilogue(i0, bn, j0, bm, epi);
-            gu_sum[c] += epi.gu;
+            sums[c].gu_row += epi.gu_row;
+            sums[c].gu_col += epi.gu_col;
           }
         } else {
           tp.logits(i0, bn, j0, bm, U, tl.bm);
@@ -897,8 +983,7 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
             const acc_t* u = U + r * tl.bm;
             acc_t* G = in_place ? U + r * tl.bm : row_tmp[c].data();
             const auto t = grad_tile_row<acc_t>(g, i0 + r, j0, bm, u, G);
-            gu_sum[c] += t.first;
-            g_sum[c] += t.second;
+            sums[c] += GradSums<double>{t.gu_row, t.gu_col, t.g};
             if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
               cpu::to_bf16(G, Gout + r * tl.bm, bm);
             } else if constexpr (!in_place) {
@@ -920,12 +1005,9 @@ std::tuple<at::Tensor, at::Tensor, double, double> tile_grads(const at::Tensor& 
                   static_cast<acc_t>(g.s), dy_ptr, dy_on != 0);
         dx_on = dy_on = 1;
       });
-  double gu = 0, gs = 0;
-  for (int64_t c = 0; c < tl.chunks; ++c) {
-    gu += gu_sum[c];
-    gs += g_sum[c];
-  }
-  return {dx, dy, gu, gs};
+  GradSums<double> total;
+  for (int64_t c = 0; c < tl.chunks; ++c) total += sums[c];
+  return {dx, dy, total.gu_row, total.gu_col, total.g};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -935,8 +1017,7 @@ at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels,
-                  int64_t loss, int64_t direction, int64_t reduction) {
+void check_features(const at::Tensor& x, const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "contrastive: x and y must be 2-D (N x D, M x D), got ",
               x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.size(1) == y.size(1), "contrastive: x has D=", x.size(1), " but y has D=", y.size(1));
@@ -944,35 +1025,43 @@ void check_inputs(const at::Tensor& x, const at::Tensor& y, const std::optional<
               y.scalar_type());
   TORCH_CHECK(x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0, "contrastive: empty input ", x.sizes(), ", ",
               y.sizes());
+}
+
+void check_labels(const std::optional<at::Tensor>& labels, int64_t rows) {
+  if (!labels.has_value()) return;
+  TORCH_CHECK(labels->scalar_type() == at::kLong, "contrastive: labels must be int64");
+  TORCH_CHECK(labels->dim() == 1 && labels->size(0) == rows, "contrastive: labels must have shape (", rows,
+              ",), got ", labels->sizes());
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels,
+                  int64_t loss, int64_t direction, int64_t reduction) {
+  check_features(x, y);
   TORCH_CHECK(loss == kInfoNce || loss == kSigLip, "contrastive: loss must be 0 or 1, got ", loss);
   TORCH_CHECK(direction >= kBoth && direction <= kText, "contrastive: direction must be 0, 1 or 2");
   TORCH_CHECK(reduction >= kMean && reduction <= kNone, "contrastive: reduction must be 0, 1 or 2");
   TORCH_CHECK((direction == kImage && loss == kInfoNce) || x.size(0) == y.size(0) || direction == kText,
               "contrastive: this loss and direction need N == M, got ", x.size(0), " and ", y.size(0));
-  if (labels.has_value()) {
-    TORCH_CHECK(loss == kInfoNce, "contrastive: labels are for InfoNCE only");
-    TORCH_CHECK(labels->scalar_type() == at::kLong, "contrastive: labels must be int64");
-    const int64_t rows = direction == kText ? y.size(0) : x.size(0);
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == rows, "contrastive: labels must have shape (", rows,
-                ",), got ", labels->sizes());
-  }
+  check_labels(labels, loss == kInfoNce && direction == kText ? y.size(0) : x.size(0));
 }
 
-// Targets of the image direction (default arange) and, for "both", their inverse permutation.
-// `classes`: the number of candidates (columns); a label outside [0, classes) would never be found.
+// Each row's target column (default arange), checked to lie in [lo, classes): lo = 0 for InfoNCE's
+// targets, -1 where a row may have none (SigLIP's positives, the blocks).
 at::Tensor targets(const std::optional<at::Tensor>& labels, int64_t n, int64_t classes,
-                   const at::Tensor& like) {
+                   const at::Tensor& like, int64_t lo = 0) {
   if (!labels.has_value()) {
     TORCH_CHECK(n <= classes, "contrastive: default labels need at least as many columns (", classes,
                 ") as rows (", n, ")");
     return at::arange(n, like.options().dtype(at::kLong));
   }
   const at::Tensor t = labels->contiguous();
-  TORCH_CHECK(n == 0 || (t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < classes),
-              "contrastive: labels must lie in [0, ", classes, ")");
+  TORCH_CHECK(n == 0 || (t.min().item<int64_t>() >= lo && t.max().item<int64_t>() < classes),
+              "contrastive: labels must lie in [", lo, ", ", classes, ")");
   return t;
 }
 at::Tensor inverse_permutation(const at::Tensor& perm) {
+  TORCH_CHECK(at::bincount(perm, {}, perm.size(0)).eq(1).all().item<bool>(),
+              "contrastive: labels must be a permutation of 0..N-1 for direction both");
   at::Tensor inv = at::empty_like(perm);
   inv.index_put_({perm}, at::arange(perm.size(0), perm.options()));
   return inv;
@@ -993,6 +1082,38 @@ at::Tensor reduce(const at::Tensor& rows, int64_t reduction, double mean_divisor
   return rows.sum() / mean_divisor;
 }
 
+// One log-sum-exp statistic: (n,) in the accumulation dtype, checked against its expected length.
+at::Tensor stat(const at::Tensor& t, int64_t n, at::ScalarType acc, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "contrastive: ", name, " must have shape (", n, ",), got ",
+              t.sizes());
+  return t.to(acc).contiguous();
+}
+
+// The backward of the whole loss or of a block. x (n x D), y (m x D) contiguous; tgt (n,) targets
+// (-1: none); row_w (n,) and col_w (m,) or undefined; row_lse (n,), col_lse (m,) or undefined.
+TileGrads run_grads(const at::Tensor& x, const at::Tensor& y, double s, double b, const at::Tensor& tgt,
+                    const at::Tensor& row_w, const at::Tensor& col_w, const at::Tensor& row_lse,
+                    const at::Tensor& col_lse, bool siglip) {
+  const bool cols = col_w.defined();
+  // c_i = a_i + e_{l_i} and its column share e_{l_i} (0 where l_i = -1: never read).
+  const at::Tensor ce = cols ? col_w.index_select(0, tgt.clamp_min(0)) : at::Tensor();
+  const at::Tensor cw = cols ? (row_w + ce).contiguous() : row_w;
+  GradArgs g{s,
+             b,
+             row_w.data_ptr(),
+             cols ? col_w.data_ptr() : nullptr,
+             row_lse.defined() ? row_lse.data_ptr() : nullptr,
+             cols ? col_lse.data_ptr() : nullptr,
+             tgt.data_ptr<int64_t>(),
+             cw.data_ptr(),
+             cols ? ce.data_ptr() : nullptr,
+             siglip};
+  TileGrads t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "contrastive_backward",
+                                  [&] { t = tile_grads<scalar_t>(x, y, g); });
+  return t;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& bias,
     const std::optional<at::Tensor>& labels, int64_t loss, int64_t direction, int64_t reduction) {
@@ -1004,20 +1125,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
   const auto acc = acc_dtype(x);
   const at::Tensor empty = at::empty({0}, x.options().dtype(acc));
   if (loss == kSigLip) {
+    const at::Tensor tgt = targets(labels, x.size(0), y.size(0), x, -1);
     at::Tensor rows;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "siglip_forward",
-                                    [&] { rows = siglip_rows<scalar_t>(x, y, s, bias.item<double>()); });
-    return {reduce(rows, reduction, x.size(0)), empty.clone(), empty.clone()};
+                                    [&] { rows = siglip_rows<scalar_t>(x, y, tgt, s, bias.item<double>()); });
+    return {reduce(rows, reduction, x.size(0)), empty, empty.clone()};
   }
   const bool both = direction == kBoth;
   const at::Tensor tgt = targets(labels, x.size(0), y.size(0), x);
-  at::Tensor row_stat, col_stat, t;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "info_nce_forward", [&] {
-    std::tie(row_stat, col_stat, t) = info_nce_lse<scalar_t>(x, y, tgt, s, both);
-  });
-  at::Tensor rows = (row_stat[0] - t) + row_stat[1];  // lse - t = (max - t) + log Σ
-  if (both) rows = 0.5 * (rows + ((col_stat[0] - t.index_select(0, inverse_permutation(tgt))) + col_stat[1]));
-  return {reduce(rows, reduction, rows.size(0)), row_stat, col_stat};
+  const at::Tensor inv = both ? inverse_permutation(tgt) : at::Tensor();
+  LseParts p;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "info_nce_forward",
+                                  [&] { p = info_nce_lse<scalar_t>(x, y, tgt, s, both); });
+  at::Tensor rows = (p.row_max - p.target) + p.row_log;  // lse - t = (max - t) + log Σ
+  if (both) rows = 0.5 * (rows + ((p.col_max - p.target.index_select(0, inv)) + p.col_log));
+  const at::Tensor out = reduce(rows, reduction, rows.size(0));
+  if (swap) return {out, empty, p.row_lse()};  // the swapped problem's rows are the columns
+  return {out, p.row_lse(), both ? p.col_lse() : empty};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
@@ -1028,42 +1152,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
   const bool swap = loss == kInfoNce && direction == kText;
   const at::Tensor x = (swap ? y_in : x_in).contiguous();
   const at::Tensor y = (swap ? x_in : y_in).contiguous();
-  const int64_t N = x.size(0);
+  const int64_t N = x.size(0), M = y.size(0);
   const auto acc = acc_dtype(x);
-  const double s = scale.item<double>();
-  const bool both = loss == kInfoNce && direction == kBoth;
+  const bool nce = loss == kInfoNce, both = nce && direction == kBoth;
   // Per-row weights: a_i (and e_j for "both"; each direction counts half), or SigLIP's w_i.
   const at::Tensor row_w = row_weights(grad_loss, N, reduction, both ? 0.5 : 1.0, acc);
   const at::Tensor col_w = both ? row_w : at::Tensor();
-  const at::Tensor rstat = loss == kInfoNce ? row_stat.to(acc).contiguous() : at::Tensor();
-  const at::Tensor cstat = both ? col_stat.to(acc).contiguous() : at::Tensor();
-  TORCH_CHECK(!rstat.defined() || rstat.sizes() == at::IntArrayRef({2, N}),
-              "contrastive: row_stat must be (2, ", N, "), got ", rstat.sizes());
-  TORCH_CHECK(!cstat.defined() || cstat.sizes() == at::IntArrayRef({2, y.size(0)}),
-              "contrastive: col_stat must be (2, ", y.size(0), "), got ", cstat.sizes());
-  const at::Tensor tgt = targets(labels, N, y.size(0), x);
-  const at::Tensor cw = both ? row_w + col_w.index_select(0, tgt) : row_w;  // c_i = a_i + e_{l_i}
-  GradArgs g{s,
-             loss == kSigLip ? bias.item<double>() : 0.0,
-             row_w.data_ptr(),
-             both ? col_w.data_ptr() : nullptr,
-             rstat.defined() ? rstat.data_ptr() : nullptr,
-             both ? cstat.data_ptr() : nullptr,
-             N,
-             y.size(0),
-             tgt.data_ptr<int64_t>(),
-             cw.data_ptr(),
-             loss == kSigLip};
-  at::Tensor dx, dy;
-  double gu = 0, gs = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "contrastive_backward",
-                                  [&] { std::tie(dx, dy, gu, gs) = tile_grads<scalar_t>(x, y, g); });
-  at::Tensor dscale = at::scalar_tensor(gu, scale.options());
-  at::Tensor dbias = at::scalar_tensor(gs, bias.options());
-  dx = dx.to(x.scalar_type());
-  dy = dy.to(x.scalar_type());
+  const at::Tensor rlse =
+      nce ? stat(swap ? col_stat : row_stat, N, acc, swap ? "col_stat" : "row_stat") : at::Tensor();
+  const at::Tensor clse = both ? stat(col_stat, M, acc, "col_stat") : at::Tensor();
+  const at::Tensor tgt = targets(labels, N, M, x, nce ? 0 : -1);
+  const TileGrads t = run_grads(x, y, scale.item<double>(), nce ? 0.0 : bias.item<double>(), tgt, row_w,
+                                col_w, rlse, clse, !nce);
+  at::Tensor dx = t.dx.to(x.scalar_type()), dy = t.dy.to(x.scalar_type());
   if (swap) std::swap(dx, dy);
-  return {dx, dy, dscale, dbias};
+  return {dx, dy, at::scalar_tensor(t.gu_row + t.gu_col, scale.options()),
+          at::scalar_tensor(nce ? 0.0 : t.g, bias.options())};
+}
+
+// Block targets: labels (n,) in [-1, m), or none at all (-1 everywhere).
+at::Tensor block_targets(const std::optional<at::Tensor>& labels, const at::Tensor& x, int64_t m) {
+  check_labels(labels, x.size(0));
+  if (!labels.has_value()) return at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
+  return targets(labels, x.size(0), m, x, -1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_block_forward(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& bias,
+    const std::optional<at::Tensor>& labels, int64_t loss) {
+  check_features(x_in, y_in);
+  TORCH_CHECK(loss == kInfoNce || loss == kSigLip, "contrastive: loss must be 0 or 1, got ", loss);
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const at::Tensor tgt = block_targets(labels, x, y.size(0));
+  const double s = scale.item<double>();
+  const at::Tensor empty = at::empty({0}, x.options().dtype(acc_dtype(x)));
+  if (loss == kSigLip) {
+    at::Tensor rows;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "siglip_block_forward",
+                                    [&] { rows = siglip_rows<scalar_t>(x, y, tgt, s, bias.item<double>()); });
+    return {rows, empty, empty.clone()};
+  }
+  LseParts p;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "info_nce_block_forward",
+                                  [&] { p = info_nce_lse<scalar_t>(x, y, tgt, s, true); });
+  return {p.row_lse(), p.col_lse(), p.target};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_block_backward(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& bias,
+    const std::optional<at::Tensor>& labels, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const at::Tensor& row_weight, const at::Tensor& col_weight, int64_t loss) {
+  check_features(x_in, y_in);
+  TORCH_CHECK(loss == kInfoNce || loss == kSigLip, "contrastive: loss must be 0 or 1, got ", loss);
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const int64_t n = x.size(0), m = y.size(0);
+  const auto acc = acc_dtype(x);
+  const bool nce = loss == kInfoNce, cols = col_weight.numel() > 0;
+  TORCH_CHECK(nce || !cols, "contrastive: SigLIP blocks take row weights only (col_weight must be empty)");
+  const at::Tensor tgt = block_targets(labels, x, m);
+  const at::Tensor row_w = stat(row_weight, n, acc, "row_weight");
+  const at::Tensor col_w = cols ? stat(col_weight, m, acc, "col_weight") : at::Tensor();
+  const at::Tensor rlse = nce ? stat(row_lse, n, acc, "row_lse") : at::Tensor();
+  const at::Tensor clse = cols ? stat(col_lse, m, acc, "col_lse") : at::Tensor();
+  const TileGrads t = run_grads(x, y, scale.item<double>(), nce ? 0.0 : bias.item<double>(), tgt, row_w,
+                                col_w, rlse, clse, !nce);
+  const auto opts = x.options().dtype(acc);
+  at::Tensor dscale = at::tensor({t.gu_row, t.gu_col}, opts.dtype(at::kDouble)).to(acc);
+  return {t.dx, t.dy, dscale, at::scalar_tensor(nce ? 0.0 : t.g, opts)};
 }
 
 }  // namespace
@@ -1071,6 +1226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
   m.impl("contrastive_forward", &contrastive_forward);
   m.impl("contrastive_backward", &contrastive_backward);
+  m.impl("contrastive_block_forward", &contrastive_block_forward);
+  m.impl("contrastive_block_backward", &contrastive_block_backward);
 }
 
 }  // namespace contrastive

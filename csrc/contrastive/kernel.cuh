@@ -5,31 +5,39 @@
 // Math (x = image features (N, D), y = text features (M, D), s = logit scale, b = logit bias):
 //   dot[i][j] = <x_i, y_j>,   l[i][j] = s * dot[i][j]  (+ b for SigLIP)
 //   InfoNCE   row_lse[i] = logsumexp_j l[i][j],  col_lse[j] = logsumexp_i l[i][j]
-//             l_img[i] = row_lse[i] - l[i][t_i]   (t_i: the target text of image i)
-//             l_txt[j] = col_lse[j] - l[u_j][j]   (u_j: the target image of text j)
+//             l_img[i] = row_lse[i] - l[i][t_i]   (t_i: the target text of image i; -1: none)
+//             l_txt[j] = col_lse[j] - l[u_j][j]   (u_j: the target image of text j; -1: none)
 //             dL/dl[i][j] = a_i (softmax_row[i][j] - [j == t_i]) + c_j (softmax_col[i][j] - [i == u_j])
 //             with a_i = dL/dl_img[i], c_j = dL/dl_txt[j] (the "coefficients", see coef_kernel).
-//   SigLIP    z[i][j] = 1 if i == j else -1,  loss_row[i] = sum_j softplus(-z l[i][j])
+//   SigLIP    z[i][j] = 1 if j == t_i (default i == j) else -1,  loss_row[i] = sum_j softplus(-z l[i][j])
 //             dL/dl[i][j] = -a_i z sigmoid(-z l[i][j])
-//   Both      dx = s * dl @ y,  dy = s * dl^T @ x,  ds = sum dl * dot,  db = sum dl.
+//   Both      dx = s * dl @ y,  dy = s * dl^T @ x,  ds = sum dl * dot (its a and c terms apart),
+//             db = sum dl.
+// The logits l = s * dot are rounded (mul_rn, never fused into an FMA) identically in the forward
+// and the backward, so where the exact gradient is 0 (one candidate: softmax 1) the kernels give 0.
+// Running maxima are clamped to +-FLT_MAX where they are subtracted (shift), so a +inf logit gives
+// its row's and column's log-sum-exp +inf, not inf - inf = NaN, and a NaN stays in its own.
 //
 // Kernels (numbered in launch order; forward() and backward() in launch.cuh run them):
 //   F1 targets_kernel   t (N,) and u (M,) from labels (u = the inverse permutation for "both").
 //   F2 fwd_tiles_kernel one pass over the 64x64 logits tiles: row statistics in registers, column
 //                       statistics merged per stripe of rows into a (stripes, M) buffer (no atomics).
 //   F3 colmerge_kernel  col_lse[j]: the stripes merged in a fixed order.
-//   F4 pairs_kernel     the positive logits l[i][t_i] (one warp per pair) -> per-row losses.
+//   F4 pairs_kernel     the positive logits l[i][t_i] (one warp per pair) -> per-row losses (and,
+//                       for the block primitive, the target logits themselves).
 //   F5 finish_kernel    per-row output and the fixed-order sum (mean / sum).
 //   B1 coef_kernel      a_i, c_j from grad_loss and the reduction, and their max |.| (normaliser).
 //   B2 bwd_tiles_kernel recomputes the tiles of one side against all tiles of the other and
 //                       accumulates d(own rows) = dl @ other (row-parallel for dx, column-parallel
 //                       for dy: the same kernel with x and y swapped); per-block ds, db partials.
-//   B3 dscale_kernel    ds and db from the per-block partials in a fixed order.
+//   B3 dscale_kernel    ds (a and c terms) and db from the per-block partials in a fixed order.
+//   B0 norm_kernel      the normaliser of given coefficients (the block primitive's backward).
 // GEMMs: bf16/fp16 through mma.sync m16n8k16 (ldmatrix operands, cp.async double buffering), fp32
 // accumulation; fp32 inputs by exact fp32 FMA on the same fragment layout. Every reduction has a
 // fixed order, so results are bitwise deterministic.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -62,13 +70,28 @@ static_assert(kBN == kDC, "the gradient GEMM reuses the n8-tile count of the log
 static_assert(2 * kBN * kLdC <= kStageElems, "the gradient GEMM's Q chunks fit in the stage buffers");
 
 // ---- small math helpers -----------------------------------------------------------------------
-// exp(v - m) that is 0 when the running max is still -inf (no valid entry yet).
-MMFAST_DEVICE float exp_from(float v, float m) { return m == kNegInf ? 0.0f : expf(v - m); }
+// a * b rounded to fp32 and never contracted into an FMA with what follows (nvcc fuses by default).
+MMFAST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;  // the emulation builds without FMA contraction
+#endif
+}
+
+// A running max clamped to +-FLT_MAX: v - shift(m) is never inf - inf or -inf + inf (NaN stays NaN).
+MMFAST_DEVICE float shift(float m) { return m != m ? m : fminf(fmaxf(m, -FLT_MAX), FLT_MAX); }
+
+// exp(v - m) against a running max m (-inf while there is no valid entry: then 0).
+MMFAST_DEVICE float exp_from(float v, float m) { return expf(v - shift(m)); }
+
+// The rescale e^(m - m') of a running sum when its max grows from m to m'.
+MMFAST_DEVICE float rescale(float m, float mn) { return expf(shift(m) - shift(mn)); }
 
 // Online log-sum-exp merge of (m2, s2) into (m, s): s * e^m + s2 * e^m2 = s' * e^m'.
 MMFAST_DEVICE void lse_merge(float& m, float& s, float m2, float s2) {
   const float mn = fmaxf(m, m2);
-  s = s * exp_from(m, mn) + s2 * exp_from(m2, mn);
+  s = s * rescale(m, mn) + s2 * rescale(m2, mn);
   m = mn;
 }
 
@@ -195,6 +218,7 @@ struct TargetParams {
 };
 
 // One block. t_i = labels[i] (image, both) else -1; u_j = labels[j] (text), the inverse of t (both), or -1.
+// A label -1 (the block primitive, SigLIP) means no target; t is injective then (checked by the host).
 MMFAST_GLOBAL void targets_kernel(TargetParams p) {
   const int tid = linear_thread(), nth = block_dim_x();
   for (int i = tid; i < p.N; i += nth)
@@ -203,7 +227,8 @@ MMFAST_GLOBAL void targets_kernel(TargetParams p) {
     p.u[j] = p.direction == kText ? static_cast<int>(p.labels ? p.labels[j] : j) : -1;
   if (p.direction == kBoth) {
     block_sync();
-    for (int i = tid; i < p.N; i += nth) p.u[p.t[i]] = i;  // t is a permutation: writes are disjoint
+    for (int i = tid; i < p.N; i += nth)
+      if (p.t[i] >= 0) p.u[p.t[i]] = i;  // t is injective: writes are disjoint
   }
 }
 
@@ -217,6 +242,7 @@ struct FwdParams {
   const float* bias;   // 0-dim (SigLIP)
   int loss;
   bool vec;
+  const int* t;     // N: SigLIP's positive text of each image (-1: none)
   float* row_out;   // N: InfoNCE row_lse; SigLIP per-row loss
   float* col_part;  // InfoNCE: (gridDim.x, M, 2) running (max, sumexp) of each stripe of row tiles
 };
@@ -255,7 +281,7 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) fwd_tiles_kernel(FwdParams p) 
         for_each_fragment([&](int nt, int c, int r, int col) {
           const int i = i0 + r, j = j0 + col;
           if (i < p.N && j < p.M) {
-            const float z = i == j ? 1.0f : -1.0f;
+            const float z = j == p.t[i] ? 1.0f : -1.0f;
             acc_row[c / 2] += softplus(-z * (s * acc[nt][c] + bias));
           }
         });
@@ -265,14 +291,14 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) fwd_tiles_kernel(FwdParams p) 
       float tmax[2] = {kNegInf, kNegInf};
       for_each_fragment([&](int nt, int c, int r, int col) {
         const bool ok = i0 + r < p.N && j0 + col < p.M;
-        const float v = ok ? s * acc[nt][c] : kNegInf;
+        const float v = ok ? mul_rn(s, acc[nt][c]) : kNegInf;
         acc[nt][c] = v;
         tmax[c / 2] = fmaxf(tmax[c / 2], v);
         tile[r * kLdT + col] = v;
       });
       for (int h = 0; h < 2; ++h) {
         const float mn = fmaxf(m[h], tmax[h]);
-        acc_row[h] *= exp_from(m[h], mn);
+        acc_row[h] *= rescale(m[h], mn);
         m[h] = mn;
       }
       for_each_fragment([&](int nt, int c, int, int) { acc_row[c / 2] += exp_from(acc[nt][c], m[c / 2]); });
@@ -336,6 +362,7 @@ struct PairParams {
   const float* col_lse;
   float* img_rows;  // N: l_img
   float* txt_rows;  // M: l_txt
+  float* target;    // N: l[i][t_i] (0 where t_i = -1), or nullptr
 };
 
 // One warp per pair: (i, t_i) for image/both, (u_j, j) for text. pos = s <x_a, y_b> in fp32.
@@ -346,13 +373,21 @@ MMFAST_GLOBAL void pairs_kernel(PairParams p) {
   if (pair >= npairs) return;  // uniform per warp
   const int a = p.direction == kText ? p.u[pair] : pair;
   const int b = p.direction == kText ? pair : p.t[pair];
+  if (a < 0 || b < 0) {  // no target in this block (uniform per warp)
+    if (p.target != nullptr && lane_id() == 0) p.target[pair] = 0.0f;
+    return;
+  }
   const T* xa = static_cast<const T*>(p.x) + (int64_t)a * p.ldx;
   const T* yb = static_cast<const T*>(p.y) + (int64_t)b * p.ldy;
   float dot = 0.0f;
   for (int d = lane_id(); d < p.D; d += 32) dot = fmaf(to_float(xa[d]), to_float(yb[d]), dot);
   for (int off = 16; off >= 1; off >>= 1) dot += shfl_xor(dot, off);
   if (lane_id() != 0) return;
-  const float pos = *p.scale * dot;
+  const float pos = mul_rn(*p.scale, dot);
+  if (p.target != nullptr) {
+    p.target[a] = pos;
+    return;
+  }
   if (p.direction != kText) p.img_rows[a] = p.row_lse[a] - pos;
   if (p.direction != kImage) p.txt_rows[b] = p.col_lse[b] - pos;
 }
@@ -435,11 +470,28 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) coef_kernel(CoefParams p) {
   }
 }
 
+// One block: norm = max(|a|, |c|) of given coefficients, or 1 when that is 0 or not finite.
+MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads)
+    norm_kernel(const float* a, int N, const float* c, int M, float* norm) {
+  float mx = 0.0f;
+  for (int i = linear_thread(); i < N; i += kThreads) mx = fmaxf(mx, fabsf(a[i]));
+  for (int j = linear_thread(); j < M; j += kThreads) mx = fmaxf(mx, fabsf(c[j]));
+  float* red = dynamic_smem<float>();
+  red[linear_thread()] = mx;
+  block_sync();
+  if (linear_thread() == 0) {
+    for (int k = 1; k < kThreads; ++k) mx = fmaxf(mx, red[k]);
+    norm[0] = mx > 0.0f && mx < INFINITY ? mx : 1.0f;
+  }
+}
+
 // ==== B2: backward tiles ===========================================================================
 // The "own" side is the one whose gradient this launch computes (x for dx, y for dy); the logits
 // tile is l[own][other] (l^T for dy). Each side brings its lse, coefficient and target:
 //   dl[r][k] = a_own[r] (e^(l - lse_own[r]) - [k == tgt_own[r]]) + a_oth[k] (e^(l - lse_oth[k]) - [r ==
-//   tgt_oth[k]]) (SigLIP: dl = -(a_own[r] + a_oth[k]) z sigmoid(-z l), z = [r == k] ? 1 : -1)
+//   tgt_oth[k]]) (SigLIP: dl = -(a_own[r] + a_oth[k]) z sigmoid(-z l), z = [k == tgt_own[r]] ? 1 : -1;
+//   tgt_oth is then the inverse of tgt_own). InfoNCE's own (other) terms are skipped when own_terms
+//   (oth_terms) is false: a direction that is not in the loss has no statistics to read.
 struct BwdParams {
   const void* p;  // own rows, np x D (row stride ldp)
   const void* q;  // other rows, nq x D (row stride ldq)
@@ -450,15 +502,18 @@ struct BwdParams {
   const float* norm;  // coef_kernel's normaliser
   int loss;
   bool vec;
+  bool own_terms, oth_terms;  // InfoNCE: the own rows' (other rows') softmax terms are in the loss
   const float *lse_own, *lse_oth, *a_own, *a_oth;
   const int *tgt_own, *tgt_oth;
   float* acc32;  // np x D fp32 accumulator of dl @ other / norm, zero on entry
-  void* grad;    // np x D output in T (contiguous): s * norm * acc32
-  float* red;    // per block (sum dl * dot, sum dl), or nullptr
+  void* grad;    // np x D output in T (contiguous): s * norm * acc32; nullptr: leave acc32 only
+  float* red;    // per block (sum dl_own * dot, sum dl_oth * dot, sum dl), or nullptr
 };
 
+constexpr int kRed = 3;  // partials per block of the dx launch
+
 constexpr int bwd_smem_bytes(int elem_size) {
-  return (kStageElems + kBM * kLdN) * elem_size + 2 * 4 * static_cast<int>(sizeof(float));
+  return (kStageElems + kBM * kLdN) * elem_size + kRed * 4 * static_cast<int>(sizeof(float));
 }
 
 // The own side's (a, lse, target) of one row, loaded once per block.
@@ -467,16 +522,23 @@ struct OwnRow {
   int tgt;
 };
 
-// dl for one element (r, k valid), from the dot product.
-MMFAST_DEVICE float grad_logit(const BwdParams& p, const OwnRow& own, float s, float bias, float dot, int r,
-                               int k) {
+// dl for one element (r, k valid), from the dot product, as its own-row and other-row terms.
+struct GradParts {
+  float own, oth;
+};
+MMFAST_DEVICE GradParts grad_logit(const BwdParams& p, const OwnRow& own, float s, float bias, float dot,
+                                   int r, int k) {
   if (p.loss == kSigLIP) {
-    const float z = r == k ? 1.0f : -1.0f;
-    return -(own.a + p.a_oth[k]) * z * sigmoid(-z * (s * dot + bias));
+    const float z = k == own.tgt ? 1.0f : -1.0f;
+    const float sg = z * sigmoid(-z * (s * dot + bias));
+    return {-own.a * sg, -p.a_oth[k] * sg};
   }
-  // s * dot - lse in one rounding (fmaf): logits of several thousand lose no extra bits to s * dot.
-  return own.a * (expf(fmaf(s, dot, -own.lse)) - (k == own.tgt ? 1.0f : 0.0f)) +
-         p.a_oth[k] * (expf(fmaf(s, dot, -p.lse_oth[k])) - (r == p.tgt_oth[k] ? 1.0f : 0.0f));
+  // l = s * dot rounded as in the forward (mul_rn), so e^(l - lse) is exactly 1 for a lone candidate.
+  const float l = mul_rn(s, dot);
+  GradParts g{0.0f, 0.0f};
+  if (p.own_terms) g.own = own.a * (expf(l - own.lse) - (k == own.tgt ? 1.0f : 0.0f));
+  if (p.oth_terms) g.oth = p.a_oth[k] * (expf(l - p.lse_oth[k]) - (r == p.tgt_oth[k] ? 1.0f : 0.0f));
+  return g;
 }
 
 // Grid: one block per 64 own rows. For every tile of 64 other rows:
@@ -492,7 +554,7 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) bwd_tiles_kernel(BwdParams p) 
   const T* Q = static_cast<const T*>(p.q);
   const float s = *p.scale, bias = p.loss == kSigLIP ? *p.bias : 0.0f, inv_norm = 1.0f / *p.norm;
   const int r0 = block_x() * kBM, nd = (p.D + kDC - 1) / kDC;
-  float sum_dl_dot = 0.0f, sum_dl = 0.0f;
+  float sums[kRed] = {0.0f, 0.0f, 0.0f};  // sum dl_own * dot, sum dl_oth * dot, sum dl
   OwnRow own[2];
   for (int h = 0; h < 2; ++h) {
     const int i = r0 + 16 * warp_id() + (lane_id() >> 2) + 8 * h;
@@ -508,10 +570,12 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) bwd_tiles_kernel(BwdParams p) 
     // Step 2.
     for_each_fragment([&](int nt, int c, int r, int col) {
       const int i = r0 + r, k = k0 + col;
-      float dl = 0.0f;
-      if (i < p.np && k < p.nq) dl = grad_logit(p, own[c / 2], s, bias, acc[nt][c], i, k);
-      sum_dl_dot += dl * acc[nt][c];
-      sum_dl += dl;
+      GradParts g{0.0f, 0.0f};
+      if (i < p.np && k < p.nq) g = grad_logit(p, own[c / 2], s, bias, acc[nt][c], i, k);
+      const float dl = g.own + g.oth;
+      sums[0] += g.own * acc[nt][c];
+      sums[1] += g.oth * acc[nt][c];
+      sums[2] += dl;
       sdl[r * kLdN + col] = from_float<T>(dl * inv_norm);
     });
     // Step 3: chunk dc of Q into stage buffer dc % 2 while chunk dc - 1 is multiplied.
@@ -539,43 +603,43 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) bwd_tiles_kernel(BwdParams p) 
     }
   }
   // Step 4: acc32 rows were written by other threads of this block: the last barrier orders them.
-  T* out = static_cast<T*>(p.grad);
-  const float f = s * *p.norm;
-  for (int e = linear_thread(); e < kBM * p.D; e += kThreads) {
-    const int i = r0 + e / p.D;
-    if (i < p.np) out[(int64_t)r0 * p.D + e] = from_float<T>(f * p.acc32[(int64_t)r0 * p.D + e]);
+  if (p.grad != nullptr) {
+    T* out = static_cast<T*>(p.grad);
+    const float f = s * *p.norm;
+    for (int e = linear_thread(); e < kBM * p.D; e += kThreads) {
+      const int i = r0 + e / p.D;
+      if (i < p.np) out[(int64_t)r0 * p.D + e] = from_float<T>(f * p.acc32[(int64_t)r0 * p.D + e]);
+    }
   }
-  // Step 5: block partial of (sum dl dot, sum dl), warps then a fixed order over warps.
+  // Step 5: block partials (sums), warps then a fixed order over warps.
   if (p.red == nullptr) return;
-  for (int off = 16; off >= 1; off >>= 1) {
-    sum_dl_dot += shfl_xor(sum_dl_dot, off);
-    sum_dl += shfl_xor(sum_dl, off);
-  }
-  if (lane_id() == 0) {
-    red[2 * warp_id()] = sum_dl_dot;
-    red[2 * warp_id() + 1] = sum_dl;
+  for (int q = 0; q < kRed; ++q) {
+    for (int off = 16; off >= 1; off >>= 1) sums[q] += shfl_xor(sums[q], off);
+    if (lane_id() == 0) red[kRed * warp_id() + q] = sums[q];
   }
   block_sync();
   if (linear_thread() == 0) {
-    float a = 0.0f, b = 0.0f;
-    for (int w = 0; w < kThreads / 32; ++w) {
-      a += red[2 * w];
-      b += red[2 * w + 1];
+    for (int q = 0; q < kRed; ++q) {
+      float t = 0.0f;
+      for (int w = 0; w < kThreads / 32; ++w) t += red[kRed * w + q];
+      p.red[kRed * block_x() + q] = t;
     }
-    p.red[2 * block_x()] = a;
-    p.red[2 * block_x() + 1] = b;
   }
 }
 
 // ==== B3: d(scale), d(bias) from the per-block partials ============================================
+// parts[0], parts[1]: the own (row) and other (column) terms of d(scale); dscale (optional) their sum.
 MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads)
-    dscale_kernel(const float* red, int blocks, float* dscale, float* dbias) {
+    dscale_kernel(const float* red, int blocks, float* parts, float* dscale, float* dbias) {
   float* sm = dynamic_smem<float>();
-  const float a = block_sum(blocks, [&](int b) { return red[2 * b]; }, sm);
-  const float b = block_sum(blocks, [&](int k) { return red[2 * k + 1]; }, sm);
+  const float a = block_sum(blocks, [&](int b) { return red[kRed * b]; }, sm);
+  const float c = block_sum(blocks, [&](int b) { return red[kRed * b + 1]; }, sm);
+  const float d = block_sum(blocks, [&](int b) { return red[kRed * b + 2]; }, sm);
   if (linear_thread() == 0) {
-    *dscale = a;
-    *dbias = b;
+    parts[0] = a;
+    parts[1] = c;
+    if (dscale != nullptr) *dscale = a + c;
+    *dbias = d;
   }
 }
 

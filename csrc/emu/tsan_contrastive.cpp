@@ -96,15 +96,16 @@ void run_case(const char* name, int loss, int n, int d, double tol, bool vec) {
   std::vector<float> row_stat(n), col_stat(n), col_part(stripes * n * 2), img(n), txt(n), out(1);
   FwdBuffers fb{t.data(),        u.data(),        row_stat.data(),
                 col_stat.data(), col_part.data(), img.data(),
-                txt.data(),      out.data(),      imin(stripes, row_tiles(n))};
+                txt.data(),      out.data(),      imin(stripes, row_tiles(n)),
+                nullptr};
   forward<T>(pb, fb, 0);
 
-  float grad = 1.0f, norm = 0, dscale = 0, dbias = 0;
-  std::vector<float> a(n), c(n), acc_x(n * d, 0.0f), acc_y(n * d, 0.0f), red(2 * row_tiles(n));
+  float grad = 1.0f, norm = 0, dscale = 0, dbias = 0, parts[2] = {0, 0};
+  std::vector<float> a(n), c(n), acc_x(n * d, 0.0f), acc_y(n * d, 0.0f), red(kRed * row_tiles(n));
   std::vector<T> dx(n * d), dy(n * d);
-  BwdBuffers bb{t.data(),     u.data(),     a.data(),   c.data(),        &norm,
-                acc_x.data(), acc_y.data(), red.data(), row_stat.data(), col_stat.data(),
-                &grad,        dx.data(),    dy.data(),  &dscale,         &dbias};
+  BwdBuffers bb{t.data(),     u.data(),   a.data(),        c.data(),        &norm, acc_x.data(),
+                acc_y.data(), red.data(), row_stat.data(), col_stat.data(), &grad, dx.data(),
+                dy.data(),    parts,      &dscale,         &dbias,          true,  true};
   backward<T>(pb, bb, 0);
 
   const Expected e = naive(loss, xd, yd, n, d, scale, bias);

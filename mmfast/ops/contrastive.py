@@ -1,7 +1,17 @@
-"""Public contrastive-loss ops: ``info_nce`` (InfoNCE / CLIP) and ``siglip_loss``.
+"""Public contrastive-loss ops: ``info_nce`` (InfoNCE / CLIP) and ``siglip_loss``, and the block
+primitives that losses over logits no process holds whole are built from (``block_forward``,
+``merge_lse``, ``block_backward``: mmfast.nn's ring).
 
 Each validates its inputs once, then dispatches to a backend (see ``mmfast._dispatch``). The
 kernels' custom-op registrations (fake + autograd) live beside their backends.
+
+Statistics, one layout on every backend: the log-sum-exp of each row (N,) and each column (M,) of
+the logits S = s x yᵀ, float32 (float64 for float64 input). A max is folded into it, so merging the
+statistics of two blocks is ``logaddexp`` (``merge_lse``).
+
+Empty inputs (NUMERICS.md): N = 0 or M = 0 give an empty "none", a sum of 0 and a mean of NaN; D = 0
+makes every logit 0. Such inputs have nothing to tile and are evaluated by the reference formulas
+whichever backend is asked for.
 """
 
 from __future__ import annotations
@@ -12,14 +22,18 @@ from torch import Tensor
 from mmfast import _dispatch
 from mmfast import reference as _ref
 from mmfast.ops._validate import check_choice, check_same, check_scalar, check_tensor
+from mmfast.reference import contrastive as _ref_blocks
 
 DIRECTIONS = ("both", "image", "text")
 REDUCTIONS = ("mean", "sum", "none")
+LOSSES = ("info_nce", "siglip")
 
 
-def _check_labels(labels: Tensor | None, n: int, classes: int, device: torch.device, permutation: bool) -> None:
-    if labels is None:
-        return
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_label_tensor(labels: object, n: int, device: torch.device) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor of int64, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
@@ -28,9 +42,21 @@ def _check_labels(labels: Tensor | None, n: int, classes: int, device: torch.dev
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the features are on {device}")
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        raise ValueError(f"labels must lie in [0, {classes}), got values in [{int(labels.min())}, {int(labels.max())}]")
-    if permutation and n and not bool((torch.bincount(labels.long(), minlength=classes) == 1).all()):
+    return labels
+
+
+def _check_labels(labels: Tensor | None, n: int, classes: int, device: torch.device, permutation: bool) -> None:
+    """Type, shape and device always; the values (range, permutation) only outside torch.compile,
+    where reading them would break the graph: compiled, the kernels check them when they run."""
+    if labels is None:
+        return
+    _check_label_tensor(labels, n, device)
+    if _compiling() or not n:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"labels must lie in [0, {classes}), got values in [{lo}, {hi}]")
+    if permutation and not bool((torch.bincount(labels.long(), minlength=classes) == 1).all()):
         raise ValueError("labels must be a permutation of 0..N-1 for direction='both'")
 
 
@@ -41,10 +67,6 @@ def _check_features(image_features: Tensor, text_features: Tensor) -> tuple[int,
     (N, D), (M, Dt) = image_features.shape, text_features.shape
     if D != Dt:
         raise ValueError(f"image_features has D={D} but text_features has D={Dt}")
-    if N == 0 or M == 0:
-        raise ValueError(f"empty batch: image_features has {N} rows and text_features {M}")
-    if D == 0:
-        raise ValueError("features must have D >= 1")
     return N, M, D
 
 
@@ -78,6 +100,7 @@ def info_nce(
 
     Returns:
         the loss in float32 (float64 for float64 input): a scalar, or per-row for "none".
+        Second-order gradients are not supported (a clear error; use backend="reference").
     """
     N, M, D = _check_features(image_features, text_features)
     check_choice("direction", direction, DIRECTIONS)
@@ -98,9 +121,12 @@ def info_nce(
         _check_labels(labels, N, N, device, permutation=True)
     if labels is not None:
         labels = labels.to(torch.int64)  # int32 accepted; every backend gets int64
+    kw = dict(labels=labels, direction=direction, reduction=reduction)
+    if N == 0 or M == 0 or D == 0:
+        return _ref.info_nce(image_features, text_features, logit_scale, **kw)
     args = dict(dtype=image_features.dtype, N=N, M=M, D=D, direction=direction, reduction=reduction)
     impl = _dispatch.select("info_nce", backend, device, args)
-    return impl.fn(image_features, text_features, logit_scale, labels=labels, direction=direction, reduction=reduction)
+    return impl.fn(image_features, text_features, logit_scale, **kw)
 
 
 def siglip_loss(
@@ -130,9 +156,142 @@ def siglip_loss(
     device = image_features.device
     logit_scale = check_scalar("logit_scale", logit_scale, device)
     logit_bias = check_scalar("logit_bias", logit_bias, device)
+    if N == 0 or D == 0:
+        return _ref.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction=reduction)
     args = dict(dtype=image_features.dtype, N=N, M=M, D=D, direction="both", reduction=reduction)
     impl = _dispatch.select("siglip_loss", backend, device, args)
     return impl.fn(image_features, text_features, logit_scale, logit_bias, reduction=reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Block primitives.
+# --------------------------------------------------------------------------------------------
+
+
+def merge_lse(*stats: Tensor) -> Tensor:
+    """Merge log-sum-exp statistics of the same rows (or columns) over disjoint blocks of columns:
+    log(Σ_k exp(stats[k])), elementwise (logaddexp: -inf is the neutral element, +inf wins, NaN stays)."""
+    out = stats[0]
+    for s in stats[1:]:
+        out = torch.logaddexp(out, s)
+    return out
+
+
+def _check_block(
+    x: Tensor, y: Tensor, labels: Tensor | None, loss: str, injective: bool
+) -> tuple[int, int, int, Tensor | None]:
+    check_tensor("x", x, ndim=2)
+    check_tensor("y", y, ndim=2)
+    check_same(("x", "y"), (x, y))
+    check_choice("loss", loss, LOSSES)
+    (n, D), (m, Dy) = x.shape, y.shape
+    if D != Dy:
+        raise ValueError(f"x has D={D} but y has D={Dy}")
+    if labels is None:
+        return n, m, D, None
+    labels = _check_label_tensor(labels, n, x.device)
+    if n and not _compiling():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < -1 or hi >= m:
+            raise ValueError(f"labels must lie in [-1, {m}) (-1: the target is in another block), got [{lo}, {hi}]")
+        hit = labels[labels >= 0].long()
+        if injective and hit.numel() and int(torch.bincount(hit, minlength=m).max()) > 1:
+            raise ValueError("labels must give each column at most one row (column weights or SigLIP)")
+    return n, m, D, labels.to(torch.int64)
+
+
+def _stat_arg(name: str, t: Tensor | None, n: int, device: torch.device) -> Tensor:
+    if t is None:
+        raise ValueError(f"{name} is required here")
+    check_tensor(name, t, ndim=1)
+    if t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    return t
+
+
+def block_forward(
+    x: Tensor,
+    y: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float = 0.0,
+    *,
+    labels: Tensor | None = None,
+    loss: str = "info_nce",
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics of one block S = s x yᵀ (+ b) of a larger logits matrix, never built.
+
+    Args:
+        x: (n, D) the block's rows (image features); y: (m, D) its columns (text features).
+        labels: optional (n,) int64, each row's target column inside this block, -1 where it lies in
+            another block; None: no targets in this block. SigLIP: the positive pairs.
+        loss: "info_nce" or "siglip".
+
+    Returns:
+        InfoNCE: (row_lse (n,), col_lse (m,), target (n,) = S[i, labels[i]], 0 where none).
+        SigLIP: (rows (n,) = Σ_j softplus(-z_ij (S_ij + b)), empty, empty).
+        float32 (float64 for float64 input). Not differentiable: see ``block_backward``.
+    """
+    n, m, D, labels = _check_block(x, y, labels, loss, injective=loss == "siglip")
+    logit_scale = check_scalar("logit_scale", logit_scale, x.device)
+    logit_bias = check_scalar("logit_bias", logit_bias, x.device)
+    kw = dict(labels=labels, loss=loss)
+    if n == 0 or m == 0 or D == 0:
+        return _ref_blocks.block_forward(x, y, logit_scale, logit_bias, **kw)
+    args = dict(dtype=x.dtype, N=n, M=m, D=D, direction="both", reduction="none")
+    return _dispatch.select("contrastive_block_forward", backend, x.device, args).fn(
+        x, y, logit_scale, logit_bias, **kw
+    )
+
+
+def block_backward(
+    x: Tensor,
+    y: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float = 0.0,
+    *,
+    labels: Tensor | None = None,
+    row_lse: Tensor | None = None,
+    col_lse: Tensor | None = None,
+    row_weight: Tensor,
+    col_weight: Tensor | None = None,
+    loss: str = "info_nce",
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of one block given the final (merged) statistics and the loss weights:
+
+        InfoNCE  G_ij = a_i (e^(S_ij - row_lse_i) - T_ij) + c_j (e^(S_ij - col_lse_j) - T_ij)
+        SigLIP   G_ij = -a_i z_ij sigmoid(-z_ij (S_ij + b))
+
+    T_ij = 1 at (i, labels[i]); a = row_weight (n,) = dLoss/d(row i's loss), c = col_weight (m,) =
+    dLoss/d(column j's loss) (None: no column term). InfoNCE needs row_lse (n,), and col_lse (m,)
+    with col_weight.
+
+    Returns:
+        (dx = s G y (n, D), dy = s Gᵀ x (m, D), dscale (2,) = [the row terms' Σ G·xyᵀ, the column
+        terms'], dbias () = Σ G (SigLIP; 0 for InfoNCE)), float32 (float64 for float64 input):
+        accumulate blocks in it and round once.
+    """
+    cols = col_weight is not None
+    n, m, D, labels = _check_block(x, y, labels, loss, injective=cols or loss == "siglip")
+    if loss == "siglip" and cols:
+        raise ValueError("SigLIP blocks take row weights only (col_weight must be None)")
+    dev = x.device
+    row_weight = _stat_arg("row_weight", row_weight, n, dev)
+    col_weight = _stat_arg("col_weight", col_weight, m, dev) if cols else None
+    if loss == "info_nce":
+        row_lse = _stat_arg("row_lse", row_lse, n, dev)
+        col_lse = _stat_arg("col_lse", col_lse, m, dev) if cols else None
+    logit_scale = check_scalar("logit_scale", logit_scale, dev)
+    logit_bias = check_scalar("logit_bias", logit_bias, dev)
+    kw = dict(labels=labels, row_lse=row_lse, col_lse=col_lse, row_weight=row_weight, col_weight=col_weight)
+    if n == 0 or m == 0 or D == 0:
+        return _ref_blocks.block_backward(x, y, logit_scale, logit_bias, loss=loss, **kw)
+    args = dict(dtype=x.dtype, N=n, M=m, D=D, direction="both", reduction="none")
+    impl = _dispatch.select("contrastive_block_backward", backend, dev, args)
+    return impl.fn(x, y, logit_scale, logit_bias, loss=loss, **kw)
 
 
 def _no_reasons(**_: object) -> list[str]:
@@ -140,8 +299,8 @@ def _no_reasons(**_: object) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The C++ custom ops (torch.ops.mmfast.contrastive_forward / _backward): fake + autograd, and the
-# "cpu" and "cuda" backends built on them (the same ops; the dispatcher picks the device's kernel).
+# The C++ custom ops (torch.ops.mmfast.contrastive_*): fake + autograd, and the "cpu" and "cuda"
+# backends built on them (the same ops; the dispatcher picks the device's kernel).
 # --------------------------------------------------------------------------------------------
 
 _LOSS = {"info_nce": 0, "siglip": 1}
@@ -153,6 +312,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def stat_shapes(N: int, M: int, loss: int, direction: int) -> tuple[int, int]:
+    """Lengths of (row_stat, col_stat): the rows' (columns') log-sum-exp where the direction reads
+    them, else 0. The same on every backend."""
+    if loss != _LOSS["info_nce"]:
+        return 0, 0
+    return (0 if direction == _DIRECTION["text"] else N), (0 if direction == _DIRECTION["image"] else M)
+
+
 def _forward_fake(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None, loss: int, direction: int, reduction: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -160,13 +327,8 @@ def _forward_fake(
     text = loss == _LOSS["info_nce"] and direction == _DIRECTION["text"]
     rows = y.shape[0] if text else x.shape[0]
     out = x.new_empty((rows,) if reduction == _REDUCTION["none"] else (), dtype=acc)
-    if loss == _LOSS["siglip"]:
-        return out, x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    if x.device.type == "cuda":  # the CUDA kernels keep one fp32 LSE per row and column (csrc/contrastive/glue.h)
-        return out, x.new_empty((x.shape[0],), dtype=acc), x.new_empty((y.shape[0],), dtype=acc)
-    # InfoNCE stats: each log-sum-exp as [max; log sum exp(S - max)] (see csrc/contrastive/cpu.cpp).
-    cols = y.shape[0] if direction == _DIRECTION["both"] else 0
-    return out, x.new_empty((2, rows), dtype=acc), x.new_empty((2, cols), dtype=acc)
+    r, c = stat_shapes(x.shape[0], y.shape[0], loss, direction)
+    return out, x.new_empty((r,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
 def _backward_fake(
@@ -185,6 +347,27 @@ def _backward_fake(
     return x.new_empty(x.shape), y.new_empty(y.shape), scale.new_empty(()), bias.new_empty(())
 
 
+def _block_forward_fake(x, y, scale, bias, labels, loss):  # noqa: ANN001, ANN202 - the op's schema
+    acc = _acc_dtype(x.dtype)
+    nce = loss == _LOSS["info_nce"]
+    n, m = x.shape[0], y.shape[0]
+    return (
+        x.new_empty((n,), dtype=acc),
+        x.new_empty((m if nce else 0,), dtype=acc),
+        x.new_empty((n if nce else 0,), dtype=acc),
+    )
+
+
+def _block_backward_fake(x, y, scale, bias, labels, row_lse, col_lse, row_weight, col_weight, loss):  # noqa: ANN001, ANN202
+    acc = _acc_dtype(x.dtype)
+    return (
+        x.new_empty(x.shape, dtype=acc),
+        y.new_empty(y.shape, dtype=acc),
+        x.new_empty((2,), dtype=acc),
+        x.new_empty((), dtype=acc),
+    )
+
+
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     x, y, scale, bias, labels, loss, direction, reduction = inputs
     _, row_stat, col_stat = output
@@ -200,13 +383,31 @@ def _backward(ctx, grad_loss: Tensor, _grad_row: Tensor | None, _grad_col: Tenso
     return dx, dy, dscale, dbias, None, None, None, None
 
 
+def no_double_backward(ctx, *grads: Tensor) -> tuple:
+    """Autograd of the backward ops: second-order gradients are not implemented, and say so."""
+    raise NotImplementedError(
+        "mmfast.info_nce / siglip_loss: double backward (the gradient of a gradient) is not supported; "
+        "use backend='reference' for higher-order gradients"
+    )
+
+
+def _no_block_grad(ctx, *grads: Tensor) -> tuple:
+    raise NotImplementedError("mmfast block primitives are not differentiable: use block_backward")
+
+
 def _register_custom_ops() -> bool:
     """Add fake and autograd registrations to the C++ ops; False when the extension is missing."""
-    if not _dispatch.has_ops("contrastive_forward", "contrastive_backward"):
+    names = ("contrastive_forward", "contrastive_backward", "contrastive_block_forward", "contrastive_block_backward")
+    if not _dispatch.has_ops(*names):
         return False
     torch.library.register_fake("mmfast::contrastive_forward")(_forward_fake)
     torch.library.register_fake("mmfast::contrastive_backward")(_backward_fake)
+    torch.library.register_fake("mmfast::contrastive_block_forward")(_block_forward_fake)
+    torch.library.register_fake("mmfast::contrastive_block_backward")(_block_backward_fake)
     torch.library.register_autograd("mmfast::contrastive_forward", _backward, setup_context=_setup_context)
+    for name, fn in (("contrastive_backward", no_double_backward), ("contrastive_block_forward", _no_block_grad),
+                     ("contrastive_block_backward", _no_block_grad)):  # fmt: skip
+        torch.library.register_autograd(f"mmfast::{name}", fn, setup_context=lambda ctx, inputs, output: None)
     return True
 
 
@@ -260,6 +461,24 @@ def _kernel_siglip(
     return loss
 
 
+def _kernel_block_forward(x: Tensor, y: Tensor, logit_scale, logit_bias, *, labels, loss) -> tuple:  # noqa: ANN001
+    acc = _acc_dtype(x.dtype)
+    scale, bias = (_scalar_tensor(v, acc, x.device).detach() for v in (logit_scale, logit_bias))
+    lab = None if labels is None else labels.contiguous()
+    return torch.ops.mmfast.contrastive_block_forward(x, y, scale, bias, lab, _LOSS[loss])
+
+
+def _kernel_block_backward(x: Tensor, y: Tensor, logit_scale, logit_bias, *, labels, loss, **stats) -> tuple:  # noqa: ANN001
+    acc = _acc_dtype(x.dtype)
+    scale, bias = (_scalar_tensor(v, acc, x.device).detach() for v in (logit_scale, logit_bias))
+    lab = None if labels is None else labels.contiguous()
+    empty = x.new_empty(0, dtype=acc)
+    row_lse, col_lse, col_w = (empty if stats[k] is None else stats[k] for k in ("row_lse", "col_lse", "col_weight"))
+    return torch.ops.mmfast.contrastive_block_backward(
+        x, y, scale, bias, lab, row_lse, col_lse, stats["row_weight"], col_w, _LOSS[loss]
+    )
+
+
 def _cuda_reasons(dtype: torch.dtype, **_: object) -> list[str]:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return [f"cuda kernels take float32, bfloat16 or float16, got {dtype}"]
@@ -268,9 +487,12 @@ def _cuda_reasons(dtype: torch.dtype, **_: object) -> list[str]:
 
 _dispatch.register("info_nce", "reference", _ref.info_nce, _no_reasons)
 _dispatch.register("siglip_loss", "reference", _ref.siglip_loss, _no_reasons)
+_dispatch.register("contrastive_block_forward", "reference", _ref_blocks.block_forward, _no_reasons)
+_dispatch.register("contrastive_block_backward", "reference", _ref_blocks.block_backward, _no_reasons)
 if _register_custom_ops():
     _CUDA_NOTE = "CUDA kernels not yet verified on hardware"
-    _dispatch.register("info_nce", "cpu", _kernel_info_nce, _no_reasons)
-    _dispatch.register("siglip_loss", "cpu", _kernel_siglip, _no_reasons)
-    _dispatch.register("info_nce", "cuda", _kernel_info_nce, _cuda_reasons, note=_CUDA_NOTE)
-    _dispatch.register("siglip_loss", "cuda", _kernel_siglip, _cuda_reasons, note=_CUDA_NOTE)
+    for _backend, _why, _note in (("cpu", _no_reasons, None), ("cuda", _cuda_reasons, _CUDA_NOTE)):
+        _dispatch.register("info_nce", _backend, _kernel_info_nce, _why, note=_note)
+        _dispatch.register("siglip_loss", _backend, _kernel_siglip, _why, note=_note)
+        _dispatch.register("contrastive_block_forward", _backend, _kernel_block_forward, _why, note=_note)
+        _dispatch.register("contrastive_block_backward", _backend, _kernel_block_backward, _why, note=_note)

@@ -13,8 +13,15 @@ Custom ops (fake + autograd registered, so ``torch.compile(fullgraph=True)`` tra
     mmfast::triton_contrastive_backward(grad, x, y, scale, bias, labels, row_stat, col_stat,
         loss, direction, reduction) -> (dx, dy, dscale, dbias)
 
-with the integer codes of the C++ schema: loss 0 = InfoNCE, 1 = SigLIP; direction 0 = both,
-1 = image, 2 = text; reduction 0 = mean, 1 = sum, 2 = none.
+with the integer codes and the statistics layout of the C++ schema (csrc/contrastive/cpu.cpp):
+loss 0 = InfoNCE, 1 = SigLIP; direction 0 = both, 1 = image, 2 = text; reduction 0 = mean,
+1 = sum, 2 = none; row_stat (N,) / col_stat (M,) fp32 log-sum-exp, empty where the direction does
+not read them. The op bodies check the labels' values (they run eagerly, also under torch.compile).
+
+Block primitives (``block_forward`` / ``block_backward``, the ``triton`` backend of
+mmfast.ops.contrastive's ``block_forward`` / ``block_backward``): the same kernels on one block of a
+larger logits matrix, with labels -1 for rows whose target lies in another block, external
+statistics and weights, fp32 gradients.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import triton
 from torch import Tensor
 
 from mmfast import _dispatch
+from mmfast.ops.contrastive import no_double_backward, stat_shapes
 from mmfast.triton import contrastive_kernels as K
 
 INFO_NCE, SIGLIP = 0, 1
@@ -91,14 +99,28 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> lis
     return kept or [c for c in configs if c.family in (family, "any")][:1]
 
 
+# The forward and the backward recompute the same logits: their K chunks must match (BLOCK_K 64 for
+# 16-bit inputs, 32 for fp32) so each S is summed in the same order (see contrastive_kernels.py).
+FWD_BLOCK_K = {"16": 64, "32": 32, "any": 64}
+
+
+def _same_k(configs: list[triton.Config]) -> list[triton.Config]:
+    return [c for c in configs if c.kwargs["BLOCK_K"] == FWD_BLOCK_K[c.family]]
+
+
+# Launch option of every contrastive kernel: no FMA fusion, so s·T is rounded before lse is
+# subtracted, identically in the forward and the backward.
+NO_FUSION = dict(enable_fp_fusion=False)
+
+
 def _autotuned(kernel: Any, configs: list[triton.Config]) -> Any:
     prune = dict(early_config_prune=_prune)
     return triton.autotune(configs, key=["D", "LOSS", "COL_STATS"], prune_configs_by=prune)(kernel)
 
 
-_fwd = _autotuned(K._fwd_kernel, _fwd_configs())
-_bwd_dx = _autotuned(K._bwd_dx_kernel, _bwd_configs())
-_bwd_dy = _autotuned(K._bwd_dy_kernel, _bwd_configs())
+_fwd = _autotuned(K._fwd_kernel, _same_k(_fwd_configs()))
+_bwd_dx = _autotuned(K._bwd_dx_kernel, _same_k(_bwd_configs()))
+_bwd_dy = _autotuned(K._bwd_dy_kernel, _same_k(_bwd_configs()))
 MERGE_BLOCK = 32 if INTERPRET else 256
 
 
@@ -154,7 +176,7 @@ def _partials(
         row_part, tgt_part, col_part,
         N, M, D, per, *_strides(x, y),
         LOSS=loss, HAS_LABELS=labels is not None, COL_STATS=col_stats, BLOCK_N=block_n,
-        PRECISION=_precision(x.dtype),
+        PRECISION=_precision(x.dtype), **NO_FUSION,
     )  # fmt: skip
     return row_part, tgt_part, col_part if col_stats else None
 
@@ -163,7 +185,7 @@ def _lse_merge(part: Tensor) -> Tensor:
     """log Σ_p exp part[p, :] (a P x L fp32 buffer) -> (L,)."""
     P, L = part.shape
     out = torch.empty(L, device=part.device, dtype=torch.float32)
-    K._lse_merge_kernel[(triton.cdiv(L, MERGE_BLOCK),)](part, out, P, L, BLOCK=MERGE_BLOCK)
+    K._lse_merge_kernel[(triton.cdiv(L, MERGE_BLOCK),)](part, out, P, L, BLOCK=MERGE_BLOCK, **NO_FUSION)
     return out
 
 
@@ -188,6 +210,18 @@ def _oriented(x: Tensor, y: Tensor, direction: int) -> tuple[Tensor, Tensor]:
     return (y, x) if direction == 2 else (x, y)
 
 
+def _checked_labels(labels: Tensor | None, n: int, lo: int, classes: int) -> Tensor | None:
+    """Contiguous int64 labels, their values checked to lie in [lo, classes)."""
+    if labels is None:
+        return None
+    labels = labels.to(torch.int64).contiguous()
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if n and (int(labels.min()) < lo or int(labels.max()) >= classes):
+        raise ValueError(f"labels must lie in [{lo}, {classes})")
+    return labels
+
+
 def _indexable(t: Tensor) -> Tensor:
     """The kernels index in 32 bits: features whose last element lies 2^31 elements or more from the
     first (wide row strides) are copied compactly (reasons() rejects N * D >= 2^31 itself)."""
@@ -200,9 +234,11 @@ def contrastive_forward(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None, loss: int, direction: int, reduction: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x (N, D), y (M, D), scale and bias 0-dim fp32, labels (N,) int64 (direction text: (M,))
-    -> (loss: () or per-row fp32, row_stat, col_stat): InfoNCE row / column log-sum-exp (the
-    "text" direction's are those of the swapped problem), empty for SigLIP."""
+    -> (loss: () or per-row fp32, row_stat, col_stat): InfoNCE row (N,) / column (M,) log-sum-exp
+    where the direction reads them (else empty), empty for SigLIP."""
     a, c = _oriented(_indexable(x), _indexable(y), direction)
+    lo = -1 if loss == SIGLIP else 0
+    labels = _checked_labels(labels, a.shape[0], lo, c.shape[0])
     col_stats = loss == INFO_NCE and direction == 0
     row_part, tgt_part, col_part = _partials(a, c, scale, bias, labels, loss, col_stats)
     if loss == SIGLIP:
@@ -212,20 +248,21 @@ def contrastive_forward(
     rows = row_lse - tgt
     col_lse = _empty(a)
     if col_stats:
+        inv = None if labels is None else _inverse(labels)
+        if inv is not None and not bool((torch.bincount(labels, minlength=a.shape[0]) == 1).all()):
+            raise ValueError("labels must be a permutation of 0..N-1 for direction='both'")
         col_lse = _lse_merge(col_part)
-        tgt_txt = tgt if labels is None else tgt[_inverse(labels)]
-        rows = 0.5 * (rows + (col_lse - tgt_txt))
-    return _reduce(rows, reduction, a.shape[0]), row_lse, col_lse
+        rows = 0.5 * (rows + (col_lse - (tgt if inv is None else tgt[inv])))
+    out = _reduce(rows, reduction, a.shape[0])
+    return (out, _empty(a), row_lse) if direction == 2 else (out, row_lse, col_lse)
 
 
 @contrastive_forward.register_fake
 def _(x, y, scale, bias, labels, loss, direction, reduction):
     a, _c = _oriented(x, y, direction)
-    n = a.shape[0]
-    out = x.new_empty(() if reduction != 2 else (n,), dtype=torch.float32)
-    stat = x.new_empty(n if loss == INFO_NCE else 0, dtype=torch.float32)
-    col = x.new_empty(n if loss == INFO_NCE and direction == 0 else 0, dtype=torch.float32)
-    return out, stat, col
+    out = x.new_empty(() if reduction != 2 else (a.shape[0],), dtype=torch.float32)
+    r, c = stat_shapes(x.shape[0], y.shape[0], loss, direction)
+    return out, x.new_empty(r, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,26 +296,52 @@ def contrastive_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """grad: () or per-row -> (dx (N, D) like x, dy (M, D) like y, dscale (), dbias ()) fp32 scalars."""
     a, c = _oriented(_indexable(x), _indexable(y), direction)
-    (N, D), M = a.shape, c.shape[0]
+    labels = _checked_labels(labels, a.shape[0], -1 if loss == SIGLIP else 0, c.shape[0])
     col_stats = loss == INFO_NCE and direction == 0
-    g = _weights(grad, N, loss, direction, reduction)
-    da = torch.empty(N, D, device=a.device, dtype=a.dtype)
-    dc = torch.empty(M, D, device=a.device, dtype=a.dtype)
-    ds = torch.empty(N, device=a.device, dtype=torch.float32)
-    db = torch.empty_like(ds)
-    rlse = row_stat if loss == INFO_NCE else g
-    clse = col_stat if col_stats else g
-    lab = labels if labels is not None else a
-    meta = dict(LOSS=loss, HAS_LABELS=labels is not None, COL_STATS=col_stats, PRECISION=_precision(a.dtype))
-    common = (a, c, scale, bias, lab, g, g, rlse, clse)
-    _bwd_dx[lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(D, m["BLOCK_DV"]))](
-        *common, da, ds, db, N, M, D, *_strides(a, c), **meta
-    )
-    _bwd_dy[lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(D, m["BLOCK_DV"]))](
-        *common, dc, N, M, D, *_strides(a, c), **meta
+    g = _weights(grad, a.shape[0], loss, direction, reduction)
+    rlse = (col_stat if direction == 2 else row_stat) if loss == INFO_NCE else None
+    da, dc, ds, db = _grads(
+        a, c, scale, bias, labels, g, g if col_stats else None, rlse, col_stat, loss, a.dtype, False
     )
     dx, dy = _oriented(da, dc, direction)
-    return dx, dy, ds.sum(), db.sum()
+    return dx, dy, ds.sum(), db
+
+
+def _grads(
+    a: Tensor,
+    c: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    labels: Tensor | None,
+    g: Tensor,
+    h: Tensor | None,
+    rlse: Tensor | None,
+    clse: Tensor | None,
+    loss: int,
+    out_dtype: torch.dtype,
+    split: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both backward kernels: (da (N, D), dc (M, D) in out_dtype, dscale (2,) = [g terms, h terms]
+    (with ``split``; else [all, 0]), dbias ()). g (N,) row weights, h (M,) column weights or None."""
+    (N, D), M = a.shape, c.shape[0]
+    col_stats = h is not None
+    da = torch.empty(N, D, device=a.device, dtype=out_dtype)
+    dc = torch.empty(M, D, device=a.device, dtype=out_dtype)
+    ds = torch.empty(3, N, device=a.device, dtype=torch.float32)
+    rlse = g if rlse is None else rlse.float().contiguous()
+    clse = clse.float().contiguous() if col_stats else g
+    h = h if col_stats else g
+    lab = labels if labels is not None else a
+    meta = dict(LOSS=loss, HAS_LABELS=labels is not None, COL_STATS=col_stats, PRECISION=_precision(a.dtype))
+    common = (a, c, scale, bias, lab, g, h, rlse, clse)
+    _bwd_dx[lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(D, m["BLOCK_DV"]))](
+        *common, da, ds[0], ds[1], ds[2], N, M, D, *_strides(a, c), **meta, SPLIT_DS=split and col_stats, **NO_FUSION
+    )
+    _bwd_dy[lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(D, m["BLOCK_DV"]))](
+        *common, dc, N, M, D, *_strides(a, c), **meta, **NO_FUSION
+    )
+    db = ds[2].sum() if loss == SIGLIP else torch.zeros((), device=a.device)  # InfoNCE: no bias
+    return da, dc, ds[:2].sum(1), db
 
 
 @contrastive_backward.register_fake
@@ -302,6 +365,7 @@ def _backward(ctx: Any, grad: Tensor, _grad_row: Tensor, _grad_col: Tensor) -> t
 
 
 contrastive_forward.register_autograd(_backward, setup_context=_setup_context)
+contrastive_backward.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +391,7 @@ def info_nce(
     """InfoNCE / CLIP on (N, D) and (M, D) features; see ``mmfast.info_nce``."""
     dev = image_features.device
     scale, bias = _scalar(logit_scale, dev), torch.zeros((), device=dev, dtype=torch.float32)
-    labels = labels.long() if labels is not None else None
+    labels = labels.long().contiguous() if labels is not None else None
     out, _, _ = contrastive_forward(
         image_features, text_features, scale, bias, labels, INFO_NCE, DIRECTIONS[direction], REDUCTIONS[reduction]
     )
@@ -347,6 +411,54 @@ def siglip_loss(
     scale, bias = _scalar(logit_scale, dev), _scalar(logit_bias, dev)
     out, _, _ = contrastive_forward(image_features, text_features, scale, bias, None, SIGLIP, 0, REDUCTIONS[reduction])
     return out
+
+
+def _block_labels(labels: Tensor | None, n: int, m: int, device: torch.device) -> Tensor:
+    """A block's labels in [-1, m); None: no target / positive in this block (all -1: the kernels
+    read absent labels as the diagonal)."""
+    if labels is None:
+        return torch.full((n,), -1, device=device, dtype=torch.int64)
+    return _checked_labels(labels, n, -1, m)
+
+
+def block_forward(
+    x: Tensor, y: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float, *, labels: Tensor | None, loss: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One block's statistics; see ``mmfast.ops.contrastive.block_forward``. labels -1: no target."""
+    dev = x.device
+    scale, bias = _scalar(logit_scale, dev).detach(), _scalar(logit_bias, dev).detach()
+    x, y = _indexable(x), _indexable(y)
+    n, m = x.shape[0], y.shape[0]
+    labels = _block_labels(labels, n, m, dev)
+    code = INFO_NCE if loss == "info_nce" else SIGLIP
+    row_part, tgt_part, col_part = _partials(x, y, scale, bias, labels, code, code == INFO_NCE)
+    if code == SIGLIP:
+        return row_part.sum(0), _empty(x), _empty(x)
+    return _lse_merge(row_part), _lse_merge(col_part), tgt_part.sum(0)
+
+
+def block_backward(
+    x: Tensor,
+    y: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float,
+    *,
+    labels: Tensor | None,
+    row_lse: Tensor | None,
+    col_lse: Tensor | None,
+    row_weight: Tensor,
+    col_weight: Tensor | None,
+    loss: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One block's fp32 gradients; see ``mmfast.ops.contrastive.block_backward``."""
+    dev = x.device
+    scale, bias = _scalar(logit_scale, dev).detach(), _scalar(logit_bias, dev).detach()
+    x, y = _indexable(x), _indexable(y)
+    labels = _block_labels(labels, x.shape[0], y.shape[0], dev)
+    g = row_weight.float().contiguous()
+    h = None if col_weight is None else col_weight.float().contiguous()
+    code = INFO_NCE if loss == "info_nce" else SIGLIP
+    return _grads(x, y, scale, bias, labels, g, h, row_lse, col_lse, code, torch.float32, True)
 
 
 def reasons(*, dtype: torch.dtype, N: int, M: int, D: int, direction: str, reduction: str) -> list[str]:
@@ -406,8 +518,8 @@ def compile_specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
             else dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, BLOCK_DV=128)
         )
         bwd_const = dict(flags, **bwd_blocks, PRECISION="ieee")
-        dx_sig = dict(bwd_sig, dx_ptr=f"*{t}", ds_ptr="*fp32", db_ptr="*fp32")
-        specs.append(_spec(f"bwd_dx_{tag}", K._bwd_dx_kernel, dx_sig, bwd_const))
+        dx_sig = dict(bwd_sig, dx_ptr=f"*{t}", ds_ptr="*fp32", dsc_ptr="*fp32", db_ptr="*fp32")
+        specs.append(_spec(f"bwd_dx_{tag}", K._bwd_dx_kernel, dx_sig, dict(bwd_const, SPLIT_DS=False)))
         dy_sig = dict(bwd_sig, dy_ptr=f"*{t}")
         specs.append(_spec(f"bwd_dy_{tag}", K._bwd_dy_kernel, dy_sig, bwd_const))
     merge_sig = {"part_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "L": "i32"}
@@ -434,3 +546,5 @@ def _spec(name: str, fn: Any, sig: dict[str, str], constexprs: dict[str, Any]) -
 
 _dispatch.register("info_nce", "triton", info_nce, reasons)
 _dispatch.register("siglip_loss", "triton", siglip_loss, reasons)
+_dispatch.register("contrastive_block_forward", "triton", block_forward, reasons)
+_dispatch.register("contrastive_block_backward", "triton", block_backward, reasons)
