@@ -8,8 +8,8 @@ Measures fp32 forward+backward of the CLIP loss (direction="both") at N = M = --
   naive         logits = s x yᵀ, then two F.cross_entropy (open_clip's ClipLoss)
   linear_ce_x2  two calls of F.linear_cross_entropy(options=LinearCrossEntropyOptions())
   mmfast_bf16   the cpu kernel on bf16 inputs (the vdpbf16ps kernel where the CPU has AVX512_BF16)
-  mmfast_bf16_mkl  the same with MKL's bf16 GEMM (MMFAST_CONTRASTIVE_VNNI=0), the previous path
-  mmfast_cpu_mkl   fp32 with MKL SGEMM tiles and separate softmax passes (MMFAST_CONTRASTIVE_AVX512=0),
+  mmfast_bf16_mkl  the same with MKL's bf16 GEMM (mmfast.cpu_options(gemm="blas")), the previous path
+  mmfast_cpu_mkl   fp32 with MKL SGEMM tiles and separate softmax passes (gemm="blas"),
                    the path before the AVX-512 kernel
 Providers run round-robin, one repetition each per round, so load changes hit them alike. Also
 measured in the same run: the fp32 / bf16 torch.mm rate and the CPU's peak multiply-add rate
@@ -65,21 +65,15 @@ def setup(provider: str, n: int, d: int) -> tuple[list[torch.Tensor], Callable[[
         txt = F.linear_cross_entropy(s * y, x, target, options=opts)
         (0.5 * (img + txt)).backward()
 
-    def with_env(var: str) -> Callable[[], None]:
-        def fn() -> None:
-            os.environ[var] = "0"
-            try:
-                mmfast_cpu()
-            finally:
-                del os.environ[var]
-
-        return fn
+    def on_blas() -> None:  # MKL tiles for the tile products (the path before mmfast's own kernels)
+        with mmfast.cpu_options(gemm="blas"):
+            mmfast_cpu()
 
     fns = {
         "mmfast_cpu": mmfast_cpu,
-        "mmfast_cpu_mkl": with_env("MMFAST_CONTRASTIVE_AVX512"),
+        "mmfast_cpu_mkl": on_blas,
         "mmfast_bf16": mmfast_cpu,
-        "mmfast_bf16_mkl": with_env("MMFAST_CONTRASTIVE_VNNI"),
+        "mmfast_bf16_mkl": on_blas,
         "naive": naive,
         "linear_ce_x2": linear_ce_x2,
     }

@@ -140,7 +140,7 @@ def test_siglip(dtype, N, D):
 
 
 # bf16 runs on the vdpbf16ps kernel (packed operands, Gᵀ buffer) where the CPU has AVX512_BF16 and
-# on MKL otherwise; MMFAST_CONTRASTIVE_VNNI=0 forces MKL. Both paths over several tiles in each
+# on MKL otherwise; mmfast.cpu_options(gemm="blas") forces MKL. Both paths over several tiles in each
 # direction (BN = BM = 256), partial last tiles, odd D (odd-K tails), odd M (padded pairs), labels.
 @pytest.mark.parametrize("vnni", ["1", "0"])
 @pytest.mark.parametrize(
@@ -154,19 +154,19 @@ def test_siglip(dtype, N, D):
         (300, 300, 65, "siglip", None),
     ],
 )
-def test_bf16_gemm_paths(monkeypatch, vnni, N, M, D, direction, labels):
+def test_bf16_gemm_paths(vnni, N, M, D, direction, labels):
     if vnni == "1" and not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512_BF16: the vdpbf16ps kernel cannot run")
-    monkeypatch.setenv("MMFAST_CONTRASTIVE_VNNI", vnni)
-    if direction == "siglip":
-        _run_siglip(torch.bfloat16, N, D)
-        return
-    _run_info_nce(torch.bfloat16, N, M, D, direction, labels=torch.randperm(N) if labels else None)
+    with mmfast.cpu_options(gemm="avx512_bf16" if vnni == "1" else "blas"):
+        if direction == "siglip":
+            _run_siglip(torch.bfloat16, N, D)
+            return
+        _run_info_nce(torch.bfloat16, N, M, D, direction, labels=torch.randperm(N) if labels else None)
 
 
 # fp32 runs on the AVX-512 FMA kernel where the CPU has AVX-512F (yᵀ packed, y / x / Gᵀ read in
 # place, InfoNCE's LSE and gradient tile computed in the logits GEMM's epilogue) and on MKL SGEMM
-# otherwise; MMFAST_CONTRASTIVE_AVX512=0 forces MKL. Both paths: register-tile row tails (N % 8),
+# otherwise; mmfast.cpu_options(gemm="blas") forces MKL. Both paths: register-tile row tails (N % 8),
 # masked column tails (M % 32, M < 16), several 256-wide tiles, D above the 256-deep K chunk, odd D,
 # labels, every direction, SigLIP.
 @pytest.mark.parametrize("avx512", ["1", "0"])
@@ -181,31 +181,31 @@ def test_bf16_gemm_paths(monkeypatch, vnni, N, M, D, direction, labels):
         (300, 300, 65, "siglip", None),
     ],
 )
-def test_fp32_gemm_paths(monkeypatch, avx512, N, M, D, direction, labels):
+def test_fp32_gemm_paths(avx512, N, M, D, direction, labels):
     if avx512 == "1" and not has_avx512f():
         pytest.skip("this CPU has no AVX-512F: the fp32 FMA kernel cannot run")
-    monkeypatch.setenv("MMFAST_CONTRASTIVE_AVX512", avx512)
-    if direction == "siglip":
-        _run_siglip(torch.float32, N, D)
-        return
-    rows = M if direction == "text" else N
-    lab = {"perm": torch.randperm(rows), "random": torch.randint(0, M, (rows,)), None: None}[labels]
-    _run_info_nce(torch.float32, N, M, D, direction, labels=lab)
+    with mmfast.cpu_options(gemm="avx512" if avx512 == "1" else "blas"):
+        if direction == "siglip":
+            _run_siglip(torch.float32, N, D)
+            return
+        rows = M if direction == "text" else N
+        lab = {"perm": torch.randperm(rows), "random": torch.randint(0, M, (rows,)), None: None}[labels]
+        _run_info_nce(torch.float32, N, M, D, direction, labels=lab)
 
 
 @pytest.mark.parametrize("avx512", ["1", "0"])
-def test_fp32_nan_reaches_gradients(monkeypatch, avx512):
+def test_fp32_nan_reaches_gradients(avx512):
     """A NaN feature: NaN loss and NaN gradients on both paths, no clamped numbers."""
     if avx512 == "1" and not has_avx512f():
         pytest.skip("this CPU has no AVX-512F")
-    monkeypatch.setenv("MMFAST_CONTRASTIVE_AVX512", avx512)
     inp = contrastive_inputs(N=97, D=64)
     x = inp["image_features"].detach().clone()
     x[5, 3] = float("nan")
     x.requires_grad_()
     y = inp["text_features"].detach().clone().requires_grad_()
-    loss = mmfast.info_nce(x, y, 10.0, backend="cpu")
-    loss.backward()
+    with mmfast.cpu_options(gemm="avx512" if avx512 == "1" else "blas"):
+        loss = mmfast.info_nce(x, y, 10.0, backend="cpu")
+        loss.backward()
     assert torch.isnan(loss)
     assert torch.isnan(x.grad).any() and torch.isnan(y.grad).any()
 

@@ -21,19 +21,18 @@ from mmfast import reference as ref
 from tests import contrastive_backends as cb
 from tests.utils import BWD_TOL, FWD_TOL
 
-# cpu code paths: (name, environment). The bf16 vdpbf16ps kernel and the fp32 AVX-512 kernel (with
-# its fused epilogues) where the CPU has them, MKL otherwise and when forced.
-CPU_PATHS = [("cpu", {}), ("cpu-mkl", {"MMFAST_CONTRASTIVE_AVX512": "0", "MMFAST_CONTRASTIVE_VNNI": "0"})]
+# cpu code paths: (name, mmfast.cpu_options). The bf16 vdpbf16ps kernel and the fp32 AVX-512 kernel
+# (with its fused epilogues) where the CPU has them ("auto"), MKL when forced ("blas").
+CPU_PATHS = [("cpu", {}), ("cpu-mkl", {"gemm": "blas"})]
 ALL = [p[0] for p in CPU_PATHS] + ["triton", "emu", "reference"]
 
 
 @pytest.fixture
-def backend(request, monkeypatch):
-    """The backend name for tests/contrastive_backends.py, with the cpu path's environment set."""
+def backend(request):
+    """The backend name for tests/contrastive_backends.py, with the cpu path's options applied."""
     name = request.param
-    for key, value in dict(CPU_PATHS).get(name, {}).items():
-        monkeypatch.setenv(key, value)
-    return "cpu" if name.startswith("cpu") else name
+    with mmfast.cpu_options(**dict(CPU_PATHS).get(name, {})):
+        yield "cpu" if name.startswith("cpu") else name
 
 
 def _close64(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, name: str, fwd: bool = False) -> None:

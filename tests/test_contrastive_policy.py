@@ -21,15 +21,14 @@ import mmfast
 from tests import contrastive_backends as cb
 from tests.utils import BWD_TOL, FWD_TOL
 
-CPU_PATHS = {"cpu": {}, "cpu-mkl": {"MMFAST_CONTRASTIVE_AVX512": "0", "MMFAST_CONTRASTIVE_VNNI": "0"}}
+CPU_PATHS = {"cpu": {}, "cpu-mkl": {"gemm": "blas"}}  # mmfast.cpu_options of each cpu path
 
 
 @pytest.fixture
-def backend(request, monkeypatch):
+def backend(request):
     name = request.param
-    for key, value in CPU_PATHS.get(name, {}).items():
-        monkeypatch.setenv(key, value)
-    return "cpu" if name.startswith("cpu") else name
+    with mmfast.cpu_options(**CPU_PATHS.get(name, {})):
+        yield "cpu" if name.startswith("cpu") else name
 
 
 def _same_pattern(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, name: str, fwd: bool) -> None:

@@ -151,15 +151,12 @@ inline T softplus_(T v) {
 // 1). bf16 on a CPU with AVX512_BF16 runs the vdpbf16ps kernel (common/cpu_gemm_bf16.h) on
 // operands packed once per call (yᵀ for logits, y and x for the gradients; each the size of the
 // input), and grad_y then reads Gᵀ, which the caller writes beside G. Everything else goes to MKL
-// (cpu::gemm: SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 -> fp32). MMFAST_CONTRASTIVE_AVX512=0 /
-// MMFAST_CONTRASTIVE_VNNI=0 force MKL for fp32 / bf16 (tests and benchmarks compare the paths).
+// (cpu::gemm: SGEMM / DGEMM, or bf16/fp16 x bf16/fp16 -> fp32; on a CPU with AMX, MKL's bf16 GEMM
+// runs on the tiles). The path is the one common/cpu_isa.h picks per dtype (mmfast.cpu_options
+// forces one: gemm="avx2" or "blas" puts fp32 on MKL, "amx" or "blas" puts bf16 on MKL).
 // ---------------------------------------------------------------------------------------------
-inline bool env_allows(const char* name) {
-  const char* env = std::getenv(name);
-  return env == nullptr || std::string(env) != "0";
-}
-inline bool vnni_enabled() { return cpu::has_avx512_bf16() && env_allows("MMFAST_CONTRASTIVE_VNNI"); }
-inline bool avx512_enabled() { return cpu::has_avx512f() && env_allows("MMFAST_CONTRASTIVE_AVX512"); }
+inline bool vnni_enabled() { return cpu::gemm_for(at::kBFloat16) == cpu::Gemm::kAvx512Bf16; }
+inline bool avx512_enabled() { return cpu::gemm_for(at::kFloat) == cpu::Gemm::kAvx512; }
 
 template <typename scalar_t>
 class TileProducts {
