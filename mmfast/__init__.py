@@ -18,12 +18,10 @@ from __future__ import annotations
 import torch  # noqa: F401 - loads libtorch before the extension
 
 from mmfast import nn as nn
-from mmfast._dispatch import backends
+from mmfast._version import __version__
 from mmfast.cpu import cpu_options
-from mmfast.ops import cross_attention, info_nce, siglip_loss
+from mmfast.ops import backends, cross_attention, info_nce, siglip_loss
 from mmfast.swap import swap_modules as swap_modules
-
-__version__ = "0.1.0"
 
 
 def build_info() -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from mmfast._dispatch import backends
+from mmfast.ops import backends
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from mmfast import _dispatch
+from mmfast._version import __version__
 
 _FAST_KEYS = 16384  # kMaxFastKeys in csrc/cross_attention/cpu_fast.h
 
@@ -100,12 +101,10 @@ def _extension_line(ext: Any, why: str | None) -> str:
 
 def backends_table(report: dict[str, dict[str, dict[str, Any]]], ext_why: tuple[Any, str | None]) -> str:
     """Render ``mmfast.backends()``'s dict (``report``) with the extension status ``ext_why``."""
-    import mmfast  # noqa: PLC0415
-
     ext, why_ext = ext_why
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     lines = [
-        f"mmfast {mmfast.__version__}, torch {torch.__version__}, Python {platform.python_version()}, GPU: {gpu}",
+        f"mmfast {__version__}, torch {torch.__version__}, Python {platform.python_version()}, GPU: {gpu}",
         _extension_line(ext, why_ext),
         "",
     ]

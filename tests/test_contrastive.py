@@ -354,9 +354,11 @@ def test_gradient_blocks_reused():
 
 def test_auto_picks_cpu_and_cuda_reasons():
     args = dict(dtype=torch.float32, N=4, M=4, D=8, direction="both", reduction="mean")
-    assert _dispatch.select("info_nce", "auto", torch.device("cpu"), args).name == "cpu"
-    assert _dispatch.select("siglip_loss", "auto", torch.device("cpu"), args).name == "cpu"
-    reasons = _dispatch._OPS["info_nce"].backends["cuda"].reasons(**{**args, "dtype": torch.float64})
+    from mmfast.ops import contrastive  # noqa: PLC0415
+
+    assert _dispatch.select(contrastive.INFO_NCE, "auto", torch.device("cpu"), args).name == "cpu"
+    assert _dispatch.select(contrastive.SIGLIP_LOSS, "auto", torch.device("cpu"), args).name == "cpu"
+    reasons = contrastive.INFO_NCE.backends["cuda"].load()[1](**{**args, "dtype": torch.float64})
     assert reasons and "float64" in reasons[0]
     assert "not yet verified on hardware" in mmfast.backends()["info_nce"]["cuda"]["note"]
 

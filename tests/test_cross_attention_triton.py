@@ -238,12 +238,12 @@ def test_custom_op_opcheck():
     x = attention_inputs(B=1, Hq=2, Hkv=1, Lq=5, Lk=20, D=16, device=DEVICE, requires_grad=True, pad_frac=0.3)
     q, k, v, kpm = x["query"], x["key"], x["value"], x["key_padding_mask"]
     torch.library.opcheck(
-        torch.ops.mmfast.triton_cross_attention_fwd, (q, k, v, kpm, None, True, 0.25, 0.0, torch.tensor(0), 0)
+        torch.ops.mmfast.cross_attention_forward_triton, (q, k, v, kpm, None, True, 0.25, 0.0, torch.tensor(0), 0)
     )
     mask = torch.randn(1, 2, 5, 20, device=DEVICE)
     out, lse = torch.empty(1, 2, 5, 16, device=DEVICE), torch.empty(1, 2, 5, device=DEVICE)
     args = (q.detach(), k.detach(), v.detach(), None, mask, False, 0.25, 0.1, torch.tensor(5), 2, out, lse)
-    torch.library.opcheck(torch.ops.mmfast.triton_cross_attention_fwd_out, args)
+    torch.library.opcheck(torch.ops.mmfast.cross_attention_forward_out_triton, args)
 
 
 @pytest.mark.parametrize("into_out", [False, True], ids=["functional", "out="])

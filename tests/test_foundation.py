@@ -40,21 +40,47 @@ def test_explicit_backend_that_cannot_take_inputs_raises_with_reason():
         mmfast.info_nce(x, x.clone(), 2.0, backend="fastest")
 
 
-def test_auto_lists_every_backend_when_none_fits(monkeypatch):
-    calls = []
-    _dispatch.register("_probe", "reference", lambda **kw: calls.append(kw), lambda **kw: ["never fits"])
-    _dispatch.register("_probe", "cpu", lambda **kw: calls.append(kw), lambda **kw: ["too large"])
+def test_auto_lists_every_backend_when_none_fits():
+    probe = _dispatch.Op(
+        "_probe",
+        {
+            "reference": _dispatch.Backend("reference", print, lambda **kw: ["never fits"]),
+            "cpu": _dispatch.Backend("cpu", print, lambda **kw: ["too large"]),
+        },
+    )
     with pytest.raises(RuntimeError) as e:
-        _dispatch.select("_probe", "auto", torch.device("cpu"), {})
+        _dispatch.select(probe, "auto", torch.device("cpu"), {})
     msg = str(e.value)
     assert "reference: never fits" in msg and "cpu:" in msg
-    _dispatch._OPS.pop("_probe")
+
+
+def test_backend_tables_are_explicit_and_triton_loads_lazily():
+    """Every op lists its four backends; importing mmfast imports no triton module (the triton
+    entries are "module:function" strings, imported when first selected)."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from mmfast.ops import OPS  # noqa: PLC0415
+
+    assert {op.name for op in OPS} == set(mmfast.backends())
+    for op in OPS:
+        assert set(op.backends) == set(_dispatch.BACKENDS), op.name
+        assert isinstance(op.backends["triton"].fn, str), op.name
+    if torch.cuda.is_available():
+        return  # with a GPU the triton entry points are preloaded (compiled code must not import)
+    code = "import sys, mmfast; print(sorted(m for m in sys.modules if m.startswith('mmfast.triton') or m == 'triton'))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "[]"
 
 
 def test_env_sets_default_backend(monkeypatch):
+    from mmfast.ops import contrastive  # noqa: PLC0415
+
     x = torch.randn(5, 8)
     monkeypatch.setenv("MMFAST_BACKEND", "reference")
-    assert _dispatch.select("info_nce", "auto", x.device, {}).name == "reference"
+    assert _dispatch.select(contrastive.INFO_NCE, "auto", x.device, {}).name == "reference"
     monkeypatch.setenv("MMFAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="MMFAST_BACKEND"):
         mmfast.info_nce(x, x.clone(), 1.0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mmfast._dispatch import BACKENDS
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -52,8 +54,6 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 def check_backend(backend: object) -> str:
     """A module's ``backend`` argument, checked when the module is built (not at its first call)."""
-    from mmfast._dispatch import BACKENDS  # noqa: PLC0415 - _dispatch imports the ops lazily
-
     if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return backend

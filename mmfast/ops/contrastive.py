@@ -16,6 +16,9 @@ whichever backend is asked for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -125,8 +128,8 @@ def info_nce(
     if N == 0 or M == 0 or D == 0:
         return _ref.info_nce(image_features, text_features, logit_scale, **kw)
     args = dict(dtype=image_features.dtype, N=N, M=M, D=D, direction=direction, reduction=reduction)
-    impl = _dispatch.select("info_nce", backend, device, args)
-    return impl.fn(image_features, text_features, logit_scale, **kw)
+    impl = _dispatch.select(INFO_NCE, backend, device, args)
+    return impl(image_features, text_features, logit_scale, **kw)
 
 
 def siglip_loss(
@@ -159,8 +162,8 @@ def siglip_loss(
     if N == 0 or D == 0:
         return _ref.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction=reduction)
     args = dict(dtype=image_features.dtype, N=N, M=M, D=D, direction="both", reduction=reduction)
-    impl = _dispatch.select("siglip_loss", backend, device, args)
-    return impl.fn(image_features, text_features, logit_scale, logit_bias, reduction=reduction)
+    impl = _dispatch.select(SIGLIP_LOSS, backend, device, args)
+    return impl(image_features, text_features, logit_scale, logit_bias, reduction=reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,9 +244,7 @@ def block_forward(
     if n == 0 or m == 0 or D == 0:
         return _ref_blocks.block_forward(x, y, logit_scale, logit_bias, **kw)
     args = dict(dtype=x.dtype, N=n, M=m, D=D, direction="both", reduction="none")
-    return _dispatch.select("contrastive_block_forward", backend, x.device, args).fn(
-        x, y, logit_scale, logit_bias, **kw
-    )
+    return _dispatch.select(BLOCK_FORWARD, backend, x.device, args)(x, y, logit_scale, logit_bias, **kw)
 
 
 def block_backward(
@@ -290,12 +291,8 @@ def block_backward(
     if n == 0 or m == 0 or D == 0:
         return _ref_blocks.block_backward(x, y, logit_scale, logit_bias, loss=loss, **kw)
     args = dict(dtype=x.dtype, N=n, M=m, D=D, direction="both", reduction="none")
-    impl = _dispatch.select("contrastive_block_backward", backend, dev, args)
-    return impl.fn(x, y, logit_scale, logit_bias, loss=loss, **kw)
-
-
-def _no_reasons(**_: object) -> list[str]:
-    return []
+    impl = _dispatch.select(BLOCK_BACKWARD, backend, dev, args)
+    return impl(x, y, logit_scale, logit_bias, loss=loss, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,10 +392,12 @@ def _no_block_grad(ctx, *grads: Tensor) -> tuple:
     raise NotImplementedError("mmfast block primitives are not differentiable: use block_backward")
 
 
+_CPP_OPS = ("contrastive_forward", "contrastive_backward", "contrastive_block_forward", "contrastive_block_backward")
+
+
 def _register_custom_ops() -> bool:
     """Add fake and autograd registrations to the C++ ops; False when the extension is missing."""
-    names = ("contrastive_forward", "contrastive_backward", "contrastive_block_forward", "contrastive_block_backward")
-    if not _dispatch.has_ops(*names):
+    if not _dispatch.has_ops(*_CPP_OPS):
         return False
     torch.library.register_fake("mmfast::contrastive_forward")(_forward_fake)
     torch.library.register_fake("mmfast::contrastive_backward")(_backward_fake)
@@ -485,14 +484,31 @@ def _cuda_reasons(dtype: torch.dtype, **_: object) -> list[str]:
     return []
 
 
-_dispatch.register("info_nce", "reference", _ref.info_nce, _no_reasons)
-_dispatch.register("siglip_loss", "reference", _ref.siglip_loss, _no_reasons)
-_dispatch.register("contrastive_block_forward", "reference", _ref_blocks.block_forward, _no_reasons)
-_dispatch.register("contrastive_block_backward", "reference", _ref_blocks.block_backward, _no_reasons)
-if _register_custom_ops():
-    _CUDA_NOTE = "CUDA kernels not yet verified on hardware"
-    for _backend, _why, _note in (("cpu", _no_reasons, None), ("cuda", _cuda_reasons, _CUDA_NOTE)):
-        _dispatch.register("info_nce", _backend, _kernel_info_nce, _why, note=_note)
-        _dispatch.register("siglip_loss", _backend, _kernel_siglip, _why, note=_note)
-        _dispatch.register("contrastive_block_forward", _backend, _kernel_block_forward, _why, note=_note)
-        _dispatch.register("contrastive_block_backward", _backend, _kernel_block_backward, _why, note=_note)
+_register_custom_ops()
+
+
+def _table(name: str, cpp: Callable[..., Any], triton: str, reference: Callable[..., Any]) -> _dispatch.Op:
+    """The four backends of one contrastive op: the C++ ops on cpu and cuda, the triton entry point
+    (imported on first use) and the reference."""
+    return _dispatch.Op(
+        name,
+        {
+            "cuda": _dispatch.Backend(
+                "cuda", cpp, _cuda_reasons, _CPP_OPS, note="CUDA kernels not yet verified on hardware"
+            ),
+            "triton": _dispatch.Backend(
+                "triton", f"mmfast.triton.contrastive:{triton}", "mmfast.triton.contrastive:reasons"
+            ),
+            "cpu": _dispatch.Backend("cpu", cpp, needs_ops=_CPP_OPS),
+            "reference": _dispatch.Backend("reference", reference),
+        },
+    )
+
+
+# The backends of each op (mmfast/_dispatch.py picks one per call).
+INFO_NCE = _table("info_nce", _kernel_info_nce, "info_nce", _ref.info_nce)
+SIGLIP_LOSS = _table("siglip_loss", _kernel_siglip, "siglip_loss", _ref.siglip_loss)
+BLOCK_FORWARD = _table("contrastive_block_forward", _kernel_block_forward, "block_forward", _ref_blocks.block_forward)
+BLOCK_BACKWARD = _table(
+    "contrastive_block_backward", _kernel_block_backward, "block_backward", _ref_blocks.block_backward
+)

@@ -173,8 +173,8 @@ def cross_attention(
     """
     args = validate(query, key, value, key_padding_mask, attn_mask, dropout_p, scale, out)
     args.update(is_causal=bool(is_causal), return_lse=bool(return_lse))
-    impl = _dispatch.select("cross_attention", backend, query.device, args)
-    return impl.fn(
+    impl = _dispatch.select(OP, backend, query.device, args)
+    return impl(
         query,
         key,
         value,
@@ -389,8 +389,8 @@ def _reference(query, key, value, **kw):
     return _ref.cross_attention(query, key, value, **kw)
 
 
-_dispatch.register("cross_attention", "reference", _reference, lambda **_: [])
-if _dispatch.has_ops("cross_attention_forward", "cross_attention_forward_out", "cross_attention_backward"):
+_CPP_OPS = ("cross_attention_forward", "cross_attention_forward_out", "cross_attention_backward")
+if _dispatch.has_ops(*_CPP_OPS):  # fake (meta) and autograd formulas of the C++ ops
     torch.library.register_fake("mmfast::cross_attention_forward")(_fake_forward)
     torch.library.register_fake("mmfast::cross_attention_forward_out")(_fake_forward_out)
     torch.library.register_fake("mmfast::cross_attention_backward")(_fake_backward)
@@ -398,7 +398,21 @@ if _dispatch.has_ops("cross_attention_forward", "cross_attention_forward_out", "
     torch.library.register_autograd(
         "mmfast::cross_attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
     )
-    _dispatch.register("cross_attention", "cpu", _kernel, _cpu_reasons)
-    _dispatch.register(
-        "cross_attention", "cuda", _kernel, _cuda_reasons, note="CUDA kernels not yet verified on hardware"
-    )
+
+# The backends of cross_attention (mmfast/_dispatch.py picks one per call).
+OP = _dispatch.Op(
+    "cross_attention",
+    {
+        "cuda": _dispatch.Backend(
+            "cuda", _kernel, _cuda_reasons, _CPP_OPS, note="CUDA kernels not yet verified on hardware"
+        ),
+        "triton": _dispatch.Backend(
+            "triton",
+            "mmfast.triton.cross_attention:triton_cross_attention",
+            "mmfast.triton.cross_attention:reasons",
+            note="verified through the Triton interpreter and sm_80/sm_90 compiles; not yet timed on hardware",
+        ),
+        "cpu": _dispatch.Backend("cpu", _kernel, _cpu_reasons, _CPP_OPS),
+        "reference": _dispatch.Backend("reference", _reference),
+    },
+)

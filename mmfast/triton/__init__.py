@@ -1,7 +1,11 @@
-"""Triton kernels. Importing this registers the ``triton`` backend of each op.
+"""Triton kernels: one module per op (launchers, custom ops, the backend entry point) and its
+``*_kernels.py`` (the @triton.jit kernels and their math).
 
-Set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors (tests do this when
-no GPU is visible).
+Nothing here registers itself: each op's table in ``mmfast/ops`` names its triton entry point, which
+is imported the first time the triton backend is selected. Set ``TRITON_INTERPRET=1`` before the
+first import to run the kernels on CPU tensors (the tests do this when no GPU is visible).
 """
 
-from mmfast.triton import contrastive, cross_attention  # noqa: F401
+import os
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

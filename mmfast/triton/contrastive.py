@@ -8,9 +8,9 @@ and gradients: O(N + M) statistics plus a (N / BLOCK_N) x M buffer of column par
 
 Custom ops (fake + autograd registered, so ``torch.compile(fullgraph=True)`` traces through):
 
-    mmfast::triton_contrastive_forward(x, y, scale, bias, labels, loss, direction, reduction)
+    mmfast::contrastive_forward_triton(x, y, scale, bias, labels, loss, direction, reduction)
         -> (loss, row_stat, col_stat)
-    mmfast::triton_contrastive_backward(grad, x, y, scale, bias, labels, row_stat, col_stat,
+    mmfast::contrastive_backward_triton(grad, x, y, scale, bias, labels, row_stat, col_stat,
         loss, direction, reduction) -> (dx, dy, dscale, dbias)
 
 with the integer codes and the statistics layout of the C++ schema (csrc/contrastive/cpu.cpp):
@@ -32,15 +32,14 @@ import torch
 import triton
 from torch import Tensor
 
-from mmfast import _dispatch
 from mmfast.ops.contrastive import no_double_backward, stat_shapes
+from mmfast.triton import INTERPRET
 from mmfast.triton import contrastive_kernels as K
 
 INFO_NCE, SIGLIP = 0, 1
 DIRECTIONS = {"both": 0, "image": 1, "text": 2}
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INTERPRET = _dispatch.triton_interpreting()
 
 # --------------------------------------------------------------------------------------------
 # Tile configurations. The forward's BLOCK_N is chosen on the host (it sizes the column-partials
@@ -229,7 +228,7 @@ def _indexable(t: Tensor) -> Tensor:
     return t.contiguous() if last >= 2**31 else t
 
 
-@torch.library.custom_op("mmfast::triton_contrastive_forward", mutates_args=())
+@torch.library.custom_op("mmfast::contrastive_forward_triton", mutates_args=())
 def contrastive_forward(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None, loss: int, direction: int, reduction: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -280,7 +279,7 @@ def _weights(grad: Tensor, n: int, loss: int, direction: int, reduction: int) ->
     return 0.5 * w if loss == INFO_NCE and direction == 0 else w
 
 
-@torch.library.custom_op("mmfast::triton_contrastive_backward", mutates_args=())
+@torch.library.custom_op("mmfast::contrastive_backward_triton", mutates_args=())
 def contrastive_backward(
     grad: Tensor,
     x: Tensor,
@@ -542,9 +541,3 @@ def _spec(name: str, fn: Any, sig: dict[str, str], constexprs: dict[str, Any]) -
     """(name, fn, full signature in argument order with constexprs typed "constexpr", constexprs)."""
     merged = {**sig, **dict.fromkeys(constexprs, "constexpr")}
     return name, fn, {arg: merged[arg] for arg in fn.arg_names}, constexprs
-
-
-_dispatch.register("info_nce", "triton", info_nce, reasons)
-_dispatch.register("siglip_loss", "triton", siglip_loss, reasons)
-_dispatch.register("contrastive_block_forward", "triton", block_forward, reasons)
-_dispatch.register("contrastive_block_backward", "triton", block_backward, reasons)

@@ -4,9 +4,8 @@ The kernels and their math live in ``cross_attention_kernels.py``. This module
 
 * launches them (autotuned on GPUs; one small config under ``TRITON_INTERPRET=1``), choosing
   split-KV when a short query cannot fill the GPU;
-* wraps them as ``torch.ops.mmfast.triton_cross_attention_{fwd,fwd_out,bwd}`` custom ops with
+* wraps them as ``torch.ops.mmfast.cross_attention_{forward,forward_out,backward}_triton`` custom ops with
   fake (meta) implementations and an autograd formula, so ``torch.compile`` can trace them;
-* registers backend ``"triton"`` of ``cross_attention`` with ``mmfast._dispatch``;
 * exposes ``compile_specs()`` for the ahead-of-time compile check (sm_80 / sm_90).
 """
 
@@ -14,13 +13,13 @@ import torch
 import triton
 from torch import Tensor
 
-from mmfast import _dispatch
 from mmfast.reference.cross_attention import default_scale
 from mmfast.reference.dropout import M32, draw_seed, threshold
+from mmfast.triton import INTERPRET
 from mmfast.triton import cross_attention_kernels as kern
 
 MAX_HEAD_DIM = 256
-_INTERPRET = _dispatch.triton_interpreting()
+_INTERPRET = INTERPRET
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
 
@@ -221,11 +220,11 @@ def backward(
 
 
 # --------------------------------------------------------------------------------------------
-# Custom ops: torch.ops.mmfast.triton_cross_attention_{fwd, fwd_out, bwd}.
+# Custom ops: torch.ops.mmfast.cross_attention_{forward, forward_out, backward}_triton.
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mmfast::triton_cross_attention_fwd", mutates_args=())
+@torch.library.custom_op("mmfast::cross_attention_forward_triton", mutates_args=())
 def _fwd_op(
     query: Tensor,
     key: Tensor,
@@ -248,7 +247,7 @@ def _(query, key, value, key_padding_mask, attn_mask, is_causal, scale, dropout_
     return query.new_empty(B, Hq, Lq, value.shape[3]), query.new_empty(B, Hq, Lq, dtype=torch.float32)
 
 
-@torch.library.custom_op("mmfast::triton_cross_attention_fwd_out", mutates_args=("out", "lse"))
+@torch.library.custom_op("mmfast::cross_attention_forward_out_triton", mutates_args=("out", "lse"))
 def _fwd_out_op(
     query: Tensor,
     key: Tensor,
@@ -274,7 +273,7 @@ def _(query, key, value, key_padding_mask, attn_mask, is_causal, scale, dropout_
     return None
 
 
-@torch.library.custom_op("mmfast::triton_cross_attention_bwd", mutates_args=())
+@torch.library.custom_op("mmfast::cross_attention_backward_triton", mutates_args=())
 def _bwd_op(
     dout: Tensor,
     query: Tensor,
@@ -334,7 +333,7 @@ def _grads(ctx, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor, Tenso
     if dout is None:  # only the LSE was used: out drops out of delta = rowsum(dO out) - dlse
         out = dout = q.new_zeros(*q.shape[:3], v.shape[3])
     mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_mask_grad
-    dq, dk, dv, dmask = torch.ops.mmfast.triton_cross_attention_bwd(
+    dq, dk, dv, dmask = torch.ops.mmfast.cross_attention_backward_triton(
         dout, q, k, v, out, lse, dlse, kpm, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.seed, mask_grad
     )
     return dq, dk, dv, _reduce_mask_grad(dmask, mask) if mask_grad else None
@@ -371,7 +370,7 @@ class _AttentionIntoOut(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, q, k, v, mask, kpm, is_causal, scale, dropout_p, seed, num_splits, lse):
-        torch.ops.mmfast.triton_cross_attention_fwd_out(
+        torch.ops.mmfast.cross_attention_forward_out_triton(
             q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, num_splits, out, lse
         )
         ctx.mark_dirty(out)
@@ -437,7 +436,7 @@ def triton_cross_attention(
         # Compiled graphs are functionalized (an in-place write into a graph input becomes a copy
         # anyway), and the view-rebasing Function below trips an autograd assert under AOT
         # autograd, so traced code takes the functional op and copies.
-        o, lse = torch.ops.mmfast.triton_cross_attention_fwd(query, key, value, key_padding_mask, attn_mask, *args)
+        o, lse = torch.ops.mmfast.cross_attention_forward_triton(query, key, value, key_padding_mask, attn_mask, *args)
         if out is not None:
             o = out.copy_(o)
     else:
@@ -451,7 +450,7 @@ def triton_cross_attention(
                 lse = _LseOfOut.apply(query, key, value, attn_mask, lse_buf, key_padding_mask, *args[:4])
         else:
             lse = query.new_empty(query.shape[:3], dtype=torch.float32)
-            torch.ops.mmfast.triton_cross_attention_fwd_out(
+            torch.ops.mmfast.cross_attention_forward_out_triton(
                 query, key, value, key_padding_mask, attn_mask, *args, out, lse
             )
             o = out
@@ -470,15 +469,6 @@ def reasons(*, dtype: torch.dtype, D: int, Dv: int, **_) -> list[str]:
     if min(D, Dv) < 1:
         why.append(f"head dim D={D}, Dv={Dv} must be at least 1")
     return why
-
-
-_dispatch.register(
-    "cross_attention",
-    "triton",
-    triton_cross_attention,
-    reasons,
-    note="verified through the Triton interpreter and sm_80/sm_90 compiles; not yet timed on hardware",
-)
 
 
 # --------------------------------------------------------------------------------------------
