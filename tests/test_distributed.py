@@ -102,7 +102,7 @@ def test_losses_match_open_clip_on_two_processes(monkeypatch):
 
 
 def test_gather_features_needs_init():
-    from mmfast.nn.losses import gather_features  # noqa: PLC0415
+    from mmfast.nn.contrastive import gather_features  # noqa: PLC0415
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")

@@ -213,7 +213,7 @@ def test_ring_equals_gather_and_float64(world):
 # ---------------------------------------------------------------------------------------------
 def _failure_worker(rank: int, world: int, port: int, mode: str, victim: int, timeout_s: float) -> None:
     _init(rank, world, port, timeout_s)
-    import mmfast.nn.losses_ring as ring_mod  # noqa: PLC0415
+    import mmfast.nn.contrastive_ring as ring_mod  # noqa: PLC0415
     from mmfast.nn import ClipLoss  # noqa: PLC0415
 
     if rank == victim:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmfast.nn.losses import ClipLoss, SigLipLoss
+from mmfast.nn.contrastive import ClipLoss, SigLipLoss
 from mmfast.swap import SwapReport, swap_modules
 
 __all__ = ["apply_mmfast_to_open_clip", "loss_from_open_clip"]

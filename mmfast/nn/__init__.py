@@ -7,8 +7,8 @@
 """
 
 from mmfast.nn.co_attention import CoAttentionLayer
+from mmfast.nn.contrastive import ClipLoss, SigLipLoss
 from mmfast.nn.cross_attention import CrossAttention
 from mmfast.nn.fusion import AttentionFusion
-from mmfast.nn.losses import ClipLoss, SigLipLoss
 
 __all__ = ["AttentionFusion", "ClipLoss", "CoAttentionLayer", "CrossAttention", "SigLipLoss"]

@@ -5,7 +5,7 @@ With world_size > 1 the features of all ranks take part, by one of two exchanges
 
 * ``"gather"``: all_gather every rank's features (world_size x n x D on every rank).
 * ``"ring"``: the blocks travel between neighbours (``batch_isend_irecv``) and no rank holds more
-  than two ranks' features (mmfast/nn/losses_ring.py). The result equals ``"gather"`` with
+  than two ranks' features (mmfast/nn/contrastive_ring.py). The result equals ``"gather"`` with
   ``gather_with_grad=True``.
 
 ClipLoss (s = logit_scale, n = local batch, r = rank, X/Y = all ranks' image/text features):
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mmfast.nn.losses_ring import check_peers, ring_clip_loss, ring_siglip_loss, siglip_negatives
+from mmfast.nn.contrastive_ring import check_peers, ring_clip_loss, ring_siglip_loss, siglip_negatives
 from mmfast.ops import info_nce, siglip_loss
 
 __all__ = ["ClipLoss", "SigLipLoss", "gather_features"]
