@@ -4,8 +4,8 @@ Validates inputs once, then dispatches to a backend (see ``mmfast._dispatch``). 
 ``torch.ops.mmfast.cross_attention_{forward,forward_out,backward}`` (schemas in
 csrc/cross_attention/cpu.cpp; one implementation per device). This module gives them fake
 (meta) implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` and
-``torch.library.opcheck`` work, and an ``autograd.Function`` for the ``out=`` path that writes into
-the caller's buffer (``ctx.mark_dirty``) and still sends gradients to query, key and value.
+``torch.library.opcheck`` work; the ``out=`` path (the kernel writes into the caller's buffer) is
+mmfast/ops/_attention_out.py's, shared with the triton backend.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mmfast import _dispatch
 from mmfast import reference as _ref
+from mmfast.ops._attention_out import IntoCall, attention_into
 from mmfast.ops._validate import check_same, check_tensor
 from mmfast.reference.cross_attention import default_scale
 from mmfast.reference.dropout import draw_seed
@@ -229,43 +230,6 @@ def _fake_backward(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
-def _save(ctx, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed) -> None:
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_mask, seed)
-    ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
-
-
-def _grads(
-    ctx, grad_out: Tensor | None, grad_lse: Tensor | None, mask_index: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """dq, dk, dv and the float attn_mask's gradient (None unless input ``mask_index`` needs one).
-
-    ``grad_out`` / ``grad_lse`` may be None (that output was not used); the LSE's gradient enters
-    the kernels as D_i - grad_lse_i (d lse_i / d s_ij = p_ij).
-    """
-    q, k, v, out, lse, key_padding_mask, attn_mask, seed = ctx.saved_tensors
-    if grad_out is None:  # only the LSE was used: dO = 0, and out drops out of D_i = <dO_i, o_i>
-        grad_out = q.new_zeros((*q.shape[:3], v.shape[3]))
-        out = grad_out
-    mask_grad = bool(ctx.needs_input_grad[mask_index]) and attn_mask is not None and attn_mask.dtype != torch.bool
-    dq, dk, dv, dmask = torch.ops.mmfast.cross_attention_backward(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        grad_lse,
-        key_padding_mask,
-        attn_mask,
-        ctx.is_causal,
-        ctx.scale,
-        ctx.dropout_p,
-        seed,
-        mask_grad,
-    )
-    return dq, dk, dv, dmask if mask_grad else None
-
-
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError("mmfast.cross_attention: double backward (grad of the gradient) is not supported")
 
@@ -273,57 +237,35 @@ def _no_double_backward(ctx, *grads):
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed = inputs
     out, lse = output
-    _save(ctx, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, attn_mask, seed)
+    ctx.settings = (is_causal, scale, dropout_p)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no work for it
 
 
 def _backward(ctx, grad_out, grad_lse):
-    dq, dk, dv, dmask = _grads(ctx, grad_out, grad_lse, mask_index=4)
+    q, k, v, out, lse, key_padding_mask, attn_mask, seed = ctx.saved_tensors
+    mask_grad = bool(ctx.needs_input_grad[4]) and attn_mask is not None and attn_mask.dtype != torch.bool
+    backward = _into_call(*ctx.settings, seed).backward
+    dq, dk, dv, dmask = backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, attn_mask, mask_grad)
     return dq, dk, dv, None, dmask, None, None, None, None
 
 
-class _CrossAttentionInto(torch.autograd.Function):
-    """``out`` <- attention(q, k, v) in place (any strides, e.g. a slice of a fusion buffer), differentiable.
+def _into_call(is_causal: bool, scale: float, dropout_p: float, seed: Tensor) -> IntoCall:
+    """The C++ ops for the out= path (mmfast/ops/_attention_out.py), with this call's settings."""
+    settings = (is_causal, scale, dropout_p, seed)
 
-    Backward reads ``out`` again (D_i = rowsum(dO * O)), so the buffer's other parts must be written
-    before this call: autograd's version counter turns a later in-place write into an error. The
-    old contents of ``out`` get a zero gradient (they were overwritten); a leaf ``out`` that
-    requires grad is refused by autograd (an in-place write into it).
-    """
+    def forward_out(q, k, v, kpm, mask, out):
+        return torch.ops.mmfast.cross_attention_forward_out(q, k, v, kpm, mask, *settings, out)
 
-    @staticmethod
-    def forward(ctx, out, q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, lse_box):
-        # ``out`` comes first and is the only output: autograd's CopySlices (in-place on a view)
-        # assumes the modified view is input 0, and rejects several outputs, so the LSE leaves
-        # through ``lse_box`` and gets its gradient path from ``_LseOfInto``.
-        lse = torch.ops.mmfast.cross_attention_forward_out(
-            q, k, v, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed, out
+    def backward(grad_out, grad_lse, q, k, v, out, lse, kpm, mask, mask_grad):
+        if grad_out is None:  # only the LSE was used: dO = 0, and out drops out of D_i = <dO_i, o_i>
+            out = grad_out = q.new_zeros((*q.shape[:3], v.shape[3]))
+        dq, dk, dv, dmask = torch.ops.mmfast.cross_attention_backward(
+            grad_out, q, k, v, out, lse, grad_lse, kpm, mask, *settings, mask_grad
         )
-        ctx.mark_dirty(out)
-        _save(ctx, q, k, v, out, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed)
-        lse_box.append(lse)
-        return out
+        return dq, dk, dv, dmask if mask_grad else None
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        dq, dk, dv, dmask = _grads(ctx, grad_out, None, mask_index=5)
-        # The overwritten contents of `out` get a zero gradient (None would make autograd drop the
-        # gradient of the whole buffer `out` is a view of, e.g. the text half of a fusion buffer).
-        return torch.zeros_like(grad_out), dq, dk, dv, None, dmask, None, None, None, None, None
-
-
-class _LseOfInto(torch.autograd.Function):
-    """The LSE of the ``out=`` path as a differentiable output (backward: dO = 0, grad_lse given)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, attn_mask, lse, is_causal, scale, dropout_p, seed):
-        _save(ctx, q, k, v, None, lse, key_padding_mask, attn_mask, is_causal, scale, dropout_p, seed)
-        return lse.clone()
-
-    @staticmethod
-    def backward(ctx, grad_lse):
-        dq, dk, dv, dmask = _grads(ctx, None, grad_lse, mask_index=4)
-        return dq, dk, dv, None, dmask, None, None, None, None, None
+    return IntoCall(forward_out, backward)
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when there is no dropout
@@ -353,16 +295,8 @@ def _kernel(
         o, lse = torch.ops.mmfast.cross_attention_forward(*args)
         if out is not None:
             o = out.copy_(o)
-    elif torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, attn_mask, out)
-    ):
-        box: list[Tensor] = []
-        o = _CrossAttentionInto.apply(out, *args, box)
-        lse = box[0]
-        if return_lse:
-            lse = _LseOfInto.apply(query, key, value, key_padding_mask, attn_mask, lse, *args[5:])
     else:
-        o, lse = out, torch.ops.mmfast.cross_attention_forward_out(*args, out)
+        o, lse = attention_into(out, query, key, value, key_padding_mask, attn_mask, _into_call(*args[5:]))
     return (o, lse) if return_lse else o
 
 

@@ -13,6 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
+from mmfast.ops._attention_out import IntoCall, attention_into
 from mmfast.reference.cross_attention import default_scale
 from mmfast.reference.dropout import M32, draw_seed, threshold
 from mmfast.triton import INTERPRET
@@ -328,77 +329,42 @@ def _reduce_mask_grad(dmask: Tensor, attn_mask: Tensor) -> Tensor:
     return dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
 
 
-def _grads(ctx, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    q, k, v, out, lse, kpm, mask = ctx.saved_tensors
-    if dout is None:  # only the LSE was used: out drops out of delta = rowsum(dO out) - dlse
-        out = dout = q.new_zeros(*q.shape[:3], v.shape[3])
-    mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_mask_grad
-    dq, dk, dv, dmask = torch.ops.mmfast.cross_attention_backward_triton(
-        dout, q, k, v, out, lse, dlse, kpm, mask, ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.seed, mask_grad
-    )
-    return dq, dk, dv, _reduce_mask_grad(dmask, mask) if mask_grad else None
+def _into_call(is_causal: bool, scale: float, dropout_p: float, seed: Tensor, num_splits: int) -> IntoCall:
+    """The triton ops for the out= path (mmfast/ops/_attention_out.py), with this call's settings."""
 
+    def forward_out(q, k, v, kpm, mask, out):
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+        torch.ops.mmfast.cross_attention_forward_out_triton(
+            q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, num_splits, out, lse
+        )
+        return lse
 
-def _save(ctx, q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, out, lse, needs_mask_grad) -> None:
-    ctx.save_for_backward(q, k, v, out, lse, kpm, mask)
-    ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.seed = is_causal, scale, dropout_p, seed
-    ctx.needs_mask_grad = needs_mask_grad
+    def backward(dout, dlse, q, k, v, out, lse, kpm, mask, mask_grad):
+        if dout is None:  # only the LSE was used: out drops out of delta = rowsum(dO out) - dlse
+            out = dout = q.new_zeros(*q.shape[:3], v.shape[3])
+        dq, dk, dv, dmask = torch.ops.mmfast.cross_attention_backward_triton(
+            dout, q, k, v, out, lse, dlse, kpm, mask, is_causal, scale, dropout_p, seed, mask_grad
+        )
+        return dq, dk, dv, _reduce_mask_grad(dmask, mask) if mask_grad else None
+
+    return IntoCall(forward_out, backward)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, _ = inputs
-    needs = mask is not None and mask.requires_grad
-    _save(ctx, q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, *output, needs)
+    q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, num_splits = inputs
+    ctx.save_for_backward(q, k, v, *output, kpm, mask, seed)
+    ctx.settings = (is_causal, scale, dropout_p)
     ctx.set_materialize_grads(False)  # an unused LSE arrives as None: no dlse pass in the kernels
 
 
 def _backward(ctx, dout: Tensor, dlse: Tensor | None):
-    dq, dk, dv, dmask = _grads(ctx, dout, dlse)
+    q, k, v, out, lse, kpm, mask, seed = ctx.saved_tensors
+    mask_grad = mask is not None and mask.is_floating_point() and bool(ctx.needs_input_grad[4])
+    dq, dk, dv, dmask = _into_call(*ctx.settings, seed, 0).backward(dout, dlse, q, k, v, out, lse, kpm, mask, mask_grad)
     return dq, dk, dv, None, dmask, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _AttentionIntoOut(torch.autograd.Function):
-    """Differentiable ``out=`` path: the kernel writes into ``out`` (marked dirty), no copy.
-
-    Autograd's view bookkeeping (CopySlices) wants the modified view as the first input and as the
-    only output, so ``out`` comes first and the LSE is written into the preallocated ``lse`` (no
-    grad of its own here); ``_LseOfOut`` then gives the LSE its gradient path.
-    """
-
-    @staticmethod
-    def forward(ctx, out, q, k, v, mask, kpm, is_causal, scale, dropout_p, seed, num_splits, lse):
-        torch.ops.mmfast.cross_attention_forward_out_triton(
-            q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, num_splits, out, lse
-        )
-        ctx.mark_dirty(out)
-        needs = mask is not None and ctx.needs_input_grad[4]
-        _save(ctx, q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, out, lse, needs)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        dq, dk, dv, dmask = _grads(ctx, dout, None)
-        # The overwritten contents of `out` get a zero gradient: None would make autograd drop the
-        # gradient of the whole buffer `out` is a view of (e.g. the text half of a fusion buffer).
-        return torch.zeros_like(dout), dq, dk, dv, dmask, None, None, None, None, None, None, None
-
-
-class _LseOfOut(torch.autograd.Function):
-    """The LSE of the ``out=`` path as a differentiable output (backward: dO = 0, dlse given)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, lse, kpm, is_causal, scale, dropout_p, seed):
-        needs = mask is not None and ctx.needs_input_grad[3]
-        _save(ctx, q, k, v, kpm, mask, is_causal, scale, dropout_p, seed, None, lse, needs)
-        return lse.clone()
-
-    @staticmethod
-    def backward(ctx, dlse):
-        dq, dk, dv, dmask = _grads(ctx, None, dlse)
-        return dq, dk, dv, dmask, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,20 +406,7 @@ def triton_cross_attention(
         if out is not None:
             o = out.copy_(o)
     else:
-        float_mask = attn_mask is not None and attn_mask.is_floating_point()
-        # ``out`` too: overwriting a buffer with autograd history must cut that history.
-        grads = [query, key, value, out] + ([attn_mask] if float_mask else [])
-        if torch.is_grad_enabled() and any(t.requires_grad for t in grads):
-            lse_buf = query.new_empty(query.shape[:3], dtype=torch.float32)
-            o = _AttentionIntoOut.apply(out, query, key, value, attn_mask, key_padding_mask, *args, lse_buf)
-            if return_lse:
-                lse = _LseOfOut.apply(query, key, value, attn_mask, lse_buf, key_padding_mask, *args[:4])
-        else:
-            lse = query.new_empty(query.shape[:3], dtype=torch.float32)
-            torch.ops.mmfast.cross_attention_forward_out_triton(
-                query, key, value, key_padding_mask, attn_mask, *args, out, lse
-            )
-            o = out
+        o, lse = attention_into(out, query, key, value, key_padding_mask, attn_mask, _into_call(*args))
     return (o, lse) if return_lse else o
 
 
