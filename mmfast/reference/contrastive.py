@@ -190,16 +190,17 @@ def block_backward(
     x: Tensor,
     y: Tensor,
     logit_scale: Tensor | float,
-    logit_bias: Tensor | float = 0.0,
+    logit_bias: Tensor | float,
     *,
-    labels: Tensor | None = None,
-    row_lse: Tensor | None = None,
-    col_lse: Tensor | None = None,
+    labels: Tensor | None,
+    row_lse: Tensor | None,
+    col_lse: Tensor | None,
     row_weight: Tensor,
-    col_weight: Tensor | None = None,
-    loss: str = "info_nce",
+    col_weight: Tensor | None,
+    loss: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of one block given the final statistics, G = dLoss/dS on the block:
+    """Gradients of one block given the final statistics (every argument as
+    ``mmfast.ops.contrastive.block_backward`` passes it, see there), G = dLoss/dS on the block:
 
         InfoNCE  G_ij = a_i (e^(S_ij - row_lse_i) - T_ij) + c_j (e^(S_ij - col_lse_j) - T_ij)
         SigLIP   G_ij = -a_i z_ij sigmoid(-z_ij (S_ij + b))

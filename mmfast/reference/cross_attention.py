@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mmfast.reference.dropout import draw_seed, keep_mask
 
-__all__ = ["attention_probs", "cross_attention", "default_scale"]
+__all__ = ["OPTIONS", "attention_probs", "cross_attention", "default_scale"]
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -86,19 +86,23 @@ def attention_probs(
     return p * poison, (lse * poison).squeeze(-1)
 
 
+# mmfast.cross_attention's keyword arguments (all but ``backend``) and their defaults: the reference
+# and the triton entry point take them as ``**options``.
+OPTIONS = dict(
+    key_padding_mask=None, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0, return_lse=False, out=None
+)
+
+
+def options_of(fn_name: str, options: dict) -> dict:
+    """``options`` completed with the defaults; unknown names are a TypeError, as for a signature."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"{fn_name}() got unexpected keyword arguments {sorted(unknown)}")
+    return {**OPTIONS, **options}
+
+
 def cross_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    *,
-    key_padding_mask: Tensor | None = None,
-    attn_mask: Tensor | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: bool = False,
-    out: Tensor | None = None,
-    dropout_mask: Tensor | None = None,
+    query: Tensor, key: Tensor, value: Tensor, *, dropout_mask: Tensor | None = None, **options: object
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head (cross-)attention in plain PyTorch, differentiable and float64-capable.
 
@@ -106,19 +110,21 @@ def cross_attention(
         query: (B, Hq, Lq, D).
         key: (B, Hkv, Lk, D), Hq % Hkv == 0 (GQA/MQA).
         value: (B, Hkv, Lk, Dv).
-        key_padding_mask: (B, Lk) bool, True = padding to ignore.
-        attn_mask: bool (True = take part) or additive float, broadcastable to (B, Hq, Lq, Lk).
-        is_causal: bottom-right aligned causal mask.
-        scale: defaults to 1/sqrt(D).
-        dropout_p: probability of dropping an attention weight (survivors scaled by 1/(1-p)).
-        return_lse: also return the log-sum-exp (B, Hq, Lq) in float32 (float64 for float64 input).
-        out: optional (B, Hq, Lq, Dv) tensor the result is copied into.
         dropout_mask: (B, Hq, Lq, Lk) bool keep-mask to use instead of drawing one; drawn, it is the
             kernels' (``mmfast.reference.dropout.keep_mask`` of a seed from torch's generator).
+        **options: ``mmfast.cross_attention``'s keyword arguments, with the same defaults and
+            meanings: key_padding_mask (B, Lk) bool (True = padding), attn_mask (bool: True = take
+            part, or additive float; broadcastable to (B, Hq, Lq, Lk)), is_causal (bottom-right
+            aligned), scale (default 1/sqrt(D)), dropout_p, return_lse (also the LSE (B, Hq, Lq) in
+            float32, float64 for float64 input), out (a (B, Hq, Lq, Dv) tensor the result is
+            copied into).
 
     Returns:
         out (B, Hq, Lq, Dv) in query's dtype [, lse].
     """
+    o = options_of("cross_attention", options)
+    key_padding_mask, attn_mask, is_causal, scale = o["key_padding_mask"], o["attn_mask"], o["is_causal"], o["scale"]
+    dropout_p, return_lse, out = float(o["dropout_p"]), o["return_lse"], o["out"]
     B, Hq, Lq, _ = query.shape
     Hkv = max(key.shape[1], 1)
     p, lse = attention_probs(

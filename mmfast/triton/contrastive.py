@@ -437,19 +437,12 @@ def block_forward(
 
 
 def block_backward(
-    x: Tensor,
-    y: Tensor,
-    logit_scale: Tensor | float,
-    logit_bias: Tensor | float,
-    *,
-    labels: Tensor | None,
-    row_lse: Tensor | None,
-    col_lse: Tensor | None,
-    row_weight: Tensor,
-    col_weight: Tensor | None,
-    loss: str,
+    x: Tensor, y: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float, *, loss: str, **stats: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One block's fp32 gradients; see ``mmfast.ops.contrastive.block_backward``."""
+    """One block's fp32 gradients; see ``mmfast.ops.contrastive.block_backward`` (``stats``: its
+    labels, row_lse, col_lse, row_weight, col_weight)."""
+    labels, row_lse, col_lse = stats["labels"], stats["row_lse"], stats["col_lse"]
+    row_weight, col_weight = stats["row_weight"], stats["col_weight"]
     dev = x.device
     scale, bias = _scalar(logit_scale, dev).detach(), _scalar(logit_bias, dev).detach()
     x, y = _indexable(x), _indexable(y)

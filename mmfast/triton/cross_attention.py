@@ -9,12 +9,14 @@ The kernels and their math live in ``cross_attention_kernels.py``. This module
 * exposes ``compile_specs()`` for the ahead-of-time compile check (sm_80 / sm_90).
 """
 
+from typing import Any
+
 import torch
 import triton
 from torch import Tensor
 
 from mmfast.ops._attention_out import IntoCall, attention_into
-from mmfast.reference.cross_attention import default_scale
+from mmfast.reference.cross_attention import default_scale, options_of
 from mmfast.reference.dropout import M32, draw_seed, threshold
 from mmfast.triton import INTERPRET
 from mmfast.triton import cross_attention_kernels as kern
@@ -373,28 +375,22 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_cross_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    *,
-    key_padding_mask: Tensor | None = None,
-    attn_mask: Tensor | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: bool = False,
-    out: Tensor | None = None,
-    num_splits: int = 0,
+    query: Tensor, key: Tensor, value: Tensor, *, num_splits: int = 0, **options: Any
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Backend ``triton`` of ``mmfast.cross_attention`` (inputs already validated there).
 
     query (B, Hq, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv)
-    [, lse (B, Hq, Lq) fp32]. ``num_splits`` forces the split-KV factor (0: automatic).
+    [, lse (B, Hq, Lq) fp32]. ``options``: mmfast.cross_attention's keyword arguments (key_padding_mask,
+    attn_mask, is_causal, scale, dropout_p, return_lse, out; the same defaults). ``num_splits`` forces
+    the split-KV factor (0: automatic).
 
     With ``out=`` and gradients, ``out`` is saved for the backward (delta = rowsum(dO * out)), so
     autograd raises if that buffer (or any view of its base) is written again before backward:
     fill the other parts of a fusion buffer first.
     """
+    o = options_of("triton_cross_attention", options)
+    key_padding_mask, attn_mask, is_causal, scale = o["key_padding_mask"], o["attn_mask"], o["is_causal"], o["scale"]
+    dropout_p, return_lse, out = o["dropout_p"], o["return_lse"], o["out"]
     scale = default_scale(query.shape[-1]) if scale is None else float(scale)
     seed = draw_seed() if dropout_p > 0 else _NO_SEED
     args = (is_causal, scale, float(dropout_p), seed, int(num_splits))
