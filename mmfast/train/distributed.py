@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["Dist", "average_gradients", "init_distributed", "mean_over_ranks", "wrap_towers"]
+__all__ = [
+    "Dist",
+    "average_gradients",
+    "init_distributed",
+    "launcher_world_size",
+    "mean_over_ranks",
+    "wrap_towers",
+]
 
 
 @dataclass
@@ -47,6 +54,11 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
+def launcher_world_size() -> int:
+    """The number of processes the launcher started (1 without one)."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
     """Join the launcher's process group (if any) and pick this process's device.
 
@@ -59,7 +71,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Dist:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no CUDA device is visible")
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+    world = launcher_world_size()
     rank = _env_int("RANK", "SLURM_PROCID") or 0
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

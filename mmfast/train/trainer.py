@@ -24,7 +24,14 @@ from torch import nn
 
 from mmfast.train import checkpoint as ckpt
 from mmfast.train.data_setup import make_data, make_tokenizer
-from mmfast.train.distributed import Dist, average_gradients, init_distributed, mean_over_ranks, wrap_towers
+from mmfast.train.distributed import (
+    Dist,
+    average_gradients,
+    init_distributed,
+    launcher_world_size,
+    mean_over_ranks,
+    wrap_towers,
+)
 from mmfast.train.evaluate import evaluate
 from mmfast.train.gradcache import GradCache
 from mmfast.train.models import ClipModel, build_model
@@ -193,9 +200,10 @@ def _evaluate(s: dict[str, Any], args: Namespace, d: Dist, autocast: Any, zerosh
 def train(args: Namespace) -> dict[str, Any]:
     """Run a training job described by the CLI's arguments; returns the summary (every rank)."""
     t0 = time.perf_counter()
+    world = launcher_world_size()
+    if args.batch_size % world:  # before joining the group: every rank fails alike, none waits
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     d = init_distributed(args.device)
-    if args.batch_size % d.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {d.world_size}")
     os.makedirs(args.out, exist_ok=True)
     s = _setup(args, d)
     s["gradcache"] = GradCache(s["image_fn"], s["text_fn"], s["objective"], args.chunk_size)
