@@ -56,7 +56,8 @@ def blocked_topk(queries: Tensor, keys: Tensor, k: int, *, block: int = 2048) ->
         for ks in range(0, keys.shape[0], block):
             sims = q @ keys[ks : ks + block].float().T
             idx = torch.arange(ks, ks + sims.shape[1]).expand(q.shape[0], -1)
-            v, pick = torch.cat([best_v, sims], 1).topk(k, dim=1)
+            cand = torch.cat([best_v, sims], 1)
+            v, pick = cand.topk(min(k, cand.shape[1]), dim=1)
             best_v, best_i = v, torch.cat([best_i, idx], 1).gather(1, pick)
         out[qs : qs + block] = best_i
     return out

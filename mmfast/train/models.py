@@ -244,7 +244,10 @@ def _open_clip_arch(arch: str, model_cfg: dict[str, Any] | None) -> str:
         return os.path.splitext(os.path.basename(arch))[0]
     if open_clip.get_model_config(arch) is None:
         if model_cfg is None:
-            raise ValueError(f"open_clip has no architecture {arch!r}; known: {', '.join(open_clip.list_models())}")
+            raise ValueError(
+                f"open_clip has no architecture {arch!r} (open_clip.list_models() lists them; or pass a "
+                "model-config .json file)"
+            )
         folder = tempfile.mkdtemp(prefix="mmfast-open_clip-")
         with open(os.path.join(folder, f"{arch}.json"), "w") as f:
             json.dump(model_cfg, f)
@@ -297,7 +300,10 @@ def build_model(name: str, *, vocab_size: int, context_length: int, attn: str = 
     if name.startswith("hf:"):
         return _hf_pretrained(name[3:], attn)
     if name.startswith("open_clip:"):
-        arch, _, checkpoint = name[len("open_clip:") :].partition(":")
+        rest = name[len("open_clip:") :]
+        if rest.startswith(("hf-hub:", "local-dir:")):
+            raise ValueError(f"--model {name}: open_clip schemas are not supported (no downloads); use ARCH or a .json")
+        arch, _, checkpoint = rest.partition(":")
         if not arch:
             raise ValueError("--model open_clip:ARCH[:CHECKPOINT_FILE] needs an ARCH")
         return _open_clip(arch, checkpoint or None, attn)
