@@ -24,7 +24,7 @@ printed and OUT/summary.json, OUT/log.jsonl, OUT/curves.png and a checkpoint are
 
 Many processes: torchrun --standalone --nproc_per_node 2 -m mmfast.train [...]
 (--batch-size is the global batch; DDP by default, --fsdp for FSDP2; gloo on CPU, NCCL on GPU).
-Evaluate a checkpoint: python -m mmfast.train eval --checkpoint OUT/checkpoints/step_00000600.pt
+Evaluate a checkpoint: python -m mmfast.train eval --checkpoint OUT/checkpoints/step_00000150.pt
 """
 
 EPILOG = """\
@@ -49,7 +49,7 @@ def _separator(text: str) -> str:
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=600, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=150, help="optimizer steps (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=512, help="GLOBAL batch over all processes (default: %(default)s)")
     g.add_argument(
         "--chunk-size", type=int, default=256, help="GradCache chunk: rows per tower call (default: %(default)s)"
@@ -119,8 +119,8 @@ def _add_data(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 def _add_output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", default="train-out", help="output folder (default: %(default)s)")
-    g.add_argument("--val-every", type=int, default=100, help="evaluate every K steps (0: only at the end)")
-    g.add_argument("--save-every", type=int, default=200, help="checkpoint every K steps and at the end (0: never)")
+    g.add_argument("--val-every", type=int, default=25, help="evaluate every K steps (0: only at the end)")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps and at the end (0: never)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N checkpoints (0: all)")
     g.add_argument("--resume", default=None, help="'latest' (the newest in OUT/checkpoints) or a checkpoint file")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
