@@ -144,3 +144,16 @@ def test_siglip_bias_added_and_rebuilt():
         model.logit_scale.fill_(10.0)
     model.clamp_logit_scale()
     assert float(model.scale().detach()) == pytest.approx(100.0)
+
+
+def test_tokenizer_must_fit_the_text_tower():
+    from mmfast.train.synthetic import vocabulary  # noqa: PLC0415
+    from mmfast.train.tokenizers import ByteTokenizer, WordTokenizer  # noqa: PLC0415
+
+    words = WordTokenizer(vocabulary(), CTX)
+    build_model("tiny", vocab_size=words.vocab_size, context_length=CTX, image_size=32).check_tokenizer(words)
+    with pytest.raises(ValueError, match="260 ids but the text tower embeds 41"):
+        build_model("tiny", vocab_size=41, context_length=CTX, image_size=32).check_tokenizer(ByteTokenizer(CTX))
+    other_eos = build_model("tiny", vocab_size=300, context_length=CTX, image_size=32, eos_token_id=7)
+    with pytest.raises(ValueError, match="pools at eos_token_id 7"):
+        other_eos.check_tokenizer(words)

@@ -84,7 +84,9 @@ class ClipModel(nn.Module):
 
     Attributes:
         spec: how to rebuild the architecture (``model_from_spec``).
-        image_size: the towers' input side in pixels; ``mean``/``std`` the pixel normalisation.
+        image_size: the towers' input side in pixels.
+        text_vocab_size, eos_token_id: what a tokenizer must fit (the text tower pools at the first
+            ``eos_token_id``; None where the tower finds the end of text itself).
     """
 
     def __init__(
@@ -96,11 +98,28 @@ class ClipModel(nn.Module):
         *,
         spec: dict[str, Any],
         image_size: int,
+        text_vocab_size: int,
+        eos_token_id: int | None,
     ) -> None:
         super().__init__()
         self.image_tower, self.text_tower = image_tower, text_tower
         self.logit_scale, self.logit_bias = logit_scale, logit_bias
         self.spec, self.image_size = spec, int(image_size)
+        self.text_vocab_size, self.eos_token_id = int(text_vocab_size), eos_token_id
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """A clear error when a tokenizer's ids do not fit the text tower (a silent mismatch would
+        index out of the embedding or pool at the wrong position)."""
+        if tokenizer.vocab_size > self.text_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the text tower embeds {self.text_vocab_size}; "
+                "pass the model's own tokenizer (--tokenizer hf:PATH)"
+            )
+        if self.eos_token_id is not None and tokenizer.eos_token_id != self.eos_token_id:
+            raise ValueError(
+                f"the tokenizer ends captions with id {tokenizer.eos_token_id} but the text tower pools at "
+                f"eos_token_id {self.eos_token_id}; pass the model's own tokenizer (--tokenizer hf:PATH)"
+            )
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         return self.image_tower(pixels)
@@ -184,7 +203,13 @@ def _from_hf_model(model: nn.Module, spec: dict[str, Any], mean, std, attn: str)
     text = TextTower(model.text_model, "hf", getattr(model, "text_projection", None))
     bias = getattr(model, "logit_bias", None)
     image_size = model.config.vision_config.image_size
-    return ClipModel(image, text, model.logit_scale, bias, spec=spec, image_size=image_size)
+    text_cfg = model.config.text_config
+    # CLIP pools at the first eos_token_id (2 means transformers' legacy argmax pooling); SigLIP at the end
+    eos = getattr(text_cfg, "eos_token_id", None) if model.config.model_type == "clip" else None
+    return ClipModel(
+        image, text, model.logit_scale, bias, spec=spec, image_size=image_size,
+        text_vocab_size=text_cfg.vocab_size, eos_token_id=eos if eos != 2 else None,
+    )  # fmt: skip
 
 
 def _hf_from_config(model_type: str, config: dict[str, Any], attn: str, mean, std) -> ClipModel:
@@ -276,7 +301,11 @@ def _open_clip(arch: str, checkpoint: str | None, attn: str, model_cfg: dict[str
     spec = {"kind": "open_clip", "arch": name, "model_cfg": open_clip.get_model_config(name)}
     image = ImageTower(model.visual, "open_clip", None, mean, std)
     text = TextTower(model.text, "open_clip", None)
-    return ClipModel(image, text, model.logit_scale, model.logit_bias, spec=spec, image_size=size)
+    vocab = int(getattr(model, "vocab_size", 0) or spec["model_cfg"]["text_cfg"].get("vocab_size", 49408))
+    return ClipModel(
+        image, text, model.logit_scale, model.logit_bias, spec=spec, image_size=size, text_vocab_size=vocab,
+        eos_token_id=None,
+    )  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------

@@ -129,9 +129,10 @@ def _setup(args: Namespace, d: Dist) -> dict[str, Any]:
     model = build_model(
         args.model, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length, attn=args.attn
     )
+    model.check_tokenizer(tokenizer)
     if args.loss == "siglip":
         model.add_logit_bias()
-    model.to(d.device)
+    model.to(d.device).train()  # from_pretrained returns a model in eval mode
     batches, evalset = make_data(args, model, tokenizer, d)
     image_fn, text_fn = wrap_towers(model.image_tower, model.text_tower, d, fsdp=args.fsdp)
     optimizer = make_optimizer(model, args)
