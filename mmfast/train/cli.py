@@ -75,7 +75,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="weights, data and dropout (default: %(default)s)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument(
-        "--workers", type=int, default=1, help="data-loading worker processes per rank (default: %(default)s)"
+        "--workers",
+        type=int,
+        default=1,
+        help="data-loading processes per rank (default: %(default)s; webdataset reads in the main process)",
     )
 
 
