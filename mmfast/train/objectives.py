@@ -1,0 +1,97 @@
+"""Training objectives: what GradCache calls on the whole batch's embeddings.
+
+An objective is built from the model (for its logit scale / bias) and the process layout, and is
+called as ``objective(image_embeddings, text_embeddings) -> scalar`` (the ``loss_fn`` of
+``GradCache``). ``begin_step(batch)`` runs before each step with the rank's ``Batch`` (its
+captions and per-sample attributes), for objectives that need more than the embeddings (hard
+negatives built from attributes). New objectives register in ``OBJECTIVES``.
+
+Across ranks, the loss is mmfast's ``ClipLoss`` / ``SigLipLoss`` with ``local_loss=True`` and a
+differentiable gather (or the ring, ``dist_impl="ring"``): each rank's loss covers its own rows
+against every rank's columns, the mean of the ranks' losses is the one-process loss of the global
+batch, and with DDP's gradient averaging every gradient equals the one-process gradient.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from mmfast.nn import ClipLoss, SigLipLoss
+from mmfast.train.models import ClipModel
+
+__all__ = ["OBJECTIVES", "ContrastiveObjective", "build_objective", "loss_supports_dist_impl"]
+
+DIST_IMPLS = ("gather", "ring")
+
+
+def loss_supports_dist_impl(cls: type) -> bool:
+    """Whether this mmfast version's loss class takes ``dist_impl="gather" | "ring"`` (issue 14's
+    ring exchange); ClipLoss did not before it."""
+    return (
+        "dist_impl" in inspect.signature(cls.__init__).parameters
+        and "process_group" in inspect.signature(cls.__init__).parameters
+    )
+
+
+def _dist_kwargs(cls: type, dist_impl: str) -> dict[str, Any]:
+    if dist_impl not in DIST_IMPLS:
+        raise ValueError(f"--dist-impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+    if loss_supports_dist_impl(cls):
+        return {"dist_impl": dist_impl}
+    if dist_impl == "gather":
+        # before the ring landed, gathering was the only exchange (SigLipLoss's own "gather" pattern)
+        return {"dist_impl": "gather"} if cls is SigLipLoss else {}
+    raise NotImplementedError(
+        f"--dist-impl ring needs mmfast.nn.{cls.__name__}(dist_impl='ring', process_group=...), which this "
+        "mmfast version does not have yet; use --dist-impl gather"
+    )
+
+
+class ContrastiveObjective:
+    """CLIP (InfoNCE, both directions) or SigLIP over the global batch.
+
+    Args:
+        kind: "clip" or "siglip" (``--loss``); SigLIP needs the model's ``logit_bias``.
+        model: the ``ClipModel`` whose ``scale()`` / ``bias()`` the loss reads (their gradients
+            are taken inside the loss).
+        rank, world_size: the process layout.
+        dist_impl: "gather" or "ring" (``--dist-impl``), passed to the loss.
+    """
+
+    def __init__(self, kind: str, model: ClipModel, *, rank: int = 0, world_size: int = 1, dist_impl: str = "gather"):
+        if kind not in ("clip", "siglip"):
+            raise ValueError(f"--loss must be 'clip' or 'siglip', got {kind!r}")
+        if kind == "siglip" and model.logit_bias is None:
+            raise ValueError("--loss siglip needs a model with a logit_bias (build it with add_logit_bias)")
+        self.kind, self.model = kind, model
+        cls = ClipLoss if kind == "clip" else SigLipLoss
+        kw = _dist_kwargs(cls, dist_impl) if world_size > 1 else {}
+        if kind == "clip":
+            self.loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size, **kw)
+        else:
+            self.loss = SigLipLoss(rank=rank, world_size=world_size, **kw)
+
+    def begin_step(self, batch: Any) -> None:
+        """Nothing to prepare: the contrastive loss needs only the embeddings."""
+
+    def __call__(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        if self.kind == "clip":
+            return self.loss(image_emb, text_emb, self.model.scale())
+        return self.loss(image_emb, text_emb, self.model.scale(), self.model.bias())
+
+
+OBJECTIVES: dict[str, Callable[..., ContrastiveObjective]] = {
+    "clip": lambda model, **kw: ContrastiveObjective("clip", model, **kw),
+    "siglip": lambda model, **kw: ContrastiveObjective("siglip", model, **kw),
+}
+
+
+def build_objective(name: str, model: ClipModel, **kw: Any) -> ContrastiveObjective:
+    """The objective ``--loss NAME`` names (see ``OBJECTIVES``)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"--loss must be one of {sorted(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name](model, **kw)
