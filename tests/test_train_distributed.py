@@ -1,7 +1,7 @@
 """``torchrun --standalone --nproc_per_node 2 -m mmfast.train`` on gloo: it reports world size 2 and
 its per-step losses equal one process with the same global batch (fp32, 1e-4) -- with DDP, with
-FSDP2 (whose full checkpoint then evaluates in one process), and with the ring exchange once
-mmfast.nn's losses have it. Each torchrun is a subprocess bounded by a timeout."""
+FSDP2 (whose full checkpoint then evaluates in one process), and with the ring exchange of
+mmfast.nn's losses. Each torchrun is a subprocess bounded by a timeout."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import sys
 
 import pytest
 
-from mmfast.nn import ClipLoss, SigLipLoss
 from mmfast.train.cli import main
-from mmfast.train.objectives import loss_supports_dist_impl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--steps", "5", "--batch-size", "16", "--chunk-size", "4", "--val-samples", "32", "--zeroshot-images", "0"]
@@ -62,14 +60,6 @@ def test_torchrun_fsdp2_equals_one_process_and_saves_a_full_checkpoint(tmp_path)
         assert result["val"][k] == pytest.approx(two["val"][k], abs=1 / 32)
 
 
-RING_MISSING = not (loss_supports_dist_impl(ClipLoss) and loss_supports_dist_impl(SigLipLoss))
-
-
-@pytest.mark.skipif(
-    RING_MISSING,
-    reason="mmfast.nn.ClipLoss/SigLipLoss do not take dist_impl= and process_group= yet (issue 14's ring); "
-    "this test runs once they do",
-)
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_torchrun_ring_equals_one_process(tmp_path, loss):
     two = torchrun(tmp_path / "ring", "--dist-impl", "ring", "--loss", loss)
@@ -77,10 +67,9 @@ def test_torchrun_ring_equals_one_process(tmp_path, loss):
     assert_same_losses(two, one)
 
 
-@pytest.mark.skipif(not RING_MISSING, reason="the ring exchange is available")
-def test_ring_without_support_is_a_clear_error():
+def test_dist_impl_is_checked():
     from mmfast.train.objectives import _dist_kwargs  # noqa: PLC0415
 
-    with pytest.raises(NotImplementedError, match="--dist-impl ring needs mmfast.nn.ClipLoss"):
-        _dist_kwargs(ClipLoss, "ring")
-    assert _dist_kwargs(ClipLoss, "gather") == {} and _dist_kwargs(SigLipLoss, "gather") == {"dist_impl": "gather"}
+    with pytest.raises(ValueError, match="--dist-impl"):
+        _dist_kwargs("bidir")
+    assert _dist_kwargs("ring") == {"dist_impl": "ring"}

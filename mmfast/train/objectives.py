@@ -14,7 +14,6 @@ batch, and with DDP's gradient averaging every gradient equals the one-process g
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -23,32 +22,15 @@ from torch import Tensor
 from mmfast.nn import ClipLoss, SigLipLoss
 from mmfast.train.models import ClipModel
 
-__all__ = ["OBJECTIVES", "ContrastiveObjective", "build_objective", "loss_supports_dist_impl"]
+__all__ = ["OBJECTIVES", "ContrastiveObjective", "build_objective"]
 
 DIST_IMPLS = ("gather", "ring")
 
 
-def loss_supports_dist_impl(cls: type) -> bool:
-    """Whether this mmfast version's loss class takes ``dist_impl="gather" | "ring"`` (issue 14's
-    ring exchange); ClipLoss did not before it."""
-    return (
-        "dist_impl" in inspect.signature(cls.__init__).parameters
-        and "process_group" in inspect.signature(cls.__init__).parameters
-    )
-
-
-def _dist_kwargs(cls: type, dist_impl: str) -> dict[str, Any]:
+def _dist_kwargs(dist_impl: str) -> dict[str, Any]:
     if dist_impl not in DIST_IMPLS:
         raise ValueError(f"--dist-impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
-    if loss_supports_dist_impl(cls):
-        return {"dist_impl": dist_impl}
-    if dist_impl == "gather":
-        # before the ring landed, gathering was the only exchange (SigLipLoss's own "gather" pattern)
-        return {"dist_impl": "gather"} if cls is SigLipLoss else {}
-    raise NotImplementedError(
-        f"--dist-impl ring needs mmfast.nn.{cls.__name__}(dist_impl='ring', process_group=...), which this "
-        "mmfast version does not have yet; use --dist-impl gather"
-    )
+    return {"dist_impl": dist_impl}
 
 
 class ContrastiveObjective:
@@ -68,8 +50,7 @@ class ContrastiveObjective:
         if kind == "siglip" and model.logit_bias is None:
             raise ValueError("--loss siglip needs a model with a logit_bias (build it with add_logit_bias)")
         self.kind, self.model = kind, model
-        cls = ClipLoss if kind == "clip" else SigLipLoss
-        kw = _dist_kwargs(cls, dist_impl) if world_size > 1 else {}
+        kw = _dist_kwargs(dist_impl) if world_size > 1 else {}
         if kind == "clip":
             self.loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size, **kw)
         else:
