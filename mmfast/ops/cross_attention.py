@@ -230,7 +230,7 @@ def _fake_backward(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
-def _no_double_backward(ctx, *grads):
+def no_double_backward(ctx, *grads):
     raise NotImplementedError("mmfast.cross_attention: double backward (grad of the gradient) is not supported")
 
 
@@ -330,7 +330,7 @@ if _dispatch.has_ops(*_CPP_OPS):  # fake (meta) and autograd formulas of the C++
     torch.library.register_fake("mmfast::cross_attention_backward")(_fake_backward)
     torch.library.register_autograd("mmfast::cross_attention_forward", _backward, setup_context=_setup_context)
     torch.library.register_autograd(
-        "mmfast::cross_attention_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+        "mmfast::cross_attention_backward", no_double_backward, setup_context=lambda ctx, inputs, output: None
     )
 
 # The backends of cross_attention (mmfast/_dispatch.py picks one per call).

@@ -16,6 +16,7 @@ import triton
 from torch import Tensor
 
 from mmfast.ops._attention_out import IntoCall, attention_into
+from mmfast.ops.cross_attention import no_double_backward
 from mmfast.reference.cross_attention import default_scale, options_of
 from mmfast.reference.dropout import M32, draw_seed, threshold
 from mmfast.triton import INTERPRET
@@ -367,6 +368,7 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_bwd_op.register_autograd(no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # --------------------------------------------------------------------------------------------
