@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmfast.bench.cases import contrastive_case
-from mmfast.bench.regression import ON_GPU, params, run_benchmark
+from regression import ON_GPU, params, run_benchmark
 
 SIZES = [4096, 16384] if ON_GPU else [2048]
 DTYPES = [torch.float32, torch.bfloat16]

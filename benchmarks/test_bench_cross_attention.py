@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmfast.bench.cases import attention_case
-from mmfast.bench.regression import ON_GPU, params, run_benchmark
+from regression import ON_GPU, params, run_benchmark
 
 # (kind, B, H, Lq, Lk, D, pad): the shapes on a GPU, a quarter of the batch on the CPU.
 SHAPES = [
