@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from regression import ON_GPU, params, run_benchmark
 
 from mmfast.bench.cases import contrastive_case
-from regression import ON_GPU, params, run_benchmark
 
 SIZES = [4096, 16384] if ON_GPU else [2048]
 DTYPES = [torch.float32, torch.bfloat16]

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from regression import ON_GPU, params, run_benchmark
 
 from mmfast.bench.cases import attention_case
-from regression import ON_GPU, params, run_benchmark
 
 # (kind, B, H, Lq, Lk, D, pad): the shapes on a GPU, a quarter of the batch on the CPU.
 SHAPES = [
