@@ -176,8 +176,8 @@ inline void run_forward(Inputs& in, const at::Tensor& out, const at::Tensor& lse
   p.lse = lse.data_ptr<float>();
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
   if (rows == 0) return;
-  TORCH_CHECK(p.D > 0 && p.Dv > 0, "cross_attention (cuda): head dims must be >= 1, got D=", p.D, ", Dv=", p.Dv,
-              " (the cpu and reference backends take 0)");
+  TORCH_CHECK(p.D > 0 && p.Dv > 0, "cross_attention (cuda): head dims must be >= 1, got D=", p.D,
+              ", Dv=", p.Dv, " (the cpu and reference backends take 0)");
   dispatch(in.q.scalar_type(), std::max(p.D, p.Dv), [&](auto tag, auto hd) {
     using T = typename decltype(tag)::type;
     constexpr int HD = decltype(hd)::value;
