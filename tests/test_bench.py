@@ -39,7 +39,46 @@ def test_flops_formulas():
     assert flops(a) == 2 * 3 * 5 * (2 * 7) * 2 * 16  # every key counted when no valid count is given
     assert flops(a, valid_keys=9) == 2 * 3 * 5 * 9 * 2 * 16
     b = attention_case("t", 2, 3, 5, 7, 16, True, torch.float32, "fwd+bwd")
-    assert flops(b, valid_keys=9) == 3.5 * flops(a, valid_keys=9)
+    # Model FLOPs: the backward's four products are twice the forward's two, for both op families.
+    assert flops(b, valid_keys=9) == 3 * flops(a, valid_keys=9)
+    # The algorithm's FLOPs add the recomputed logits / scores (named, shown beside the model rate).
+    assert flops(b, valid_keys=9, convention="algorithm") == 3.5 * flops(a, valid_keys=9)
+    cb = contrastive_case("info_nce", 4096, 512, torch.float32, "fwd+bwd")
+    assert flops(cb, convention="algorithm") == 8 * 4096 * 4096 * 512
+    assert flops(c, convention="algorithm") == flops(c)  # forward: the two conventions agree
+    with pytest.raises(ValueError, match="convention"):
+        flops(c, convention="kernel")
+
+
+@pytest.mark.skipif(not mmfast.backends()["info_nce"]["cpu"]["available"], reason="extension not built")
+def test_cpu_path_providers_force_the_path_and_name_what_is_missing(tmp_path, capsys):
+    """``mmfast-cpu:<path>`` runs the cpu backend under cpu_options(gemm=path) (seen from inside the
+    call) and is listed as unavailable, naming the missing feature, where the CPU lacks the path."""
+    from mmfast import cpu
+    from mmfast.bench.providers import cpu_path_providers
+
+    provs = {p.name: p for p in cpu_path_providers()}
+    assert set(provs) == {f"mmfast-cpu:{g}" for g in cpu.GEMMS if g != "auto"}
+    assert provs["mmfast-cpu:blas"].why_not(torch.device("cpu")) is None
+    assert not any(p.default for p in provs.values())  # opt-in only
+    isa = cpu.cpu_isa()
+    assert (provs["mmfast-cpu:amx"].why_not(torch.device("cpu")) is None) == isa["amx_bf16"]
+    seen = []
+    real = mmfast.info_nce
+
+    def spy(*a, **k):
+        seen.append(cpu.cpu_options().gemm)
+        return real(*a, **k)
+
+    case = contrastive_case("info_nce", 33, 16, torch.float32, "fwd")
+    inputs = make_data(case, torch.device("cpu"), seed=1).inputs
+    mmfast.info_nce = spy
+    try:
+        out = provs["mmfast-cpu:blas"].build(case, inputs)()
+    finally:
+        mmfast.info_nce = real
+    assert seen == ["blas"] and cpu.cpu_options().gemm == "auto"  # restored after the call
+    torch.testing.assert_close(out, mmfast.info_nce(**inputs, backend="reference"))
 
 
 @pytest.mark.parametrize("op", ["info_nce", "siglip_loss"])

@@ -50,7 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ops", type=_csv("--ops", OPS), default=list(OPS), help="comma list, default all")
     p.add_argument("--dtype", type=_csv("--dtype", tuple(DTYPES)), default=None, help="comma list: fp32,bf16,fp16")
     p.add_argument("--modes", type=_csv("--modes", MODES), default=list(MODES), help="fwd,fwd+bwd (default both)")
-    p.add_argument("--providers", default=None, help="comma list of providers (default: all available)")
+    p.add_argument(
+        "--providers",
+        default=None,
+        help="comma list of providers (default: all available); opt-in: mmfast-reference, torch-compile, "
+        "mmfast-cpu:<path> (the cpu backend on one tile-product path: avx512, avx2, avx512_bf16, amx, blas)",
+    )
     p.add_argument("--compile", action="store_true", help="add torch.compile of the reference (slow to compile)")
     p.add_argument(
         "--out", default="bench-results", help="folder for CSV, JSON, Markdown and PNG (default %(default)s)"
@@ -61,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-n", type=int, default=262144, help="sweep: largest N (default %(default)s)")
     p.add_argument("--point-s", type=float, default=60.0, help="sweep: most seconds per (N, provider)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and mmfast (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -81,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     preset = "smoke" if args.smoke else "quick" if args.quick else "default"
     cfg = PRESETS[preset]
     device = pick_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     dtypes = [DTYPES[d] for d in (args.dtype or DEFAULT_DTYPES[preset])]
     names = [n.strip() for n in args.providers.split(",")] if args.providers else None
     providers = select_providers(device, names, args.compile)
     usable = [p for p in providers if p.why_not(device) is None]
-    unavailable = {p.name: p.why_not(device) for p in all_providers(device) if p.why_not(device)}
+    listed = [p for p in all_providers(device) if p.default or p.name in (names or ())]  # opt-ins when named
+    unavailable = {p.name: p.why_not(device) for p in listed if p.why_not(device)}
     if names is None and not any(p.name.startswith("mmfast-") for p in usable):
         # A table of the peers alone would read as a result; say why mmfast is missing instead.
         why = report.not_run({k: v for k, v in unavailable.items() if k.startswith("mmfast-")})

@@ -123,27 +123,40 @@ def sweep_sizes(start: int = 1024, stop: int = 262144) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# FLOPs: one function for every op. Model FLOPs (what the math needs), not what a kernel spends:
-# a fused kernel that recomputes the logits in its backward pass does more work than it is credited.
+# FLOPs: one function for every op, two named conventions.
+#   "model":     what the math needs (forward, plus the backward's products of the chain rule);
+#                the rates in the table, the same count for every provider.
+#   "algorithm": what a fused kernel that keeps no N x N / Lq x Lk matrix runs: its backward
+#                recomputes the logits / scores. Shown beside the model rate where the two differ.
 # --------------------------------------------------------------------------------------------
 
+FLOP_CONVENTIONS = ("model", "algorithm")
 
-def flops(case: Case, valid_keys: int | None = None) -> float:
+
+def flops(case: Case, valid_keys: int | None = None, convention: str = "model") -> float:
     """Floating-point operations of ``case`` (multiply-add = 2), matmuls only.
 
-    Contrastive (N x D features, M = N):  forward  2·N·M·D   (the logits GEMM)
-                                          backward 4·N·M·D   (dX = G·Y and dY = Gᵀ·X)
-    Cross-attention, per (b, h):          forward  2·Lq·Lk'·(D + Dv)  (S = QKᵀ, O = PV)
-                                          backward 2.5 x forward      (dV, dP, dQ, dK + recompute S)
+    ====================  ============================  ===========================================
+    op (per b, h)         forward                       fwd+bwd: model / algorithm
+    ====================  ============================  ===========================================
+    contrastive (N, M=N)  2·N·M·D (the logits GEMM)     6·N·M·D (+ dX = G·Y, dY = Gᵀ·X) / 8·N·M·D
+    cross_attention       2·Lq·Lk'·(D + Dv) (S, O)      3 x forward (+ dV, dP, dQ, dK) / 3.5 x
+    ====================  ============================  ===========================================
+
     Lk' counts only the keys that are not padding (``valid_keys`` = total valid keys over the batch),
     so a kernel cannot score FLOPs it may legitimately skip.
     """
+    if convention not in FLOP_CONVENTIONS:
+        raise ValueError(f"convention must be one of {FLOP_CONVENTIONS}, got {convention!r}")
+    algorithm = convention == "algorithm"
     if case.op in CONTRASTIVE_OPS:
         fwd = 2.0 * case["N"] * case["N"] * case["D"]
-        return fwd * (3.0 if case.mode == "fwd+bwd" else 1.0)
-    keys = valid_keys if valid_keys is not None else case["B"] * case["Lk"]
-    fwd = 2.0 * case["Hq"] * case["Lq"] * keys * (2 * case["D"])
-    return fwd * (3.5 if case.mode == "fwd+bwd" else 1.0)
+        backward = 3.0 if algorithm else 2.0  # the algorithm recomputes the logits GEMM
+    else:
+        keys = valid_keys if valid_keys is not None else case["B"] * case["Lk"]
+        fwd = 2.0 * case["Hq"] * case["Lq"] * keys * (2 * case["D"])
+        backward = 2.5 if algorithm else 2.0  # the algorithm recomputes S = QKᵀ (half the forward)
+    return fwd * (1.0 + backward if case.mode == "fwd+bwd" else 1.0)
 
 
 # --------------------------------------------------------------------------------------------

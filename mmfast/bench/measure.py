@@ -234,4 +234,21 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+    else:
+        info["cpu_paths"] = _cpu_paths()
     return info
+
+
+def _cpu_paths() -> dict[str, Any]:
+    """The cpu backend's path per dtype and the CPU's peak multiply-add rate (GFLOP/s, the floors'
+    denominator: ``mmfast._C.cpu_peak_gflops``), when the extension is built."""
+    from mmfast import _dispatch, cpu
+
+    ext, _ = _dispatch.extension()
+    if ext is None:
+        return {}
+    return {
+        "isa": cpu.cpu_isa(),
+        "paths": cpu.cpu_paths(),
+        "peak_gflops": {d: round(ext.cpu_peak_gflops(d), 1) for d in ("fp32", "bf16")},
+    }

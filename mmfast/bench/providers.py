@@ -92,6 +92,48 @@ def mmfast_providers(device: torch.device) -> list[Provider]:
     return out
 
 
+def _cpu_path_build(path: str) -> Callable[[Case, dict[str, Any]], Callable[[], Tensor]]:
+    def build(case: Case, inputs: dict[str, Any]) -> Callable[[], Tensor]:
+        op = getattr(mmfast, case.op)
+
+        def call() -> Tensor:
+            with mmfast.cpu_options(gemm=path):
+                return op(**inputs, backend="cpu")
+
+        return call
+
+    return build
+
+
+def cpu_path_providers() -> list[Provider]:
+    """``mmfast-cpu:<path>``: the cpu backend with its tile products forced onto one path
+    (``mmfast.cpu_options(gemm=path)``), to compare the paths of one CPU in one run. Opt-in
+    (``--providers mmfast-cpu:blas,...``); a path this CPU lacks is listed with the missing feature."""
+    from mmfast import cpu
+
+    ext, why = _dispatch.extension()
+    out = []
+    for path in cpu.GEMMS[1:]:
+        missing = ext.cpu_gemm_missing(path) if ext is not None else why
+        note = f"backend='cpu' under mmfast.cpu_options(gemm={path!r})"
+        unavailable = f"needs {missing}" if ext is not None and missing else missing or None
+        out.append(
+            Provider(
+                f"mmfast-cpu:{path}",
+                OPS_WITH_CPU_PATHS,
+                _cpu_path_build(path),
+                ("cpu",),
+                default=False,
+                note=note,
+                unavailable=unavailable,
+            )
+        )
+    return out
+
+
+OPS_WITH_CPU_PATHS = (*CONTRASTIVE_OPS, "cross_attention")
+
+
 # --------------------------------------------------------------------------------------------
 # Contrastive peers.
 # --------------------------------------------------------------------------------------------
@@ -250,7 +292,7 @@ def peer_providers() -> list[Provider]:
 
 
 def all_providers(device: torch.device) -> list[Provider]:
-    return mmfast_providers(device) + peer_providers()
+    return mmfast_providers(device) + cpu_path_providers() + peer_providers()
 
 
 def select_providers(device: torch.device, names: list[str] | None, compile_ref: bool) -> list[Provider]:

@@ -21,7 +21,7 @@ COLUMNS = (
     "median ms [p20, p80]",
     "n",
     "speed-up",
-    "GFLOP/s",
+    "GFLOP/s model [algo]",
     "% matmul",
     "peak MiB",
     "max err",
@@ -50,7 +50,7 @@ def _cells(r: Row) -> list[str]:
         time_cell,
         str(r.reps) if r.reps else "",
         _f(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),
-        _f(r.gflops, ".1f"),
+        _f(r.gflops, ".1f") + ("" if r.algo_gflops is None else f" [{r.algo_gflops:.1f}]"),
         _f(None if r.frac_matmul is None else 100 * r.frac_matmul, ".0f"),
         _f(r.peak_mib, ".0f"),
         _f(r.max_err, ".1e"),
@@ -65,6 +65,9 @@ def caption(info: dict[str, Any]) -> str:
     return (
         f"mmfast-bench on {where}; torch {info['torch']}; {info['date_utc']}.\n"
         f"Matmul rate measured in this run (GFLOP/s): {rates}. Speed-up over: {base}.\n"
+        "GFLOP/s: model FLOPs (the math: forward 2·N·N·D or 4·Lq·Lk·D; fwd+bwd 3 x forward) per second; "
+        "[algo]: the fused algorithm's FLOPs (its backward recomputes the logits: 4 x and 3.5 x forward). "
+        "% matmul: the model rate over the matmul rate.\n"
         "Peak memory: the most one call needs beyond its inputs. Max err: vs the reference, "
         "max |diff| / max |ref| over the output and every gradient."
     )

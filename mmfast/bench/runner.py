@@ -45,7 +45,8 @@ class Row:
     q80_ms: float | None = None
     reps: int = 0
     speedup: float | None = None
-    gflops: float | None = None
+    gflops: float | None = None  # model FLOPs / time (cases.flops)
+    algo_gflops: float | None = None  # the algorithm's FLOPs / time, where they differ from the model's
     frac_matmul: float | None = None
     peak_mib: float | None = None
     max_err: float | None = None
@@ -218,6 +219,8 @@ class Runner:
         med, q20, q80 = measure.quantiles(times)
         row.median_ms, row.q20_ms, row.q80_ms, row.reps = med * 1e3, q20 * 1e3, q80 * 1e3, len(times)
         row.gflops = fl / med / 1e9
+        algo = flops(case, data.valid_keys, "algorithm")
+        row.algo_gflops = algo / med / 1e9 if algo != fl else None
         rate = self.rates.get(case.dtype)
         row.frac_matmul = row.gflops / rate if rate else None
         if peak.bytes is not None:
