@@ -1,4 +1,4 @@
-"""Compile the contrastive CUDA kernels (csrc/contrastive/kernel.cuh) for sm_80 and sm_90 with
+"""Compile the contrastive CUDA kernels (csrc/contrastive/kernel*.cuh) for sm_80 and sm_90 with
 ``-Xptxas -v`` and read ptxas' resource report: no spill stores or loads in any kernel, and no stack
 frame (local memory) in the hot tile kernels. Needs nvcc only (no GPU); skipped where it is absent.
 """
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolk
 
 # A torch-free translation unit instantiating every kernel template for every dtype.
 SOURCE = """
-#include "contrastive/kernel.cuh"
+#include "contrastive/kernel_bwd.cuh"
+#include "contrastive/kernel_fwd.cuh"
 namespace mc = mmfast::contrastive;
 using mmfast::port::bf16_t;
 using mmfast::port::half_t;

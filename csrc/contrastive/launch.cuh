@@ -3,7 +3,8 @@
 // test module and the ThreadSanitizer driver run them on the CPU.
 #pragma once
 
-#include "contrastive/kernel.cuh"
+#include "contrastive/kernel_bwd.cuh"
+#include "contrastive/kernel_fwd.cuh"
 
 namespace mmfast {
 namespace contrastive {
