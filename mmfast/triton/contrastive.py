@@ -44,8 +44,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------------
 # Tile configurations. The forward's BLOCK_N is chosen on the host (it sizes the column-partials
 # buffer); everything else is autotuned on GPU among configs that ptxas compiles without (or with
-# only a few bytes of) register spills for sm_80 and sm_90 (16-byte aligned inputs; figures in the
-# lead's compile-only report). fp32 "ieee" dots run on FMA units and hold their operands in
+# only a few bytes of) register spills for sm_80 and sm_90 (16-byte aligned inputs; figures from
+# tools/triton_compile_report.py). fp32 "ieee" dots run on FMA units and hold their operands in
 # registers, hence narrower K and D chunks. Under the interpreter: one small config, no tuning.
 # --------------------------------------------------------------------------------------------
 
