@@ -8,15 +8,13 @@ test with that rank's traceback. Bounded: 60 s for the process group, 240 s for 
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.dist_utils import free_port, spawn_bounded
 from tests.nn_utils import load_open_clip_loss
 
 pytestmark = pytest.mark.skipif(load_open_clip_loss() is None, reason="open_clip not installed")
@@ -78,27 +76,8 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_losses_match_open_clip_on_two_processes(monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed loss test did not finish in {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    assert all(p.exitcode == 0 for p in ctx.processes)
+def test_losses_match_open_clip_on_two_processes():
+    spawn_bounded(_worker, WORLD, (free_port(),), DEADLINE_S, "distributed loss test")
 
 
 def test_gather_features_needs_init():

@@ -15,7 +15,6 @@ naming a neighbour; a rank that hangs, likewise once the timeout expires. Every 
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -23,8 +22,9 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from tests.dist_utils import free_port, spawn_bounded
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -33,38 +33,9 @@ N, D = 6, 16
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}  # relative to each quantity's largest value
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(worker: str, world: int, *args):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    return mp.start_processes(
-        _entry, args=(worker, world, _free_port(), *args), nprocs=world, join=False, start_method="spawn"
-    )
-
-
 def _spawn(worker: str, world: int, *args, deadline_s: float = DEADLINE_S, expect: dict | None = None) -> None:
-    """Run worker(rank, world, port, *args) in ``world`` processes; every one must exit 0 (or with
-    the code ``expect`` gives its rank) before the deadline. Leftovers are terminated."""
-    ctx = _start(worker, world, *args)
-    end = time.monotonic() + deadline_s
-    try:
-        while not all(p.exitcode is not None for p in ctx.processes):
-            if time.monotonic() > end:
-                pytest.fail(f"{worker} (world {world}) did not finish in {deadline_s} s")
-            time.sleep(0.2)
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    codes = [p.exitcode for p in ctx.processes]
-    want = [(expect or {}).get(r, 0) for r in range(world)]
-    assert codes == want, f"exit codes {codes}, expected {want} (a rank's traceback is printed above)"
+    """Run worker(rank, world, port, *args) in ``world`` processes (tests/dist_utils.py)."""
+    spawn_bounded(_entry, world, (worker, world, free_port(), *args), deadline_s, worker, expect)
 
 
 def _init(rank: int, world: int, port: int, timeout_s: float = 60) -> None:
@@ -255,16 +226,5 @@ def test_hung_rank_fails_the_others_after_the_timeout():
 
 
 def _spawn_hung() -> None:
-    ctx = _start("_failure_worker", 2, "hangs", 1, 5.0)
-    end = time.monotonic() + 90
-    try:
-        while ctx.processes[0].exitcode is None:
-            if time.monotonic() > end:
-                pytest.fail("rank 0 did not fail within 90 s with a hung peer")
-            time.sleep(0.2)
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    assert ctx.processes[0].exitcode == 0, "rank 0 did not raise the expected error (traceback above)"
+    """Rank 0 must raise its timeout error and exit 0 within 90 s; the hung rank is terminated."""
+    spawn_bounded(_entry, 2, ("_failure_worker", 2, free_port(), "hangs", 1, 5.0), 90, "hung-peer test", wait_for=(0,))

@@ -12,15 +12,12 @@ process group, 180 s for the whole test.
 from __future__ import annotations
 
 import copy
-import socket
-import time
 from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.dist_utils import free_port, spawn_bounded
 from tests.test_gradcache import TextTower, assert_grads_close, make_inputs
 
 WORLD, N, CHUNK = 2, 24, 5
@@ -133,24 +130,5 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_gradcache_ddp_and_fsdp2_equal_one_process(monkeypatch):
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed GradCache test did not finish in {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    assert all(p.exitcode == 0 for p in ctx.processes)
+def test_gradcache_ddp_and_fsdp2_equal_one_process():
+    spawn_bounded(_worker, WORLD, (free_port(),), DEADLINE_S, "distributed GradCache test")
