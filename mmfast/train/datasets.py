@@ -191,6 +191,7 @@ class CocoCaptions(torch.utils.data.Dataset):
                 captions[ann["image_id"]].append(str(ann["caption"]).strip())
         self.paths, self.captions, self.image_ids = [], [], []
         no_caption = missing = 0
+        orphans = sum(len(caps) for image_id, caps in captions.items() if image_id not in files)
         for image_id, name in files.items():
             if keep_ids is not None and image_id not in keep_ids and name not in keep_names:
                 continue
@@ -207,9 +208,11 @@ class CocoCaptions(torch.utils.data.Dataset):
         where = f"{flag} {', '.join(annotations)}" + (f" (Karpathy split {split!r})" if karpathy else "")
         if no_caption or missing:
             log.warning(f"{where}: skipped {no_caption} images without captions and {missing} missing image files")
+        if orphans:
+            log.warning(f"{where}: skipped {orphans} captions whose image_id is not in the file's 'images' list")
         if not self.paths:
             raise ValueError(f"{where}: no image with captions found in --coco-images {list(image_dirs)}")
-        self.skipped = no_caption + missing
+        self.skipped = no_caption + missing + orphans
 
     def __len__(self) -> int:
         return len(self.paths)
