@@ -129,6 +129,30 @@ def test_edit_one_attribute_changes_exactly_one():
     assert seen == set(synthetic.ATTRIBUTES)
 
 
+def test_itm_pairs_follow_albef_with_edits():
+    model, tok = tiny_itm_model()
+    batch = scene_batch(tok, 9)
+    obj = ItcItmObjective(_NoItc(), model, tok, edit_fraction=0.5)
+    torch.manual_seed(3)
+    obj.begin_step(batch)
+    edits = obj._edit_rows
+    assert 0 < edits.numel() < 9 and len(obj._edited) == edits.numel()
+    for k, i in enumerate(edits.tolist()):
+        assert obj._edited[k] != batch.captions[i]
+    images, texts = obj.inputs(batch, CPU)
+    assert texts["input_ids"].shape[0] == 9 + edits.numel() and texts["return_tokens"] and images["return_tokens"]
+    emb = F.normalize(torch.randn(9, 8), dim=-1)
+    img, txt, labels = obj.pairs(emb, emb, edits)
+    assert img.numel() == txt.numel() == labels.numel() == 27  # n positives, n negative captions, n images
+    assert torch.equal(img[:9], torch.arange(9)) and torch.equal(txt[:9], torch.arange(9)) and labels[:9].all()
+    assert not labels[9:].any()
+    assert torch.equal(img[9:18], torch.arange(9)) and torch.equal(txt[18:], torch.arange(9))
+    edited = txt[9:18] >= 9
+    assert torch.equal(torch.nonzero(edited).squeeze(1), edits)
+    assert torch.equal(txt[9:18][edits], 9 + torch.arange(edits.numel()))
+    assert (txt[9:18][~edited] != torch.arange(9)[~edited]).all() and (img[18:] != torch.arange(9)).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # the objective's gradients
 # ------------------------------------------------------------------------------------------------
@@ -143,7 +167,7 @@ def reference_step(model, obj, batch):
     img_emb, img_tok = call_model(model.image_tower, images)
     txt_emb, txt_tok, txt_pad = call_model(model.text_tower, texts)
     n = img_emb.shape[0]
-    i, j, labels = obj.pairs(img_emb.detach(), txt_emb[:n].detach(), n_edited=txt_emb.shape[0] - n)
+    i, j, labels = obj.pairs(img_emb.detach(), txt_emb[:n].detach(), obj._edit_rows)
     loss = obj.contrastive(img_emb, txt_emb[:n]) + F.cross_entropy(
         model.fusion(txt_tok[j], txt_pad[j], img_tok[i]), labels
     )
@@ -151,12 +175,15 @@ def reference_step(model, obj, batch):
     return loss.detach(), grads(model)
 
 
-@pytest.mark.parametrize("edits", [True, False])
+@pytest.mark.parametrize("edits", [0.5, 0.0])
 def test_itm_gradients_equal_one_whole_batch_autograd(edits):
     model, tok = tiny_itm_model()
     batch = scene_batch(tok, 7)
-    obj = build_objective("clip", model, objective="itc+itm", itm=dict(tokenizer=tok, chunk_size=4, edits=edits))
+    obj = build_objective(
+        "clip", model, objective="itc+itm", itm=dict(tokenizer=tok, chunk_size=4, edit_fraction=edits)
+    )
     ref_loss, ref = reference_step(model, obj, batch)
+    assert (obj._edit_rows.numel() > 0) == (edits > 0)
 
     def run(step):
         model.zero_grad(set_to_none=True)
@@ -184,7 +211,7 @@ def test_itm_gradients_equal_one_whole_batch_autograd(edits):
 class _NoItc:
     """A contrastive stand-in with zero loss, so that only ITM's gradient remains."""
 
-    def begin_step(self, batch):
+    def begin_step(self, batch, step=0):
         pass
 
     def inputs(self, batch, device):

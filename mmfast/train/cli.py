@@ -116,10 +116,11 @@ def _add_itm(p: argparse.ArgumentParser) -> None:
         help="sample: drawn by contrastive similarity, as ALBEF; hardest: the most similar (default: %(default)s)",
     )
     g.add_argument(
-        "--no-itm-edits",
-        dest="itm_edits",
-        action="store_false",
-        help="synthetic data: no extra negative captions with one attribute changed",
+        "--itm-edit-fraction",
+        type=float,
+        default=0.5,
+        help="synthetic data: the share of images whose negative caption is their own with one attribute changed "
+        "(the others' is mined; 0: mined only) (default: %(default)s)",
     )
     g.add_argument("--rerank-k", type=int, default=16, help="ITC candidates re-ranked by ITM in evaluation")
 

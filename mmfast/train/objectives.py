@@ -2,7 +2,7 @@
 
 An objective is built from the model (for its logit scale / bias) and the process layout, and is
 called as ``objective(image_embeddings, text_embeddings) -> scalar`` (the ``loss_fn`` of
-``GradCache``). ``begin_step(batch)`` runs before each step with the rank's ``Batch`` (its
+``GradCache``). ``begin_step(batch, step)`` runs before each step with the rank's ``Batch`` (its
 captions and per-sample attributes), for objectives that need more than the embeddings (hard
 negatives built from attributes), and ``inputs(batch, device)`` gives what the towers are called on
 (``itm.py``'s objective asks them for tokens too). New objectives register in ``OBJECTIVES``.
@@ -59,7 +59,7 @@ class ContrastiveObjective:
         else:
             self.loss = SigLipLoss(rank=rank, world_size=world_size, **kw)
 
-    def begin_step(self, batch: Any) -> None:
+    def begin_step(self, batch: Any, step: int = 0) -> None:
         """Nothing to prepare: the contrastive loss needs only the embeddings."""
 
     def inputs(self, batch: Any, device: torch.device) -> tuple[Any, Any]:

@@ -97,8 +97,9 @@ def itm_options(args: Namespace) -> dict[str, Any] | None:
     return {
         "weight": args.itm_weight,
         "chunk_size": args.itm_chunk_size,
-        "edits": args.itm_edits,
+        "edit_fraction": args.itm_edit_fraction,
         "negatives": args.itm_negatives,
+        "seed": args.seed,
     }
 
 
@@ -156,7 +157,7 @@ def _setup(args: Namespace, d: Dist) -> dict[str, Any]:
     scheduler = make_scheduler(optimizer, args.warmup, args.steps)
     objective = build_objective(
         args.loss, model, rank=d.rank, world_size=d.world_size, dist_impl=args.dist_impl,
-        objective=getattr(args, "objective", "itc"), itm=itm,
+        objective=getattr(args, "objective", "itc"), itm=itm if itm is None else {**itm, "rank": d.rank},
     )  # fmt: skip
     return dict(
         tokenizer=tokenizer,
@@ -171,10 +172,10 @@ def _setup(args: Namespace, d: Dist) -> dict[str, Any]:
     )
 
 
-def _step(s: dict[str, Any], batch: Any, args: Namespace, d: Dist, autocast: Any) -> dict[str, float]:
+def _step(s: dict[str, Any], batch: Any, args: Namespace, d: Dist, autocast: Any, step: int = 0) -> dict[str, float]:
     """One optimizer step on the rank's batch; the logged figures."""
     model, optimizer, objective = s["model"], s["optimizer"], s["objective"]
-    objective.begin_step(batch)
+    objective.begin_step(batch, step)
     images, texts = objective.inputs(batch, d.device)
     with autocast():
         if args.no_gradcache:  # the plain loop, for comparisons
@@ -278,7 +279,7 @@ def _train_loop(s, args: Namespace, d: Dist, autocast, logger: _Log, extra: dict
         batch = next(batches)
         skipped += _count_skipped(batch, d)
         t = time.perf_counter()
-        rec = _step(s, batch, args, d, autocast)
+        rec = _step(s, batch, args, d, autocast, step)
         rec.update(step=step + 1, seconds=time.perf_counter() - t, skipped=skipped)
         losses.append(rec["loss"])
         logger.write(rec)
