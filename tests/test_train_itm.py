@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mmfast.train import synthetic
 from mmfast.train.evaluate import EvalSet
-from mmfast.train.fusion import FusionEncoder
+from mmfast.train.fusion import FusionEncoder, by_caption_length, text_extent
 from mmfast.train.gradcache import GradCache, call_model
 from mmfast.train.itm import ItcItmObjective
 from mmfast.train.itm_eval import evaluate_itm, first_other, rerank
@@ -264,6 +264,32 @@ def test_fusion_attention_swap_computes_the_same():
         FusionEncoder(32, 24, attn="flash")
     with pytest.raises(ValueError, match="text_padding"):
         a(text, pad.long(), image)
+
+
+def test_text_extent():
+    pad = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    assert text_extent(pad).tolist() == [2, 3, 0, 4, 3]
+    assert by_caption_length(pad, torch.tensor([3, 0, 2, 0, 4])).tolist() == [2, 1, 3, 4, 0]
+
+
+@pytest.mark.parametrize("attn", ["mmfast", "sdpa"])
+def test_fusion_drops_trailing_padding_without_changing_results(attn):
+    """The encoder runs at the batch's longest caption; logits and gradients equal those of all
+    blocks run over every column (the padding columns get no gradient)."""
+    enc = FusionEncoder(16, 12, layers=2, heads=2, attn=attn)
+    text, image = torch.randn(4, 11, 16, requires_grad=True), torch.randn(4, 5, 12, requires_grad=True)
+    pad = torch.arange(11)[None] >= torch.tensor([6, 2, 1, 4])[:, None]  # columns 6.. are padding everywhere
+    got = enc(text, pad, image)
+    (g_text, g_image) = torch.autograd.grad((got * torch.tensor([1.0, -2.0])).sum(), (text, image))
+    full = text
+    for layer in enc.layers:
+        full = layer(full, pad, image)
+    want = enc.head(enc.norm(full[:, 0]))
+    (w_text, w_image) = torch.autograd.grad((want * torch.tensor([1.0, -2.0])).sum(), (text, image))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_image, w_image, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_text, w_text, rtol=1e-5, atol=1e-6)
+    assert not g_text[:, 6:].any() and g_text[:, :6].abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ patch tokens V (B, Lv, Wv). Each of ``layers`` pre-norm blocks runs
     T = T + CrossAttn(LN2(T), V, V)       text -> image: queries from text, keys/values from patches
     T = T + MLP(LN3(T))                   W2 gelu(W1 x), width mlp_ratio * Wt
 
-and the head reads the first text token (the tokenizer's <bos>, which the bidirectional
+Trailing padding columns are dropped before the first block (``text_extent``): no real token attends
+to them, so the logits are unchanged and the cost follows the longest caption of the call, not the
+context length (callers sort pairs by caption length so that a chunk's captions are alike).
+
+The head reads the first text token (the tokenizer's <bos>, which the bidirectional
 self-attention lets see the whole caption): logits = Linear(LN(T[:, 0])) -> (B, 2), class 1 =
 "the caption matches the image".
 
@@ -28,9 +32,23 @@ from torch import Tensor, nn
 
 from mmfast.nn import CrossAttention
 
-__all__ = ["FUSION_ATTNS", "FusionEncoder", "FusionLayer"]
+__all__ = ["FUSION_ATTNS", "FusionEncoder", "FusionLayer", "by_caption_length", "text_extent"]
 
 FUSION_ATTNS = ("mmfast", "sdpa")
+
+
+def text_extent(text_padding: Tensor) -> Tensor:
+    """(B,) int64: 1 + the position of each caption's last real token (0 for an all-padding row),
+    from text_padding (B, Lt) bool (True = padding); the columns from there on are padding."""
+    real = ~text_padding
+    last = text_padding.shape[1] - real.flip(1).to(torch.uint8).argmax(1)
+    return torch.where(real.any(1), last, 0)
+
+
+def by_caption_length(text_padding: Tensor, text_rows: Tensor) -> Tensor:
+    """(P,) the order of the pairs whose captions are ``text_rows`` (P,) by caption extent (stable):
+    chunks of consecutive pairs in it run at their own longest caption's length."""
+    return text_extent(text_padding)[text_rows.to(text_padding.device)].argsort(stable=True).to(text_rows.device)
 
 
 def _attention(attn: str, width: int, heads: int, kv_dim: int | None = None) -> nn.Module:
@@ -115,6 +133,9 @@ class FusionEncoder(nn.Module):
         if text_padding.shape != text.shape[:2] or text_padding.dtype != torch.bool:
             raise ValueError(f"text_padding must be bool {tuple(text.shape[:2])}, got {text_padding.dtype} "
                              f"{tuple(text_padding.shape)}")  # fmt: skip
+        if text.shape[0]:
+            extent = max(1, int(text_extent(text_padding).max()))  # the columns after are padding
+            text, text_padding = text[:, :extent], text_padding[:, :extent]
         for layer in self.layers:
             text = layer(text, text_padding, image)
         return self.head(self.norm(text[:, 0]))

@@ -18,7 +18,8 @@ Per step, on the rank's local batch of n pairs (ALBEF's recipe, https://arxiv.or
 
 How ITM fits GradCache (the chunked step): GradCache's pass 1 caches the towers' outputs for the
 whole batch, tokens included; this objective is its ``loss_fn``. The fusion encoder runs over the
-pairs in chunks of ``chunk_size``; each chunk's loss is backpropagated at once, into the fusion
+pairs in chunks of ``chunk_size``, pairs sorted by caption length (a chunk runs at its longest
+caption's length, ``fusion.text_extent``); each chunk's loss is backpropagated at once, into the fusion
 encoder's parameters and into detached copies of the token tensors, so only one chunk's fusion
 activations exist at a time. The accumulated token gradients G are then handed to the caller's
 ``backward`` through the returned loss, which adds sum(tokens * G) - sum(tokens * G).detach()
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 
 from mmfast.train import synthetic
-from mmfast.train.fusion import FusionEncoder
+from mmfast.train.fusion import FusionEncoder, by_caption_length
 from mmfast.train.mining import mine_negatives
 from mmfast.train.models import ClipModel
 
@@ -163,10 +164,12 @@ class ItcItmObjective:
         grad = torch.is_grad_enabled()
         leaves = [t.detach().requires_grad_(grad and t.requires_grad) for t in (image_tokens, text_tokens)]
         total = torch.zeros((), device=image_tokens.device)
+        order = by_caption_length(text_padding, txt_rows)
         for s in range(0, P, self.chunk_size):
-            i, j = img_rows[s : s + self.chunk_size], txt_rows[s : s + self.chunk_size]
+            p = order[s : s + self.chunk_size]
+            i, j = img_rows[p], txt_rows[p]
             logits = fusion(leaves[1][j], text_padding[j], leaves[0][i])
-            loss = FusionEncoder.loss(logits, labels[s : s + self.chunk_size], reduction="sum") / P
+            loss = FusionEncoder.loss(logits, labels[p], reduction="sum") / P
             if loss.requires_grad:
                 loss.backward()
             total += loss.detach()

@@ -40,7 +40,7 @@ from mmfast.train.evaluate import (
     gathered_layout,
     recall_from_rankings,
 )
-from mmfast.train.fusion import FusionEncoder
+from mmfast.train.fusion import FusionEncoder, by_caption_length
 
 __all__ = ["evaluate_itm", "first_other", "rerank", "score_pairs"]
 
@@ -88,12 +88,13 @@ def score_pairs(
     per = -(-P // world_size)
     lo, hi = min(P, rank * per), min(P, (rank + 1) * per)
     scores = torch.zeros(per)
-    for s in range(lo, hi, chunk):
-        e = min(s + chunk, hi)
-        i, j = image_rows[s:e], text_rows[s:e]
+    order = lo + by_caption_length(text_padding, text_rows[lo:hi])  # alike lengths per chunk
+    for s in range(0, hi - lo, chunk):
+        p = order[s : s + chunk]
+        i, j = image_rows[p], text_rows[p]
         with autocast():
             logits = fusion(text_tokens[j].to(device), text_padding[j].to(device), image_tokens[i].to(device))
-        scores[s - lo : e - lo] = FusionEncoder.match_score(logits).cpu()
+        scores[p - lo] = FusionEncoder.match_score(logits).cpu()
     return _gather(scores, world_size)[:P]
 
 
