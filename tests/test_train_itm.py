@@ -109,6 +109,17 @@ def test_sampled_negatives_follow_the_contrastive_softmax():
     assert (cols / draws - s.softmax(0).T).abs().max() < 0.045
 
 
+def test_mining_under_bf16_autocast_computes_in_fp32():
+    x, y = torch.randn(37, 8), torch.randn(29, 8)
+    keys_x, keys_y = torch.arange(37)[:, None], torch.arange(29)[:, None]
+    want = mine_negatives(x, y, 5.0, x_keys=keys_x, y_keys=keys_y, block=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mine_negatives(x, y, 5.0, x_keys=keys_x, y_keys=keys_y, block=8)
+        sampled = mine_negatives(x, y, 5.0, x_keys=keys_x, y_keys=keys_y, block=8, generator=torch.Generator())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert sampled[0].dtype == torch.long and (sampled[0] >= 0).all()
+
+
 def test_mining_rejects_bad_shapes():
     with pytest.raises(ValueError, match="agree on D"):
         mine_negatives(torch.randn(3, 4), torch.randn(3, 5), 1.0, x_keys=torch.zeros(3, 1), y_keys=torch.zeros(3, 1))
@@ -240,6 +251,27 @@ def test_itm_gradient_reaches_fusion_and_both_towers():
         assert all(reached(prefix).values()), (prefix, reached(prefix))
     # the projections feed only the contrastive embeddings
     assert not any(reached("image_tower.projection").values())
+
+
+@pytest.mark.parametrize("attn", ["mmfast", "sdpa"])
+def test_itm_step_under_bf16_autocast(attn):
+    """--precision bf16: the GradCache step runs (mining in fp32), its loss is near fp32's and
+    every parameter gets a finite gradient."""
+    model, tok = tiny_itm_model()
+    model.fusion = FusionEncoder(32, 32, layers=1, heads=2, attn=attn)
+    batch = scene_batch(tok, 6)
+    losses = []
+    for dtype in (None, torch.bfloat16):
+        obj = build_objective("clip", model, objective="itc+itm", itm=dict(tokenizer=tok, chunk_size=5))
+        obj.begin_step(batch, 1)
+        images, texts = obj.inputs(batch, CPU)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            losses.append(float(GradCache(model.image_tower, model.text_tower, obj, chunk_size=4).step(images, texts)))
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
+    g = grads(model)
+    fusion = {k for k, _ in model.named_parameters() if k.startswith("fusion.")}
+    assert fusion <= g.keys() and all(torch.isfinite(v).all() for v in g.values())
 
 
 def test_fusion_attention_swap_computes_the_same():

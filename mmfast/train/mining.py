@@ -44,6 +44,7 @@ def _merge(best_v: Tensor, best_i: Tensor, v: Tensor, i: Tensor) -> None:
 
 
 @torch.no_grad()
+@torch.autocast("cpu", enabled=False)  # products in fp32 under --precision bf16 too
 def mine_negatives(
     x: Tensor,
     y: Tensor,
