@@ -5,10 +5,13 @@ swap, and the re-ranking evaluation against brute force."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmfast.train import synthetic
 from mmfast.train.evaluate import EvalSet
@@ -107,6 +110,13 @@ def test_sampled_negatives_follow_the_contrastive_softmax():
     assert rows.diagonal().sum() == 0 and cols[:n].diagonal().sum() == 0  # positives never drawn
     assert (rows / draws - s.softmax(1)).abs().max() < 0.045
     assert (cols / draws - s.softmax(0).T).abs().max() < 0.045
+    # harder negatives are drawn more often: where s_ij beats s_ik by > 1 (and j is drawn with
+    # probability > 5%), j was drawn more often than k
+    for freq, logits in ((rows, s), (cols, s.T)):
+        p = logits.softmax(1)
+        harder = (logits[:, :, None] - logits[:, None, :] > 1.0) & (p[:, :, None] > 0.05)
+        assert harder.any()
+        assert (freq[:, :, None] > freq[:, None, :])[harder].all()
 
 
 def test_mining_under_bf16_autocast_computes_in_fp32():
@@ -118,6 +128,42 @@ def test_mining_under_bf16_autocast_computes_in_fp32():
         sampled = mine_negatives(x, y, 5.0, x_keys=keys_x, y_keys=keys_y, block=8, generator=torch.Generator())
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert sampled[0].dtype == torch.long and (sampled[0] >= 0).all()
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("generator", [None, 0])
+def test_mining_never_builds_the_n_by_n_similarity(generator):
+    """Every tensor the sweep creates is a tile (<= block per dimension of the similarity) or a
+    per-row / per-column vector: no N x M (nor N x anything-larger-than-block) intermediate."""
+    n, m, d, block = 300, 260, 8, 32
+    model, tok = tiny_itm_model()
+    obj = ItcItmObjective(_NoItc(), model, tok, block=block, negatives="sample" if generator is not None else "hardest")
+    x, y = F.normalize(torch.randn(n, d), dim=-1), F.normalize(torch.randn(m, d), dim=-1)
+    with _Shapes() as rec:
+        mine_negatives(x, y, 10.0, x_keys=torch.arange(n)[:, None], y_keys=torch.arange(m)[:, None], block=block,
+                       generator=None if generator is None else torch.Generator().manual_seed(generator))  # fmt: skip
+    with _Shapes() as rec_pairs:
+        obj.pairs(x[:m], y)  # the objective's call: n pairs, all within one local batch
+    for shapes in (rec.shapes, rec_pairs.shapes):
+        assert shapes, "nothing recorded"
+        big = {sh for sh in shapes if sum(dim > block for dim in sh) >= 2 or math.prod(sh) > 4 * block * block}
+        assert big <= {(n, d), (m, d)}, big  # beyond tiles, only the inputs' fp32 copies
+        assert (block, block) in shapes  # the tiles are there
+    assert max(math.prod(sh) for sh in rec.shapes) < n * m / 4
 
 
 def test_mining_rejects_bad_shapes():
