@@ -127,3 +127,24 @@ def test_coco_captions_of_unknown_image_ids_are_counted(tmp_path, caplog):
         ds = CocoCaptions([ann], [images])
     assert len(ds) == 4 and ds.skipped == 1
     assert "skipped 1 captions whose image_id is not in the file's 'images' list" in caplog.text
+
+
+def test_coco_bad_input(tmp_path, caplog):
+    """COCO's format: an empty annotation list is an error; an image whose file is missing is
+    skipped and counted; a malformed entry is an error naming it."""
+    ann, images, _ = write_coco(tmp_path, 4)
+    with open(ann) as f:
+        data = json.load(f)
+    empty = write_json(tmp_path / "empty", {**data, "annotations": []})
+    with pytest.raises(ValueError, match="no image with captions found"):
+        CocoCaptions([empty], [images], flag="--val-data")
+    os.remove(os.path.join(images, data["images"][1]["file_name"]))
+    with caplog.at_level(logging.WARNING, logger="mmfast.train"):
+        ds = CocoCaptions([ann], [images])
+    assert len(ds) == 3 and ds.skipped == 1 and "1 missing image files" in caplog.text
+    bad = write_json(tmp_path / "bad", {**data, "annotations": [*data["annotations"], {"caption": "no id"}]})
+    with pytest.raises(ValueError, match=r"--train-data .*annotations\[\d+\] must be an object with 'image_id'"):
+        CocoCaptions([bad], [images])
+    bad = write_json(tmp_path / "bad2", {**data, "images": [{"id": 1}]})
+    with pytest.raises(ValueError, match=r"images\[0\] must be an object with 'id' and 'file_name'"):
+        CocoCaptions([bad], [images])
