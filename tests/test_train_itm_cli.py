@@ -78,3 +78,13 @@ def test_itm_on_the_seed_json_format(tmp_path):
     assert summary["dataset_type"] == "auto"
     assert summary["val"]["n_images"] == 6 and summary["val"]["n_texts"] == 9  # two captions for even i
     assert summary["val"]["itm_pairs"]["positives"] == 9 and "itm_edit_acc" not in summary["val"]
+
+
+def test_curves_show_reranked_recall_and_itm_accuracy(tmp_path):
+    from mmfast.train.plotting import plot_curves
+
+    ev = {k: 0.5 for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "rerank_i2t_r1", "rerank_t2i_r1", "itm_acc")}
+    records = [{"step": s, "loss": 1.0 / s} for s in (1, 2)] + [{"step": s, "eval": ev} for s in (1, 2)]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    plot_curves(str(tmp_path / "log.jsonl"), str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 1000
