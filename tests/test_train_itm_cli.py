@@ -53,6 +53,18 @@ def test_itm_gradcache_steps_equal_the_plain_loop(tmp_path):
 
 
 def test_itm_resume_latest_continues_bit_identically(tmp_path):
+    # one thread: with two, under load, step 4 differs by ~1e-7 (seen with mmfast and with SDPA
+    # attention alike, before and after the fusion length trimming); not yet localised, see the
+    # issue-20 report. Bit-identity is claimed for a fixed reduction order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _resume(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resume(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--steps", "4", "--save-every", "2", "--keep-checkpoints", "0", "--val-samples", "0", "--no-plot"]
     run(a, *common)
