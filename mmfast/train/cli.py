@@ -25,6 +25,8 @@ printed and OUT/summary.json, OUT/log.jsonl, OUT/curves.png and a checkpoint are
 Many processes: torchrun --standalone --nproc_per_node 2 -m mmfast.train [...]
 (--batch-size is the global batch; DDP by default, --fsdp for FSDP2; gloo on CPU, NCCL on GPU).
 Evaluate a checkpoint: python -m mmfast.train eval --checkpoint OUT/checkpoints/step_00000150.pt
+Image-text matching (ALBEF's recipe): --objective itc+itm adds a fusion encoder trained on mined hard
+negatives; evaluation then adds ITM accuracy and retrieval re-ranked by ITM beside ITC's.
 """
 
 EPILOG = """\
@@ -36,6 +38,8 @@ data formats:
   coco        --train-data captions_train2017.json --coco-images DIR[,DIR] [--val-data
               captions_val2017.json] or a Karpathy split: --coco-karpathy dataset_coco.json
               (train = train + restval, held out = --coco-val-split)
+  pairs       --train-data train.json --image-dir images [--val-data val.json]: a JSON list of
+              {"image_id", "caption"} objects, image_id's image at IMAGE_DIR/<image_id>.jpg
   webdataset  --train-data 'shards/{000000..000099}.tar' --val-data 'val/{0..3}.tar'
               (samples with jpg/jpeg/png/webp and txt entries)
 unreadable samples (missing or corrupt image files) are skipped, replaced, counted in the log and in
@@ -82,6 +86,45 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_itm(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image-text matching (--objective itc+itm)")
+    g.add_argument(
+        "--objective",
+        choices=("itc", "itc+itm"),
+        default="itc",
+        help="itc: the contrastive loss alone; itc+itm: plus a fusion encoder (text self-attention + text->image "
+        "cross-attention) and a match/no-match head trained on hard negatives mined from the contrastive "
+        "similarities (ALBEF); evaluation adds ITM accuracy and ITM-re-ranked recall (default: %(default)s)",
+    )
+    g.add_argument("--fusion-layers", type=int, default=2, help="fusion encoder blocks (default: %(default)s)")
+    g.add_argument("--fusion-heads", type=int, default=4, help="fusion encoder attention heads (default: %(default)s)")
+    g.add_argument(
+        "--fusion-attn",
+        choices=("mmfast", "sdpa"),
+        default="mmfast",
+        help="the fusion encoder's attention: mmfast.nn.CrossAttention (fused kernels) or torch.nn.MultiheadAttention "
+        "(PyTorch SDPA); the same weights either way (default: %(default)s)",
+    )
+    g.add_argument("--itm-weight", type=float, default=1.0, help="loss = ITC + w * ITM (default: %(default)s)")
+    g.add_argument(
+        "--itm-chunk-size", type=int, default=512, help="pairs per fusion-encoder call (default: %(default)s)"
+    )
+    g.add_argument(
+        "--itm-negatives",
+        choices=("sample", "hardest"),
+        default="sample",
+        help="sample: drawn by contrastive similarity, as ALBEF; hardest: the most similar (default: %(default)s)",
+    )
+    g.add_argument(
+        "--itm-edit-fraction",
+        type=float,
+        default=0.5,
+        help="synthetic data: the share of images whose negative caption is their own with one attribute changed "
+        "(the others' is mined; 0: mined only) (default: %(default)s)",
+    )
+    g.add_argument("--rerank-k", type=int, default=16, help="ITC candidates re-ranked by ITM in evaluation")
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -102,7 +145,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_data(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     d = (lambda v: v) if defaults else (lambda v: None)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset-type", choices=("auto", "synthetic", "csv", "coco", "webdataset"), default=d("auto"))
+    g.add_argument(
+        "--dataset-type", choices=("auto", "synthetic", "csv", "coco", "pairs", "webdataset"), default=d("auto")
+    )
     g.add_argument("--train-data", default=d(None), help="CSV file, COCO captions JSON(s, comma-separated) or shards")
     g.add_argument("--val-data", default=d(None), help="held-out data in the same format")
     g.add_argument("--csv-img-key", default=d("filepath"), help="CSV column of image paths (default: filepath)")
@@ -110,6 +155,7 @@ def _add_data(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g.add_argument("--csv-separator", type=_separator, default=d("\t"), help="CSV field separator (default: tab)")
     g.add_argument("--data-root", default=d(None), help="folder relative CSV image paths start from")
     g.add_argument("--coco-images", default=d(None), help="COCO image folder(s), comma-separated")
+    g.add_argument("--image-dir", default=d(None), help="pairs: folder(s) of <image_id>.jpg, comma-separated")
     g.add_argument("--coco-karpathy", default=d(None), help="Karpathy split JSON (dataset_coco.json)")
     g.add_argument("--coco-val-split", choices=("val", "test"), default=d("val"))
     g.add_argument("--train-samples", type=int, default=d(0), help="synthetic: distinct training scenes (0: endless)")
@@ -140,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training(p)
     _add_model(p)
+    _add_itm(p)
     _add_data(p)
     _add_output(p)
     return p
@@ -155,12 +202,15 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write eval.json here (default: beside the checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None)
+    p.add_argument("--fusion-attn", choices=("mmfast", "sdpa"), default=None, help="the fusion encoder's attention")
+    p.add_argument("--rerank-k", type=int, default=None, help="ITC candidates re-ranked by ITM")
     _add_data(p, defaults=False)
     return p
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "chunk_size", "eval_chunk_size"):
+    for name in ("steps", "batch_size", "chunk_size", "eval_chunk_size", "fusion_layers", "fusion_heads",
+                 "itm_chunk_size", "rerank_k"):  # fmt: skip
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("warmup", "val_every", "save_every", "keep_checkpoints", "workers", "val_samples", "train_samples"):
@@ -190,9 +240,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         n = val["n_images"]
         rows.append(("held-out pairs", f"{val['n_pairs']} ({n} images; chance R@1 {100 / n:.2f}%)"))
         for k in (1, 5, 10):
-            rows.append(
-                (f"R@{k} image->text / text->image", f"{100 * val[f'i2t_r{k}']:.1f}% / {100 * val[f't2i_r{k}']:.1f}%")
-            )
+            value = f"{100 * val[f'i2t_r{k}']:.1f}% / {100 * val[f't2i_r{k}']:.1f}%"
+            if f"rerank_i2t_r{k}" in val:
+                again = f"{100 * val[f'rerank_i2t_r{k}']:.1f}% / {100 * val[f'rerank_t2i_r{k}']:.1f}%"
+                value = f"ITC {value}; re-ranked by ITM {again}"
+            rows.append((f"R@{k} image->text / text->image", value))
+    rows += _itm_rows(val)
     for name, z in (summary.get("zeroshot") or {}).items():
         rows.append((f"zero-shot {name}", f"{100 * z['acc']:.1f}% (chance {100 * z['chance']:.1f}%)"))
     if "peak_rss_mb" in summary:
@@ -205,6 +258,25 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _itm_rows(val: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The ITM figures of an evaluation (none without them)."""
+    rows: list[tuple[str, Any]] = []
+    if "itm_acc" in val:
+        rows.append(("re-ranked candidates", f"top {val['rerank_k']} by ITC"))
+        rows.append(
+            ("ITM accuracy (balanced)", f"{100 * val['itm_acc']:.1f}% (positives {100 * val['itm_acc_pos']:.1f}%, "
+             f"hard negatives {100 * val['itm_acc_neg']:.1f}%)")
+        )  # fmt: skip
+    if "itm_edit_acc" in val:
+        rows.append(
+            (
+                "true vs one-attribute edit",
+                f"ITM {100 * val['itm_edit_acc']:.1f}% / ITC {100 * val['itc_edit_acc']:.1f}%",
+            )
+        )
+    return rows
+
+
 def run_eval(argv: Sequence[str]) -> dict[str, Any]:
     """``python -m mmfast.train eval``: rebuild the checkpoint's model and evaluate it."""
     import torch  # noqa: PLC0415
@@ -213,6 +285,7 @@ def run_eval(argv: Sequence[str]) -> dict[str, Any]:
     from mmfast.train.data_setup import make_data  # noqa: PLC0415
     from mmfast.train.distributed import init_distributed  # noqa: PLC0415
     from mmfast.train.evaluate import evaluate  # noqa: PLC0415
+    from mmfast.train.itm_eval import evaluate_itm  # noqa: PLC0415
     from mmfast.train.models import model_from_spec  # noqa: PLC0415
     from mmfast.train.tokenizers import build_tokenizer  # noqa: PLC0415
     from mmfast.train.trainer import _autocast  # noqa: PLC0415
@@ -225,7 +298,7 @@ def run_eval(argv: Sequence[str]) -> dict[str, Any]:
             setattr(args, k, v)
     d = init_distributed(args.device)
     tokenizer = build_tokenizer(state["tokenizer_spec"])
-    model = model_from_spec(state["model_spec"], attn=args.attn)
+    model = model_from_spec(state["model_spec"], attn=args.attn, fusion_attn=getattr(args, "fusion_attn", "mmfast"))
     model.load_state_dict(state["model"])
     model.to(d.device).eval()
     if args.val_samples <= 0:
@@ -236,6 +309,14 @@ def run_eval(argv: Sequence[str]) -> dict[str, Any]:
             model.image_tower, model.text_tower, tokenizer, evalset, device=d.device, chunk=args.eval_chunk_size,
             zeroshot=args.zeroshot_images, autocast=_autocast(d.device, args.precision),
         )  # fmt: skip
+        if model.fusion is not None:
+            result.update(
+                evaluate_itm(
+                    model, tokenizer, evalset, device=d.device, chunk=args.eval_chunk_size,
+                    rerank_k=getattr(args, "rerank_k", 16), fusion_chunk=getattr(args, "itm_chunk_size", 512),
+                    autocast=_autocast(d.device, args.precision), seed=args.seed,
+                )
+            )  # fmt: skip
     zeroshot = result.pop("zeroshot", None)
     summary = {"checkpoint": opts.checkpoint, "step": state["step"], "val": result, "world_size": d.world_size}
     if zeroshot is not None:

@@ -1,11 +1,13 @@
 """From command-line arguments to a tokenizer, training batches and the held-out set.
 
 ``--dataset-type auto`` picks by ``--train-data``: none -> synthetic; *.csv / *.tsv -> csv;
-*.json -> coco; *.tar or a brace pattern -> webdataset.
+*.json -> pairs when its top level is a list (the seed's ``[{image_id, caption}]``), else coco;
+*.tar or a brace pattern -> webdataset.
 
 Held-out data: the synthetic "val" split; ``--val-data`` for the real formats; for COCO with
 ``--coco-karpathy``, its ``--coco-val-split``; without any of these, CSV and COCO hold out
-``--val-samples`` items of the training file (a seeded choice, excluded from training).
+``--val-samples`` items of the training file (a seeded choice, excluded from training); so do
+``pairs`` files without ``--val-data``.
 ``--val-samples 0`` turns evaluation off.
 """
 
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from mmfast.train import synthetic
+from mmfast.train.caption_pairs import CaptionPairs, is_pairs_file
 from mmfast.train.datasets import CocoCaptions, CsvDataset
 from mmfast.train.distributed import Dist
 from mmfast.train.evaluate import EvalSet
@@ -47,7 +50,8 @@ def dataset_type(args: Namespace) -> str:
     if data.endswith((".csv", ".tsv")):
         return "csv"
     if data.endswith(".json"):
-        return "coco"
+        first = data.split(",")[0]
+        return "pairs" if os.path.isfile(first) and is_pairs_file(first) else "coco"
     if data.endswith(".tar") or "{" in data or "::" in data:
         return "webdataset"
     raise ValueError(f"cannot tell the format of --train-data {data!r}; set --dataset-type csv|coco|webdataset")
@@ -100,10 +104,17 @@ def _coco(args: Namespace, path: str, flag: str, split: str) -> CocoCaptions:
     return CocoCaptions(path.split(","), dirs, karpathy=args.coco_karpathy, split=split, flag=flag)
 
 
+def _pairs(args: Namespace, path: str, flag: str) -> CaptionPairs:
+    return CaptionPairs(path, [p for p in (args.image_dir or "").split(",") if p], flag=flag)
+
+
 def _train_val_datasets(args: Namespace) -> tuple[Any, Any]:
     """(training data set, held-out data set or None) for the random-access formats."""
     kind = dataset_type(args)
-    if kind == "csv":
+    if kind == "pairs":
+        train = _pairs(args, args.train_data, "--train-data")
+        val = _pairs(args, args.val_data, "--val-data") if args.val_data else None
+    elif kind == "csv":
         train, val = _csv(args, args.train_data, "--train-data"), None
         if args.val_data:
             val = _csv(args, args.val_data, "--val-data")
@@ -115,7 +126,7 @@ def _train_val_datasets(args: Namespace) -> tuple[Any, Any]:
         elif args.coco_karpathy:
             val = _coco(args, args.train_data, "--train-data", args.coco_val_split)
     else:
-        raise ValueError(f"--dataset-type must be synthetic, csv, coco or webdataset, got {kind!r}")
+        raise ValueError(f"--dataset-type must be synthetic, csv, coco, pairs or webdataset, got {kind!r}")
     if val is None and args.val_samples > 0:
         train, val = _hold_out(train, args.val_samples, args.seed)
     return train, val

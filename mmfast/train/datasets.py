@@ -149,6 +149,11 @@ def _karpathy_split(path: str, split: str) -> tuple[set, set, dict[Any, str]]:
     return ids, names, subdirs
 
 
+def _check_coco_entry(entry: Any, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(entry, dict) or any(k not in entry for k in keys):
+        raise ValueError(f"{where} must be an object with {' and '.join(map(repr, keys))}, got {str(entry)[:100]}")
+
+
 class CocoCaptions(torch.utils.data.Dataset):
     """COCO captions: one item per image, with all of its captions.
 
@@ -185,12 +190,15 @@ class CocoCaptions(torch.utils.data.Dataset):
             data = _read_json(path, flag)
             if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
                 raise ValueError(f"{flag} {path!r} is not a COCO captions file (needs 'images' and 'annotations')")
-            for im in data["images"]:
+            for k, im in enumerate(data["images"]):
+                _check_coco_entry(im, ("id", "file_name"), f"{flag} {path!r} images[{k}]")
                 files[im["id"]] = im["file_name"]
-            for ann in data["annotations"]:
+            for k, ann in enumerate(data["annotations"]):
+                _check_coco_entry(ann, ("image_id", "caption"), f"{flag} {path!r} annotations[{k}]")
                 captions[ann["image_id"]].append(str(ann["caption"]).strip())
         self.paths, self.captions, self.image_ids = [], [], []
         no_caption = missing = 0
+        orphans = sum(len(caps) for image_id, caps in captions.items() if image_id not in files)
         for image_id, name in files.items():
             if keep_ids is not None and image_id not in keep_ids and name not in keep_names:
                 continue
@@ -207,9 +215,11 @@ class CocoCaptions(torch.utils.data.Dataset):
         where = f"{flag} {', '.join(annotations)}" + (f" (Karpathy split {split!r})" if karpathy else "")
         if no_caption or missing:
             log.warning(f"{where}: skipped {no_caption} images without captions and {missing} missing image files")
+        if orphans:
+            log.warning(f"{where}: skipped {orphans} captions whose image_id is not in the file's 'images' list")
         if not self.paths:
             raise ValueError(f"{where}: no image with captions found in --coco-images {list(image_dirs)}")
-        self.skipped = no_caption + missing
+        self.skipped = no_caption + missing + orphans
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -31,7 +31,16 @@ from torch import Tensor
 from mmfast.train import synthetic
 from mmfast.train.datasets import SampleError
 
-__all__ = ["EvalSet", "blocked_topk", "evaluate", "retrieval_recall", "zero_shot_texts"]
+__all__ = [
+    "EvalSet",
+    "Layout",
+    "blocked_topk",
+    "evaluate",
+    "gathered_layout",
+    "recall_from_rankings",
+    "retrieval_recall",
+    "zero_shot_texts",
+]
 
 log = logging.getLogger("mmfast.train")
 KS = (1, 5, 10)
@@ -71,8 +80,16 @@ def retrieval_recall(
         raise ValueError(f"text_to_image must have shape ({text_emb.shape[0]},), got {tuple(text_to_image.shape)}")
     kmax = max(ks)
     top_t = blocked_topk(image_emb, text_emb, kmax, block=block)  # (N, k) texts per image
-    hit_i2t = text_to_image[top_t] == torch.arange(image_emb.shape[0])[:, None]
     top_i = blocked_topk(text_emb, image_emb, kmax, block=block)  # (M, k) images per text
+    return recall_from_rankings(top_t, top_i, text_to_image, ks=ks)
+
+
+def recall_from_rankings(
+    top_t: Tensor, top_i: Tensor, text_to_image: Tensor, *, ks: Sequence[int] = KS
+) -> dict[str, float]:
+    """Recall@K both ways from rankings: top_t (N, >= max ks) texts per image, best first; top_i
+    (M, >= max ks) images per text; text_to_image (M,) each caption's image."""
+    hit_i2t = text_to_image[top_t] == torch.arange(top_t.shape[0])[:, None]
     hit_t2i = top_i == text_to_image[:, None]
     out = {}
     for k in ks:
@@ -140,6 +157,43 @@ class EvalSet:
         self.local = _Local(torch.stack(images), torch.tensor(valid), torch.tensor(ids), caps, attrs)
 
 
+@dataclass
+class Layout:
+    """Which rows of the all-gathered image / text outputs are held-out pairs, and who owns whom.
+
+    image_rows (N,): rows of the gathered image outputs of the valid items, in item-id order.
+    text_rows (M,): rows of the gathered text outputs of the captions of those items.
+    text_to_image (M,): position in ``image_rows`` of each kept caption's image.
+    """
+
+    image_rows: Tensor
+    text_rows: Tensor
+    text_to_image: Tensor
+
+
+def gathered_layout(evalset: EvalSet, owners: Tensor, n_text_pad: int) -> Layout:
+    """The ``Layout`` of outputs gathered over ranks (collective: every rank calls it).
+
+    Args:
+        owners: (m,) local row of each of this rank's m captions' image.
+        n_text_pad: the captions each rank embedded (m, padded to the maximum over ranks).
+    """
+    loc, world = evalset.local, evalset.world_size
+    valid_all, ids_all = _gather(loc.valid, world), _gather(loc.ids, world)
+    text_valid = torch.zeros(n_text_pad, dtype=torch.bool)
+    text_valid[: owners.numel()] = True
+    text_owner = torch.zeros(n_text_pad, dtype=torch.long)  # global row of each caption's image
+    text_owner[: owners.numel()] = owners + evalset.rank * loc.images.shape[0]
+    text_valid_all, owner_all = _gather(text_valid, world), _gather(text_owner, world)
+    # keep valid images (renumbered in id order) and the captions of valid images
+    order = torch.argsort(ids_all[valid_all])
+    keep_rows = torch.nonzero(valid_all).squeeze(1)[order]
+    new_pos = torch.full((valid_all.shape[0],), -1, dtype=torch.long)
+    new_pos[keep_rows] = torch.arange(keep_rows.numel())
+    text_keep = torch.nonzero(text_valid_all & (new_pos[owner_all] >= 0)).squeeze(1)
+    return Layout(keep_rows, text_keep, new_pos[owner_all[text_keep]])
+
+
 def _gather(t: Tensor, world_size: int) -> Tensor:
     """Concatenation over ranks of an equally shaped tensor (identity on one process)."""
     if world_size == 1:
@@ -198,22 +252,12 @@ def evaluate(
         owners = torch.tensor([i for i, caps in enumerate(loc.captions) for _ in caps], dtype=torch.long)
         n_text = _max_over_ranks(len(texts), world)
         txt = _embed_texts(text_fn, tokenizer, texts, n_text, chunk, device)
-    # global item position of each local row and of each caption's image, then gather everything
-    img_all, valid_all, ids_all = _gather(img, world), _gather(loc.valid, world), _gather(loc.ids, world)
-    text_valid = torch.zeros(n_text, dtype=torch.bool)
-    text_valid[: len(texts)] = True
-    text_owner = torch.zeros(n_text, dtype=torch.long)
-    text_owner[: len(texts)] = owners + evalset.rank * loc.images.shape[0]
-    txt_all, text_valid_all = _gather(txt, world), _gather(text_valid, world)
-    owner_all = _gather(text_owner, world)
-    # keep valid images (renumbered in id order) and the captions of valid images
-    order = torch.argsort(ids_all[valid_all])
-    keep_rows = torch.nonzero(valid_all).squeeze(1)[order]
-    new_pos = torch.full((img_all.shape[0],), -1, dtype=torch.long)
-    new_pos[keep_rows] = torch.arange(keep_rows.numel())
-    text_keep = text_valid_all & (new_pos[owner_all] >= 0)
-    out: dict[str, Any] = retrieval_recall(img_all[keep_rows], txt_all[text_keep], new_pos[owner_all[text_keep]])
-    out.update(n_pairs=int(text_keep.sum()), n_images=int(keep_rows.numel()), n_texts=int(text_keep.sum()))
+    lay = gathered_layout(evalset, owners, n_text)
+    out: dict[str, Any] = retrieval_recall(
+        _gather(img, world)[lay.image_rows], _gather(txt, world)[lay.text_rows], lay.text_to_image
+    )
+    n_texts = int(lay.text_rows.numel())
+    out.update(n_pairs=n_texts, n_images=int(lay.image_rows.numel()), n_texts=n_texts)
     out["skipped"] = int(_sum_over_ranks(torch.tensor([len(evalset.skipped)]), world))
     if zeroshot and all(a is not None for a, v in zip(loc.attrs, loc.valid) if v):
         out["zeroshot"] = _zero_shot(img, text_fn, tokenizer, evalset, device, chunk, autocast, zeroshot)

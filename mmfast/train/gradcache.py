@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GradCache", "split_inputs"]
+__all__ = ["GradCache", "call_model", "split_inputs"]
 
 Embedding = Tensor | tuple[Tensor, ...]
 
@@ -75,7 +75,8 @@ def split_inputs(inputs: Any, chunk_size: int) -> list[Any]:
     return [type(inputs)(v[a:b] if isinstance(v, Tensor) else v for v in inputs) for a, b in bounds]
 
 
-def _call(model: Callable[..., Any], chunk: Any) -> Any:
+def call_model(model: Callable[..., Any], chunk: Any) -> Any:
+    """``model(**chunk)`` for a Mapping, ``model(*chunk)`` for a list/tuple, else ``model(chunk)``."""
     if isinstance(chunk, Mapping):
         return model(**chunk)
     if isinstance(chunk, list | tuple):
@@ -184,7 +185,7 @@ class GradCache:
         with torch.no_grad():
             for i, chunk in enumerate(chunks):
                 states.record(i)
-                out = _as_tuple(_call(model, chunk), f"the {name} model")
+                out = _as_tuple(call_model(model, chunk), f"the {name} model")
                 rows = _batch_size(chunk, name)
                 self._check_chunk(out, first, rows, name, i)
                 if first is None:
@@ -230,7 +231,7 @@ class GradCache:
             rows = _batch_size(chunk, "inputs")
             sync = sync_last and i == len(chunks) - 1
             with _sync_context(model, sync), states.replay(i):
-                out = _as_tuple(_call(model, chunk), "the model")
+                out = _as_tuple(call_model(model, chunk), "the model")
                 pairs = [(o, g[start : start + rows]) for o, g in zip(out, grads) if g is not None and o.requires_grad]
                 if pairs:
                     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])

@@ -46,19 +46,27 @@ class ImageTower(nn.Module):
         super().__init__()
         self.backbone, self.kind = backbone, kind
         self.projection = projection if projection is not None else nn.Identity()
+        self.tokens_need_norm = kind == "hf" and getattr(backbone.config, "model_type", "") == "clip_vision_model"
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, pixels: Tensor) -> Tensor:
+    def forward(self, pixels: Tensor, return_tokens: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, D) embeddings; with ``return_tokens`` also the last layer's tokens (B, Lv, W), the
+        [CLS] token first, after the tower's final LayerNorm (what ITM's fusion encoder reads)."""
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must have shape (B, 3, H, W), got {tuple(pixels.shape)}")
         if pixels.dtype == torch.uint8:
             pixels = (pixels.float() / 255.0 - self.mean) / self.std
         if self.kind == "hf":
-            feats = self.backbone(pixel_values=pixels).pooler_output
-        else:
-            feats = self.backbone(pixels)
-        return F.normalize(self.projection(feats), dim=-1)
+            out = self.backbone(pixel_values=pixels)
+            emb = F.normalize(self.projection(out.pooler_output), dim=-1)
+            if not return_tokens:
+                return emb
+            tokens = out.last_hidden_state  # CLIP normalises only the pooled token; SigLIP all of them
+            return emb, self.backbone.post_layernorm(tokens) if self.tokens_need_norm else tokens
+        if return_tokens:
+            raise ValueError("image tokens (for --objective itc+itm) need a transformers model (tiny or hf:PATH)")
+        return F.normalize(self.projection(self.backbone(pixels)), dim=-1)
 
 
 class TextTower(nn.Module):
@@ -69,14 +77,24 @@ class TextTower(nn.Module):
         self.backbone, self.kind = backbone, kind
         self.projection = projection if projection is not None else nn.Identity()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, return_tokens: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """(B, D) embeddings; with ``return_tokens`` also the last hidden states (B, L, W) and the
+        padding (B, L) bool, True where ``attention_mask`` is 0 (what ITM's fusion encoder reads)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, L), got {tuple(input_ids.shape)}")
         if self.kind == "hf":
-            feats = self.backbone(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        else:  # open_clip's text towers find the end of text in the ids themselves
-            feats = self.backbone(input_ids)
-        return F.normalize(self.projection(feats), dim=-1)
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            emb = F.normalize(self.projection(out.pooler_output), dim=-1)
+            if not return_tokens:
+                return emb
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            return emb, out.last_hidden_state, mask == 0
+        if return_tokens:
+            raise ValueError("text tokens (for --objective itc+itm) need a transformers model (tiny or hf:PATH)")
+        # open_clip's text towers find the end of text in the ids themselves
+        return F.normalize(self.projection(self.backbone(input_ids)), dim=-1)
 
 
 class ClipModel(nn.Module):
@@ -106,6 +124,7 @@ class ClipModel(nn.Module):
         self.logit_scale, self.logit_bias = logit_scale, logit_bias
         self.spec, self.image_size = spec, int(image_size)
         self.text_vocab_size, self.eos_token_id = int(text_vocab_size), eos_token_id
+        self.fusion: nn.Module | None = None  # the ITM fusion encoder (add_fusion)
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """A clear error when a tokenizer's ids do not fit the text tower (a silent mismatch would
@@ -147,6 +166,23 @@ class ClipModel(nn.Module):
         with torch.no_grad():
             self.logit_scale.fill_(math.log(init_scale))
         self.spec["logit_bias"] = True
+
+    def add_fusion(self, *, layers: int = 2, heads: int = 4, mlp_ratio: int = 4, attn: str = "mmfast") -> None:
+        """Give the model an ITM fusion encoder (``fusion.FusionEncoder``) over its towers' token
+        widths, recorded in ``spec``; ``attn`` ("mmfast" | "sdpa") is a runtime choice, not recorded."""
+        from mmfast.train.fusion import FusionEncoder  # noqa: PLC0415
+
+        if self.image_tower.kind != "hf" or self.text_tower.kind != "hf":
+            raise ValueError("--objective itc+itm needs a transformers model (tiny or hf:PATH): the fusion encoder "
+                             "reads the towers' tokens")  # fmt: skip
+        text_dim = self.text_tower.backbone.config.hidden_size
+        image_dim = self.image_tower.backbone.config.hidden_size
+        self.fusion = FusionEncoder(text_dim, image_dim, layers=layers, heads=heads, mlp_ratio=mlp_ratio, attn=attn)
+        self.spec["fusion"] = dict(self.fusion.config)
+
+    def fusion_parameters(self) -> list[nn.Parameter]:
+        """The fusion encoder's parameters (none without one)."""
+        return [] if self.fusion is None else list(self.fusion.parameters())
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -339,8 +375,9 @@ def build_model(name: str, *, vocab_size: int, context_length: int, attn: str = 
     raise ValueError(f"--model must be 'tiny', 'hf:PATH' or 'open_clip:ARCH[:CHECKPOINT_FILE]', got {name!r}")
 
 
-def model_from_spec(spec: dict[str, Any], attn: str = "mmfast") -> ClipModel:
-    """The architecture a ``ClipModel.spec`` describes, randomly initialised (load a state dict next)."""
+def model_from_spec(spec: dict[str, Any], attn: str = "mmfast", fusion_attn: str = "mmfast") -> ClipModel:
+    """The architecture a ``ClipModel.spec`` describes, randomly initialised (load a state dict next);
+    ``fusion_attn``: the attention of its ITM fusion encoder, if it has one."""
     if spec.get("kind") == "hf":
         model = _hf_from_config(spec["model_type"], spec["config"], attn, tuple(spec["mean"]), tuple(spec["std"]))
     elif spec.get("kind") == "open_clip":
@@ -349,4 +386,6 @@ def model_from_spec(spec: dict[str, Any], attn: str = "mmfast") -> ClipModel:
         raise ValueError(f"unknown model spec kind {spec.get('kind')!r}")
     if spec.get("logit_bias"):
         model.add_logit_bias()
+    if spec.get("fusion"):
+        model.add_fusion(**spec["fusion"], attn=fusion_attn)
     return model

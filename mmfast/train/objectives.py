@@ -2,9 +2,10 @@
 
 An objective is built from the model (for its logit scale / bias) and the process layout, and is
 called as ``objective(image_embeddings, text_embeddings) -> scalar`` (the ``loss_fn`` of
-``GradCache``). ``begin_step(batch)`` runs before each step with the rank's ``Batch`` (its
+``GradCache``). ``begin_step(batch, step)`` runs before each step with the rank's ``Batch`` (its
 captions and per-sample attributes), for objectives that need more than the embeddings (hard
-negatives built from attributes). New objectives register in ``OBJECTIVES``.
+negatives built from attributes), and ``inputs(batch, device)`` gives what the towers are called on
+(``itm.py``'s objective asks them for tokens too). New objectives register in ``OBJECTIVES``.
 
 Across ranks, the loss is mmfast's ``ClipLoss`` / ``SigLipLoss`` with ``local_loss=True`` and a
 differentiable gather (or the ring, ``dist_impl="ring"``): each rank's loss covers its own rows
@@ -17,14 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from mmfast.nn import ClipLoss, SigLipLoss
 from mmfast.train.models import ClipModel
 
-__all__ = ["OBJECTIVES", "ContrastiveObjective", "build_objective"]
+__all__ = ["OBJECTIVES", "TRAINING_OBJECTIVES", "ContrastiveObjective", "build_objective"]
 
 DIST_IMPLS = ("gather", "ring")
+TRAINING_OBJECTIVES = ("itc", "itc+itm")
 
 
 def _dist_kwargs(dist_impl: str) -> dict[str, Any]:
@@ -56,8 +59,14 @@ class ContrastiveObjective:
         else:
             self.loss = SigLipLoss(rank=rank, world_size=world_size, **kw)
 
-    def begin_step(self, batch: Any) -> None:
+    def begin_step(self, batch: Any, step: int = 0) -> None:
         """Nothing to prepare: the contrastive loss needs only the embeddings."""
+
+    def inputs(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
+        """What the towers are called on this step: (images, texts) on ``device``."""
+        images = batch.images.to(device, non_blocking=True)
+        texts = {k: v.to(device, non_blocking=True) for k, v in batch.texts.items()}
+        return images, texts
 
     def __call__(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
         if self.kind == "clip":
@@ -71,8 +80,16 @@ OBJECTIVES: dict[str, Callable[..., ContrastiveObjective]] = {
 }
 
 
-def build_objective(name: str, model: ClipModel, **kw: Any) -> ContrastiveObjective:
-    """The objective ``--loss NAME`` names (see ``OBJECTIVES``)."""
+def build_objective(name: str, model: ClipModel, *, objective: str = "itc", itm: dict | None = None, **kw: Any) -> Any:
+    """The objective ``--loss NAME`` names (see ``OBJECTIVES``); with ``objective="itc+itm"`` wrapped
+    in ``itm.ItcItmObjective(contrastive, model, **itm)`` (the model needs its fusion encoder)."""
     if name not in OBJECTIVES:
         raise ValueError(f"--loss must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    return OBJECTIVES[name](model, **kw)
+    if objective not in TRAINING_OBJECTIVES:
+        raise ValueError(f"--objective must be one of {TRAINING_OBJECTIVES}, got {objective!r}")
+    contrastive = OBJECTIVES[name](model, **kw)
+    if objective == "itc":
+        return contrastive
+    from mmfast.train.itm import ItcItmObjective  # noqa: PLC0415
+
+    return ItcItmObjective(contrastive, model, **(itm or {}))

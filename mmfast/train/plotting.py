@@ -42,13 +42,17 @@ def plot_curves(log_path: str, png_path: str, title: str | None = None) -> None:
     evals = [e for e in evals if "i2t_r1" in e["eval"]]
     if evals:
         ex = [e["step"] for e in evals]
-        for key, style in (("i2t_r1", "o-"), ("t2i_r1", "s-"), ("i2t_r5", "o--"), ("t2i_r5", "s--")):
-            ax_rec.plot(ex, [100 * e["eval"][key] for e in evals], style, label=key.replace("_r", " R@"))
+        keys = [("i2t_r1", "o-"), ("t2i_r1", "s-"), ("i2t_r5", "o--"), ("t2i_r5", "s--")]
+        if all("rerank_i2t_r1" in e["eval"] for e in evals):  # --objective itc+itm
+            keys += [("rerank_i2t_r1", "^-"), ("rerank_t2i_r1", "v-"), ("itm_acc", "d:")]
+        for key, style in keys:
+            label = key.replace("_r", " R@").replace("rerank_", "re-ranked ").replace("itm_acc", "ITM accuracy")
+            ax_rec.plot(ex, [100 * e["eval"][key] for e in evals], style, label=label)
         n = evals[-1]["eval"].get("n_images", 0)
         if n:
             ax_rec.axhline(100 / n, color="grey", lw=0.8, ls=":", label=f"chance R@1 ({n} pairs)")
     ax_rec.set_xlabel("step")
-    ax_rec.set_ylabel("held-out recall (%)")
+    ax_rec.set_ylabel("held-out recall / accuracy (%)")
     ax_rec.grid(alpha=0.3)
     ax_rec.legend(fontsize=8)
     if title:

@@ -36,6 +36,7 @@ __all__ = [
     "SPLITS",
     "SyntheticScenes",
     "caption",
+    "edit_one_attribute",
     "render",
     "sample_attributes",
     "vocabulary",
@@ -113,6 +114,29 @@ def caption(attrs: Mapping[str, int | torch.Tensor]) -> str:
         raise ValueError("a scene needs at least one group (every q*_count is 0)")
     body = groups[0] if len(groups) == 1 else " , ".join(groups[:-1]) + " and " + groups[-1]
     return f"{body} on a {tuple(BACKGROUNDS)[int(attrs['bg'])]} background"
+
+
+def edit_one_attribute(attrs: Mapping[str, int], rng: np.random.Generator) -> tuple[dict[str, int], str]:
+    """A copy of a scene's attributes with exactly one attribute changed, and that attribute's name.
+
+    The attribute is drawn uniformly from ``ATTRIBUTES`` (the background, or the count, size, colour
+    or shape of one occupied quadrant drawn uniformly), its new value uniformly from the others.
+    Every attribute is named in the caption, so ``caption`` of the result differs from the scene's
+    own: a negative caption that only fusion of the two modalities can tell from the true one.
+    """
+    out = {k: int(v) for k, v in attrs.items()}
+    name = tuple(ATTRIBUTES)[int(rng.integers(len(ATTRIBUTES)))]
+    if name == "bg":
+        key, offset = "bg", 0
+    else:
+        occupied = [q for q in range(4) if out[f"q{q}_count"] > 0]
+        if not occupied:
+            raise ValueError("a scene needs at least one group (every q*_count is 0)")
+        key, offset = f"q{int(rng.choice(occupied))}_{name}", 1 if name == "count" else 0
+    n = len(ATTRIBUTES[name])
+    shift = int(rng.integers(1, n))  # 1 .. n-1: never the current value
+    out[key] = (out[key] - offset + shift) % n + offset
+    return out, name
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:

@@ -33,11 +33,12 @@ from mmfast.train.distributed import (
     wrap_towers,
 )
 from mmfast.train.evaluate import evaluate
-from mmfast.train.gradcache import GradCache
+from mmfast.train.gradcache import GradCache, call_model
+from mmfast.train.itm_eval import evaluate_itm
 from mmfast.train.models import ClipModel, build_model
 from mmfast.train.objectives import build_objective
 
-__all__ = ["peak_rss_mb", "train"]
+__all__ = ["itm_options", "peak_rss_mb", "train"]
 
 log = logging.getLogger("mmfast.train")
 
@@ -89,6 +90,19 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
     return total
 
 
+def itm_options(args: Namespace) -> dict[str, Any] | None:
+    """The ITM objective's options from ``--objective itc+itm`` and its flags (None for "itc")."""
+    if getattr(args, "objective", "itc") != "itc+itm":
+        return None
+    return {
+        "weight": args.itm_weight,
+        "chunk_size": args.itm_chunk_size,
+        "edit_fraction": args.itm_edit_fraction,
+        "negatives": args.itm_negatives,
+        "seed": args.seed,
+    }
+
+
 def _autocast(device: torch.device, precision: str) -> Any:
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -132,12 +146,19 @@ def _setup(args: Namespace, d: Dist) -> dict[str, Any]:
     model.check_tokenizer(tokenizer)
     if args.loss == "siglip":
         model.add_logit_bias()
+    itm = itm_options(args)
+    if itm is not None:
+        model.add_fusion(layers=args.fusion_layers, heads=args.fusion_heads, attn=args.fusion_attn)
+        itm["tokenizer"] = tokenizer
     model.to(d.device).train()  # from_pretrained returns a model in eval mode
     batches, evalset = make_data(args, model, tokenizer, d)
     image_fn, text_fn = wrap_towers(model.image_tower, model.text_tower, d, fsdp=args.fsdp)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args.warmup, args.steps)
-    objective = build_objective(args.loss, model, rank=d.rank, world_size=d.world_size, dist_impl=args.dist_impl)
+    objective = build_objective(
+        args.loss, model, rank=d.rank, world_size=d.world_size, dist_impl=args.dist_impl,
+        objective=getattr(args, "objective", "itc"), itm=itm if itm is None else {**itm, "rank": d.rank},
+    )  # fmt: skip
     return dict(
         tokenizer=tokenizer,
         model=model,
@@ -151,27 +172,28 @@ def _setup(args: Namespace, d: Dist) -> dict[str, Any]:
     )
 
 
-def _step(s: dict[str, Any], batch: Any, args: Namespace, d: Dist, autocast: Any) -> dict[str, float]:
+def _step(s: dict[str, Any], batch: Any, args: Namespace, d: Dist, autocast: Any, step: int = 0) -> dict[str, float]:
     """One optimizer step on the rank's batch; the logged figures."""
     model, optimizer, objective = s["model"], s["optimizer"], s["objective"]
-    images = batch.images.to(d.device, non_blocking=True)
-    texts = {k: v.to(d.device, non_blocking=True) for k, v in batch.texts.items()}
-    objective.begin_step(batch)
+    objective.begin_step(batch, step)
+    images, texts = objective.inputs(batch, d.device)
     with autocast():
         if args.no_gradcache:  # the plain loop, for comparisons
-            loss = objective(s["image_fn"](images), s["text_fn"](**texts))
+            loss = objective(call_model(s["image_fn"], images), call_model(s["text_fn"], texts))
             loss.backward()
             loss = loss.detach()
         else:
             loss = s["gradcache"].step(images, texts)
-    average_gradients(model.head_parameters(), d.world_size)
+    average_gradients(model.head_parameters() + model.fusion_parameters(), d.world_size)
     grad_norm = clip_gradients(list(model.parameters()), args.grad_clip_norm)
     optimizer.step()
     s["scheduler"].step()
     optimizer.zero_grad(set_to_none=True)
     model.clamp_logit_scale()
+    parts = getattr(objective, "last_parts", {})  # ITC and ITM separately
     return {
         "loss": float(mean_over_ranks(loss.float(), d.world_size)),
+        **{k: float(mean_over_ranks(torch.tensor(v), d.world_size)) for k, v in parts.items()},
         "grad_norm": grad_norm,
         "lr": optimizer.param_groups[0]["lr"],
         "logit_scale": float(model.scale().detach()),
@@ -194,6 +216,13 @@ def _evaluate(s: dict[str, Any], args: Namespace, d: Dist, autocast: Any, zerosh
             zeroshot=zeroshot,
             autocast=autocast,
         )
+        if model.fusion is not None:
+            out.update(
+                evaluate_itm(
+                    model, s["tokenizer"], s["evalset"], device=d.device, chunk=args.eval_chunk_size,
+                    rerank_k=args.rerank_k, fusion_chunk=args.itm_chunk_size, autocast=autocast, seed=args.seed,
+                )
+            )  # fmt: skip
     model.train()
     return out
 
@@ -250,7 +279,7 @@ def _train_loop(s, args: Namespace, d: Dist, autocast, logger: _Log, extra: dict
         batch = next(batches)
         skipped += _count_skipped(batch, d)
         t = time.perf_counter()
-        rec = _step(s, batch, args, d, autocast)
+        rec = _step(s, batch, args, d, autocast, step)
         rec.update(step=step + 1, seconds=time.perf_counter() - t, skipped=skipped)
         losses.append(rec["loss"])
         logger.write(rec)
@@ -298,6 +327,7 @@ def _summary(args: Namespace, d: Dist, val: dict[str, Any], loop: dict[str, Any]
         "train_seconds": loop["train_seconds"],
         "losses": loop["losses"],
         "loss": args.loss,
+        "objective": getattr(args, "objective", "itc"),
         "model": args.model,
         "dataset_type": args.dataset_type,
         "precision": args.precision,
