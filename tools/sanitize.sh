@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The sanitizer pass: build mmfast._C's CPU kernels with ASan + UBSan in a copy of the tree
+# (build/sanitize/tree, so the normal in-place build is untouched), then run pytest there with the
+# runtime preloaded. Any sanitizer report aborts the process, so it fails the test run.
+#   bash tools/sanitize.sh                       # build, then the default test selection below
+#   bash tools/sanitize.sh tests/test_foo.py -k bar   # build, then these pytest arguments
+# Environment: MMFAST_SANITIZE (default address,undefined), MAX_JOBS (default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TREE=build/sanitize/tree
+mkdir -p "$TREE"
+# Tracked and untracked-but-not-ignored files: the working tree as it is, without build outputs.
+python - "$TREE" <<'PY'
+import os, shutil, subprocess, sys
+files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], capture_output=True, check=True)
+for f in filter(None, files.stdout.decode().split("\0")):
+    dst = os.path.join(sys.argv[1], f)
+    if os.path.isfile(f) and not (os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(f)):
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        shutil.copy2(f, dst)
+PY
+export MMFAST_SANITIZE="${MMFAST_SANITIZE:-address,undefined}"
+echo "mmfast: sanitizer build ($MMFAST_SANITIZE, log: $TREE/build/sanitize.log) ..."
+mkdir -p "$TREE/build"
+start=$(date +%s)
+if ! (cd "$TREE" && MAX_JOBS="${MAX_JOBS:-2}" python setup.py build_ext --inplace > build/sanitize.log 2>&1); then
+  tail -n 60 "$TREE/build/sanitize.log"
+  exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s"
+
+# detect_leaks=0: CPython and torch keep allocations alive at exit by design.
+# halt_on_error / abort_on_error: the first report kills the process (pytest sees the crash).
+# libstdc++ too: python does not link it, and ASan must find __cxa_throw when it starts.
+LD_PRELOAD_LIBS="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libstdc++.so)"
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0:protect_shadow_gap=0:allocator_may_return_null=1}"
+export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}"
+if [ "$#" -eq 0 ]; then
+  # The CPU kernel tests and the property tests (ci profile); see .ci/run for the time budget.
+  set -- tests/test_cross_attention.py tests/test_cross_attention_cpu_paths.py tests/test_cross_attention_ops.py \
+    tests/test_contrastive.py tests/test_properties_cross_attention.py tests/test_properties_contrastive.py \
+    tests/test_numerics.py -k "not triton and not emulated" -p no:cacheprovider
+fi
+cd "$TREE"
+export LD_PRELOAD="$LD_PRELOAD_LIBS" MMFAST_SANITIZED=1
+python -c "import mmfast, json; print('sanitized build:', json.dumps(mmfast.build_info()))"
+python -m pytest -q "$@"
