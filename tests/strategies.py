@@ -21,11 +21,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 PROFILE = os.environ.get("MMFAST_HYPOTHESIS_PROFILE", "ci")
-_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=list(HealthCheck), database=None)
+# No "explain" phase: it reruns a failing example many times to list the lines it covers.
+_PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
+_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=list(HealthCheck), database=None, phases=_PHASES)
 settings.register_profile("ci", derandomize=True, **_COMMON)
 settings.register_profile("long", derandomize=False, **_COMMON)
 if PROFILE not in ("ci", "long"):
@@ -33,9 +35,14 @@ if PROFILE not in ("ci", "long"):
 settings.load_profile(PROFILE)
 
 
-def budget(ci: int, long: int) -> settings:
-    """Settings with this test's example count under the active profile."""
-    return settings(max_examples=long if PROFILE == "long" else ci)
+def budget(ci: int, long: int, slow: bool = False) -> settings:
+    """Settings with this test's example count under the active profile. ``slow`` (the Triton
+    interpreter, the CUDA emulation: ~1 s an example): no shrinking under ``ci``, so a failure
+    costs CI no more than its examples (the failing example is printed as found, and reproduces:
+    the ci profile is derandomized)."""
+    if PROFILE == "long":
+        return settings(max_examples=long)
+    return settings(max_examples=ci, phases=_PHASES[:-1] if slow else _PHASES)
 
 
 f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16

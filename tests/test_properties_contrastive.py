@@ -44,6 +44,7 @@ CPU_PATHS = {
 }
 # Examples per backend for test_loss (test_empty: half, at least 3): (ci, long). Per op, ci: 189,
 # long: 5,175.
+SLOW = ("triton", "emulated")
 BUDGET = {"cpu": (100, 2500), "reference": (10, 500), "triton": (10, 300), "emulated": (6, 150)}
 LOSS_CODE = {"info_nce": 0, "siglip": 1}
 DIRECTION_CODE = {"both": 0, "image": 1, "text": 2}
@@ -260,7 +261,7 @@ def test_loss(loss, backend, request):
     emu_fixture = _emu(backend, request)
     strategy = contrastive_cases(loss=loss, dtypes=DTYPES[backend], max_rows=MAX_ROWS[backend])
 
-    @budget(*BUDGET[backend])
+    @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
     def prop(data):
         _check_case(backend, data.draw(strategy, label="case"), data, emu_fixture)
@@ -276,7 +277,7 @@ def test_empty(loss, backend, request):
     emu_fixture = _emu(backend, request)
     strategy = contrastive_cases(loss=loss, dtypes=DTYPES[backend], empty=True, max_rows=17)
 
-    @budget(*[max(n // 2, 3) for n in BUDGET[backend]])
+    @budget(*[max(n // 2, 3) for n in BUDGET[backend]], slow=backend in SLOW)
     @given(data=st.data())
     def prop(data):
         _check_case(backend, data.draw(strategy, label="case"), data, emu_fixture)

@@ -28,6 +28,7 @@ from prop_checks import check_close, logit_error, max_err
 from strategies import AttnCase, attention_cases, attention_inputs, bf16, budget, f16, f32, f64
 
 import mmfast
+from mmfast.reference import attention_probs
 from mmfast.reference import cross_attention as ref_attention
 from mmfast.reference.dropout import draw_seed, keep_mask
 
@@ -49,6 +50,7 @@ CPU_PATHS = {
     "pass2": {"MMFAST_XATTN_CPU_PASS3": "0", "MMFAST_XATTN_CPU_DYNAMIC": "0", "MMFAST_CPU_HUGEPAGES": "0"},
 }
 # Examples per backend and category (5 categories): (ci, long). ci: 240 for the op, long: 5,250.
+SLOW = ("triton", "emulated")
 BUDGET = {
     "cpu": (25, 650),
     "reference": (10, 200),
@@ -236,8 +238,6 @@ def compare(backend: str, case: AttnCase, inp: dict, got: dict, emu_lse_grad_ok:
     )
     q, k = inp["query"].detach().double(), inp["key"].detach().double()
     lerr = logit_error(q.reshape(-1, case.D), k.reshape(-1, case.D), case.effective_scale, case.dtype, extra)
-    from mmfast.reference import attention_probs  # noqa: PLC0415
-
     p, _ = attention_probs(
         q, k, key_padding_mask=inp["key_padding_mask"], attn_mask=None if mask is None else (mask if mask.dtype == torch.bool else mask.double()),
         is_causal=case.causal, scale=case.scale,
@@ -297,7 +297,7 @@ def test_dense(backend, request):
     """No masks: shapes, dtypes, GQA, layouts, scales up to 1e3."""
     emu_fixture = _emu(backend, request)
 
-    @budget(*BUDGET[backend])
+    @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
     def prop(data):
         _run_and_compare(backend, data.draw(_dense(backend), label="case"), data, emu_fixture)
@@ -311,7 +311,7 @@ def test_masks(backend, request):
     fully masked rows and batch items."""
     emu_fixture = _emu(backend, request)
 
-    @budget(*BUDGET[backend])
+    @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
     def prop(data):
         _run_and_compare(backend, data.draw(_masked(backend), label="case"), data, emu_fixture)
@@ -325,7 +325,7 @@ def test_dropout(backend, request):
     it draws from torch's generator, in the forward and in the backward."""
     emu_fixture = _emu(backend, request)
 
-    @budget(*BUDGET[backend])
+    @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
     def prop(data):
         _run_and_compare(backend, data.draw(_masked(backend, dropout=True), label="case"), data, emu_fixture)
@@ -450,7 +450,7 @@ def test_empty_dims(backend, request):
     emu_fixture = _emu(backend, request)
     strategy = attention_cases(dtypes=DTYPES[backend], empty=True, max_head_dim=MAX_HEAD_DIM[backend], max_len=17)
 
-    @budget(*BUDGET[backend])
+    @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(case=strategy)
     def prop(case):
         inp = attention_inputs(case)
@@ -502,7 +502,7 @@ def test_out(backend, request):
     float mask); a buffer with autograd history gets a zero gradient for its overwritten part."""
     emu_fixture = _emu(backend, request)
 
-    @budget(*BUDGET[backend])
+    @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
     def prop(data):
         case = data.draw(_masked(backend), label="case")
