@@ -16,6 +16,9 @@ prints as a readable case and shrinks towards small shapes and seed 0.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
+from hypothesis.errors import StopTest, UnsatisfiedAssumption
 
 PROFILE = os.environ.get("MMFAST_HYPOTHESIS_PROFILE", "ci")
 # No "explain" phase: it reruns a failing example many times to list the lines it covers.
@@ -43,6 +47,40 @@ def budget(ci: int, long: int, slow: bool = False) -> settings:
     if PROFILE == "long":
         return settings(max_examples=long)
     return settings(max_examples=ci, phases=_PHASES[:-1] if slow else _PHASES)
+
+
+# Examples tried / passed per test, written as JSON into the folder MMFAST_HYPOTHESIS_TALLY (one
+# file per process) at exit, for the long run's report (tools/hypothesis_tally.py sums them).
+_TALLY: dict[str, list[int]] = {}
+
+
+def tallied(key: str):
+    """Count the examples a property runs and passes under ``key`` (shrinking runs included)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            counts = _TALLY.setdefault(key, [0, 0])
+            counts[0] += 1
+            try:
+                fn(*args, **kwargs)
+            except (UnsatisfiedAssumption, StopTest):  # invalid (a draw rejected or out of data): not tried
+                counts[0] -= 1
+                raise
+            counts[1] += 1
+
+        return wrapper
+
+    return deco
+
+
+@atexit.register
+def _dump_tally() -> None:
+    folder = os.environ.get("MMFAST_HYPOTHESIS_TALLY")
+    if folder and _TALLY:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"tally-{os.getpid()}.json"), "w") as f:
+            json.dump(_TALLY, f)
 
 
 f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from prop_checks import check_close, logit_error, max_err
-from strategies import ContrastiveCase, bf16, budget, contrastive_cases, contrastive_inputs, f16, f32, f64
+from strategies import ContrastiveCase, bf16, budget, contrastive_cases, contrastive_inputs, f16, f32, f64, tallied
 
 import mmfast
 from mmfast import reference as ref
@@ -263,6 +263,7 @@ def test_loss(loss, backend, request):
 
     @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
+    @tallied(f"test_loss[{loss}-{backend}]")
     def prop(data):
         _check_case(backend, data.draw(strategy, label="case"), data, emu_fixture)
 
@@ -279,6 +280,7 @@ def test_empty(loss, backend, request):
 
     @budget(*[max(n // 2, 3) for n in BUDGET[backend]], slow=backend in SLOW)
     @given(data=st.data())
+    @tallied(f"test_empty[{loss}-{backend}]")
     def prop(data):
         _check_case(backend, data.draw(strategy, label="case"), data, emu_fixture)
 

@@ -25,7 +25,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from prop_checks import check_close, logit_error, max_err
-from strategies import AttnCase, attention_cases, attention_inputs, bf16, budget, f16, f32, f64
+from strategies import AttnCase, attention_cases, attention_inputs, bf16, budget, f16, f32, f64, tallied
 
 import mmfast
 from mmfast.reference import attention_probs
@@ -299,6 +299,7 @@ def test_dense(backend, request):
 
     @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
+    @tallied(f"test_dense[{backend}]")
     def prop(data):
         _run_and_compare(backend, data.draw(_dense(backend), label="case"), data, emu_fixture)
 
@@ -313,6 +314,7 @@ def test_masks(backend, request):
 
     @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
+    @tallied(f"test_masks[{backend}]")
     def prop(data):
         _run_and_compare(backend, data.draw(_masked(backend), label="case"), data, emu_fixture)
 
@@ -327,6 +329,7 @@ def test_dropout(backend, request):
 
     @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
+    @tallied(f"test_dropout[{backend}]")
     def prop(data):
         _run_and_compare(backend, data.draw(_masked(backend, dropout=True), label="case"), data, emu_fixture)
 
@@ -452,6 +455,7 @@ def test_empty_dims(backend, request):
 
     @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(case=strategy)
+    @tallied(f"test_empty_dims[{backend}]")
     def prop(case):
         inp = attention_inputs(case)
         go, gl = _upstream(case)
@@ -504,6 +508,7 @@ def test_out(backend, request):
 
     @budget(*BUDGET[backend], slow=backend in SLOW)
     @given(data=st.data())
+    @tallied(f"test_out[{backend}]")
     def prop(data):
         case = data.draw(_masked(backend), label="case")
         layout = data.draw(st.sampled_from(OUT_LAYOUTS), label="out_layout")
