@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from strategies import ContrastiveCase, bf16, f16, f32, f64
-from test_properties_contrastive import CPU_PATHS, cpu_setting, run_op, run_reference
+from test_properties_contrastive import cpu_setting, run_op, run_reference
 from utils import BWD_TOL, FWD_TOL
 
 BACKENDS = ["cpu", "cpu-mkl", "reference", "triton", "emulated"]
@@ -36,8 +36,7 @@ def emu():
 
 
 def _run(backend: str, case: ContrastiveCase, inp: dict, w: torch.Tensor, emu) -> dict:
-    path = CPU_PATHS["mkl" if backend == "cpu-mkl" else "default"]
-    with cpu_setting(path, torch.get_num_threads()):
+    with cpu_setting("mkl" if backend == "cpu-mkl" else "default", torch.get_num_threads()):
         return run_op("cpu" if backend.startswith("cpu") else backend, case, inp, w, emu=emu)
 
 

@@ -42,12 +42,15 @@ DTYPES = {
 MAX_HEAD_DIM = {"cpu": 128, "reference": 128, "triton": 128, "emulated": 128}
 # The emulation runs a thread per CUDA thread: keep its cases small.
 MAX_LEN = {"cpu": 97, "reference": 97, "triton": 33, "emulated": 33}
-# cpu code paths (the kernel reads these on every call); "default" is what auto picks.
+# cpu code paths, forced through mmfast.cpu_options (those this CPU has): the tile-product path of
+# each dtype ("auto" is what the backend picks), and the output allocator without huge pages.
 CPU_PATHS = {
-    "default": {},
-    "generic": {"MMFAST_XATTN_CPU_FAST": "0"},
-    "avx2": {"MMFAST_XATTN_CPU_AVX512": "0"},
-    "pass2": {"MMFAST_XATTN_CPU_PASS3": "0", "MMFAST_XATTN_CPU_DYNAMIC": "0", "MMFAST_CPU_HUGEPAGES": "0"},
+    "auto": dict(gemm="auto"),
+    "avx512": dict(gemm="avx512"),
+    "avx2": dict(gemm="avx2"),
+    "blas": dict(gemm="blas"),
+    "avx512_bf16": dict(gemm="avx512_bf16"),
+    "no_hugepages": dict(gemm="auto", hugepages=False),
 }
 # Examples per backend and category (5 categories): (ci, long). ci: 240 for the op, long: 5,250.
 SLOW = ("triton", "emulated")
@@ -66,18 +69,11 @@ def emu():
     return emu_build.load_module("xattn_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20"))
 
 
-@contextlib.contextmanager
-def env(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def cpu_paths() -> list[str]:
+    """The CPU_PATHS this CPU can run."""
+    isa = mmfast.cpu.cpu_isa()
+    need = {"avx512": "avx512", "avx2": "avx2", "avx512_bf16": "avx512_bf16"}
+    return [name for name, opts in CPU_PATHS.items() if opts["gemm"] not in need or isa[need[opts["gemm"]]]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,17 +248,18 @@ def compare(backend: str, case: AttnCase, inp: dict, got: dict, emu_lse_grad_ok:
         assert with_lse, f"{backend}: the LSE returned with return_lse=True does not carry a gradient"
 
 
-def _cpu_path(backend: str, data) -> dict:
+def _cpu_path(backend: str, data):
+    """A ``with`` block running the drawn cpu path (nothing for other backends)."""
     if backend != "cpu":
-        return {}
-    return CPU_PATHS[data.draw(st.sampled_from(sorted(CPU_PATHS)), label="cpu_path")]
+        return contextlib.nullcontext()
+    return mmfast.cpu_options(**CPU_PATHS[data.draw(st.sampled_from(cpu_paths()), label="cpu_path")])
 
 
 def _run_and_compare(backend: str, case: AttnCase, data, emu_fixture) -> None:
     inp = attention_inputs(case)
     go, gl = _upstream(case)
     splits = data.draw(st.sampled_from([0, 1, 2, 3]), label="splits") if backend == "emulated" else 0
-    with env(_cpu_path(backend, data)):
+    with _cpu_path(backend, data):
         got = run_op(backend, case, inp, go, gl, emu=emu_fixture, splits=splits)
     compare(backend, case, inp, got)
 
