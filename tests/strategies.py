@@ -87,7 +87,9 @@ f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float1
 
 # Lengths and head dims: 1, tiny, odd, around the kernels' tile edges (16, 32, 64), and a few larger.
 LENGTHS = st.one_of(st.integers(1, 9), st.sampled_from([15, 16, 17, 31, 32, 33, 63, 64, 65, 70, 97]))
-HEAD_DIMS = st.one_of(st.integers(1, 9), st.sampled_from([16, 31, 32, 33, 63, 64, 65, 80, 96, 100, 128]))
+HEAD_DIMS = st.one_of(
+    st.integers(1, 9), st.sampled_from([16, 31, 32, 33, 63, 64, 65, 80, 96, 100, 128, 129, 160, 200, 256])
+)
 # Softmax / logit scales from tiny to 1e3 (None: the op's default 1/sqrt(D)), both signs.
 SCALES = st.one_of(
     st.none(),
@@ -286,7 +288,7 @@ def contrastive_cases(
     dtypes: tuple[torch.dtype, ...],
     empty: bool = False,
     max_rows: int = 97,
-    max_dim: int = 128,
+    max_dim: int = 513,
 ) -> ContrastiveCase:
     """Random InfoNCE / SigLIP inputs. ``empty``: N, M or D is 0."""
     N = draw(LENGTHS.filter(lambda n: n <= max_rows))
@@ -294,7 +296,7 @@ def contrastive_cases(
     M = N
     if direction != "both":
         M = draw(LENGTHS.filter(lambda n: n <= max_rows))
-    D = draw(HEAD_DIMS.filter(lambda n: n <= max_dim))
+    D = draw(st.one_of(HEAD_DIMS, st.sampled_from([300, 513])).filter(lambda n: n <= max_dim))
     labels = "default"
     if loss == "info_nce":
         labels = draw(st.sampled_from(LABELS))
