@@ -58,7 +58,6 @@ def check_close(
     got: Tensor | None,
     ref: Tensor | None,
     dtype: torch.dtype,
-    *,
     forward: bool,
     natural: float = 1.0,
     logit_err: float = 0.0,

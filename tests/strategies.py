@@ -28,6 +28,8 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.errors import StopTest, UnsatisfiedAssumption
 
+import mmfast
+
 PROFILE = os.environ.get("MMFAST_HYPOTHESIS_PROFILE", "ci")
 # No "explain" phase: it reruns a failing example many times to list the lines it covers.
 _PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
@@ -84,6 +86,25 @@ def _dump_tally() -> None:
 
 
 f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+
+# cpu code paths, forced through mmfast.cpu_options (those this CPU has): the tile-product path of
+# each dtype ("auto" is what the backend picks), and the output allocator without huge pages.
+CPU_PATHS = {
+    "auto": dict(gemm="auto"),
+    "avx512": dict(gemm="avx512"),
+    "avx2": dict(gemm="avx2"),
+    "blas": dict(gemm="blas"),
+    "avx512_bf16": dict(gemm="avx512_bf16"),
+    "no_hugepages": dict(gemm="auto", hugepages=False),
+}
+
+
+def cpu_paths() -> list[str]:
+    """The CPU_PATHS this CPU can run."""
+    isa = mmfast.cpu.cpu_isa()
+    need = {"avx512": "avx512", "avx2": "avx2", "avx512_bf16": "avx512_bf16"}
+    return [name for name, opts in CPU_PATHS.items() if opts["gemm"] not in need or isa[need[opts["gemm"]]]]
+
 
 # Lengths and head dims: 1, tiny, odd, around the kernels' tile edges (16, 32, 64), and a few larger.
 LENGTHS = st.one_of(st.integers(1, 9), st.sampled_from([15, 16, 17, 31, 32, 33, 63, 64, 65, 70, 97]))

@@ -36,7 +36,7 @@ def emu():
 
 
 def _run(backend: str, case: ContrastiveCase, inp: dict, w: torch.Tensor, emu) -> dict:
-    with cpu_setting("mkl" if backend == "cpu-mkl" else "default", torch.get_num_threads()):
+    with cpu_setting("blas" if backend == "cpu-mkl" else "auto", torch.get_num_threads()):
         return run_op("cpu" if backend.startswith("cpu") else backend, case, inp, w, emu=emu)
 
 

@@ -9,15 +9,14 @@ logit_bias) within the bounds of tests/prop_checks.py, with the reference's NaN 
 Where the exact gradient is 0 (in float64: one candidate per row, scale 0), the kernel's must be
 exactly 0 (docs/numerics.md).
 
-Backends: cpu (its fp32 AVX-512 / MKL and bf16 vdpbf16ps / MKL paths and 1-3 threads, drawn per
-example), reference, triton (interpreter), and the CUDA kernels under the SIMT emulation
+Backends: cpu (its tile-product paths, forced through mmfast.cpu_options, and 1-3 threads, drawn
+per example), reference, triton (interpreter), and the CUDA kernels under the SIMT emulation
 ("emulated", as the cuda backend calls them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -25,7 +24,19 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from prop_checks import check_close, logit_error, max_err
-from strategies import ContrastiveCase, bf16, budget, contrastive_cases, contrastive_inputs, f16, f32, f64, tallied
+from strategies import (
+    CPU_PATHS,
+    ContrastiveCase,
+    bf16,
+    budget,
+    contrastive_cases,
+    contrastive_inputs,
+    cpu_paths,
+    f16,
+    f32,
+    f64,
+    tallied,
+)
 
 import mmfast
 from mmfast import reference as ref
@@ -38,14 +49,6 @@ DTYPES = {
     "emulated": (f32, bf16, f16),
 }
 MAX_ROWS = {"cpu": 97, "reference": 97, "triton": 70, "emulated": 70}
-# cpu paths: "default" (the AVX-512 / vdpbf16ps kernels where the CPU has them) and "mkl" (MKL's
-# GEMMs), forced by the kernel's environment switches and mmfast.cpu_options (whichever it reads).
-CPU_PATHS = {
-    "default": ({}, dict(gemm="auto")),
-    "mkl": ({"MMFAST_CONTRASTIVE_AVX512": "0", "MMFAST_CONTRASTIVE_VNNI": "0"}, dict(gemm="blas")),
-}
-# Examples per backend for test_loss (test_empty: half, at least 3): (ci, long). Per op, ci: 186,
-# long: 5,100.
 SLOW = ("triton", "emulated")
 BUDGET = {"cpu": (100, 2500), "reference": (10, 500), "triton": (10, 300), "emulated": (6, 150)}
 LOSS_CODE = {"info_nce": 0, "siglip": 1}
@@ -63,21 +66,13 @@ def emu():
 @contextlib.contextmanager
 def cpu_setting(path: str, threads: int):
     """Run the block on cpu path ``path`` (a CPU_PATHS key) with ``threads`` threads."""
-    values, options = CPU_PATHS[path]
-    saved = {k: os.environ.get(k) for k in values}
     saved_threads = torch.get_num_threads()
-    os.environ.update(values)
     torch.set_num_threads(threads)
     try:
-        with mmfast.cpu_options(**options):
+        with mmfast.cpu_options(**CPU_PATHS[path]):
             yield
     finally:
         torch.set_num_threads(saved_threads)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _rows(case: ContrastiveCase) -> int:
@@ -240,8 +235,8 @@ def compare(backend: str, case: ContrastiveCase, inp: dict, got: dict, w: torch.
 
 def _settings(backend: str, data) -> tuple[str, int]:
     if backend != "cpu":
-        return "default", torch.get_num_threads()
-    path = data.draw(st.sampled_from(sorted(CPU_PATHS)), label="cpu_path")
+        return "auto", torch.get_num_threads()
+    path = data.draw(st.sampled_from(cpu_paths()), label="cpu_path")
     return path, data.draw(st.sampled_from([1, 2, 3]), label="threads")
 
 

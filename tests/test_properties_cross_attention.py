@@ -25,7 +25,19 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from prop_checks import check_close, logit_error, max_err
-from strategies import AttnCase, attention_cases, attention_inputs, bf16, budget, f16, f32, f64, tallied
+from strategies import (
+    CPU_PATHS,
+    AttnCase,
+    attention_cases,
+    attention_inputs,
+    bf16,
+    budget,
+    cpu_paths,
+    f16,
+    f32,
+    f64,
+    tallied,
+)
 
 import mmfast
 from mmfast.reference import attention_probs
@@ -42,16 +54,6 @@ DTYPES = {
 MAX_HEAD_DIM = {"cpu": 256, "reference": 256, "triton": 256, "emulated": 128}  # the kernels' limits
 # The emulation runs a thread per CUDA thread: keep its cases small.
 MAX_LEN = {"cpu": 97, "reference": 97, "triton": 33, "emulated": 33}
-# cpu code paths, forced through mmfast.cpu_options (those this CPU has): the tile-product path of
-# each dtype ("auto" is what the backend picks), and the output allocator without huge pages.
-CPU_PATHS = {
-    "auto": dict(gemm="auto"),
-    "avx512": dict(gemm="avx512"),
-    "avx2": dict(gemm="avx2"),
-    "blas": dict(gemm="blas"),
-    "avx512_bf16": dict(gemm="avx512_bf16"),
-    "no_hugepages": dict(gemm="auto", hugepages=False),
-}
 # Examples per backend and category (5 categories): (ci, long). ci: 240 for the op, long: 5,250.
 SLOW = ("triton", "emulated")
 BUDGET = {
@@ -67,13 +69,6 @@ def emu():
     from tests import emu_build  # noqa: PLC0415 - builds a torch extension (cached under build/emu)
 
     return emu_build.load_module("xattn_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20"))
-
-
-def cpu_paths() -> list[str]:
-    """The CPU_PATHS this CPU can run."""
-    isa = mmfast.cpu.cpu_isa()
-    need = {"avx512": "avx512", "avx2": "avx2", "avx512_bf16": "avx512_bf16"}
-    return [name for name, opts in CPU_PATHS.items() if opts["gemm"] not in need or isa[need[opts["gemm"]]]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +210,11 @@ def naturals(case: AttnCase, inp: dict, go, gl, ref_probs: torch.Tensor) -> dict
     )  # fmt: skip
 
 
-def compare(backend: str, case: AttnCase, inp: dict, got: dict) -> None:
-    """Assert a backend's results match the float64 reference within the derived bounds."""
+def expected(case: AttnCase, inp: dict, with_lse: bool) -> tuple[dict, dict]:
+    """The float64 reference's results, and per result the keyword arguments of check_close
+    (its bound: the dtype's table, the conditioning of these logits, PyTorch's own error)."""
     go, gl = _upstream(case)
-    with_lse = got["lse_grad"]
     want = run_reference(case, inp, go, gl, with_lse)
-    assert got["out"].dtype == case.dtype, f"out dtype {got['out'].dtype}, expected {case.dtype}"
-    assert got["lse"].dtype == (f64 if case.dtype == f64 else f32), f"lse dtype {got['lse'].dtype}"
     low = case.dtype != f64
     torch_err = {}
     if low:
@@ -240,12 +233,27 @@ def compare(backend: str, case: AttnCase, inp: dict, got: dict) -> None:
         is_causal=case.causal, scale=case.scale,
     )  # fmt: skip
     nat = naturals(case, inp, go, gl, p)
-    for name in ("out", "lse", "dq", "dk", "dv", "dmask"):
-        check_close(
-            f"{backend} {name}", got[name], want[name], case.dtype if name != "lse" else f32 if low else f64,
-            forward=name in ("out", "lse"), natural=nat[name], logit_err=lerr, err_torch=torch_err.get(name, 0.0),
+    bounds = {
+        name: dict(
+            dtype=case.dtype if name != "lse" else f32 if low else f64,
+            forward=name in ("out", "lse"),
+            natural=nat[name],
+            logit_err=lerr,
+            err_torch=torch_err.get(name, 0.0),
         )  # fmt: skip
-    assert with_lse, f"{backend}: the LSE returned with return_lse=True does not carry a gradient"
+        for name in ("out", "lse", "dq", "dk", "dv", "dmask")
+    }
+    return want, bounds
+
+
+def compare(backend: str, case: AttnCase, inp: dict, got: dict) -> None:
+    """Assert a backend's results match the float64 reference within the derived bounds."""
+    want, bounds = expected(case, inp, got["lse_grad"])
+    assert got["out"].dtype == case.dtype, f"out dtype {got['out'].dtype}, expected {case.dtype}"
+    assert got["lse"].dtype == (f64 if case.dtype == f64 else f32), f"lse dtype {got['lse'].dtype}"
+    for name, kw in bounds.items():
+        check_close(f"{backend} {name}", got[name], want[name], **kw)
+    assert got["lse_grad"], f"{backend}: the LSE returned with return_lse=True does not carry a gradient"
 
 
 def _cpu_path(backend: str, data):
@@ -409,7 +417,7 @@ def _embedded(case: AttnCase, inp: dict) -> tuple[AttnCase, dict]:
         if mask is not None and mask.shape[-1] == 0:
             mask = mask.new_zeros(*mask.shape[:-1], 1)  # bool False / float 0: masked by kpm anyway
         Lk = 1
-    case2 = AttnCase(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=f64, kpm="x", mask=case.mask,
+    case2 = AttnCase(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=case.dtype, kpm="x", mask=case.mask,
                      mask_grad=case.mask_grad, causal=case.causal, scale=scale, seed=case.seed)  # fmt: skip
     return case2, dict(query=q, key=k, value=v, key_padding_mask=kpm, attn_mask=mask)
 
@@ -419,25 +427,18 @@ def _cut(t: torch.Tensor | None, shape: tuple) -> torch.Tensor | None:
 
 
 def compare_empty(backend: str, case: AttnCase, inp: dict, got: dict) -> None:
-    go, gl = _upstream(case)
+    """Every result against the embedded problem's, cut back to the case's shapes."""
     case2, inp2 = _embedded(case, inp)
-    want = run_reference(case2, inp2, go, gl, got["lse_grad"])
+    want, bounds = expected(case2, inp2, got["lse_grad"])
     shapes = dict(
         out=(case.B, case.Hq, case.Lq, case.Dv), lse=(case.B, case.Hq, case.Lq), dq=inp["query"].shape,
         dk=inp["key"].shape, dv=inp["value"].shape, dmask=None if inp["attn_mask"] is None else inp["attn_mask"].shape,
     )  # fmt: skip
     for name, shape in shapes.items():
         g, w = got[name], _cut(want[name], shape) if shape is not None else None
-        if (
-            name in ("dq", "dk", "dv", "dmask")
-            and g is None
-            and w is not None
-            and w.numel() == 0
-            or (g is None and w is not None and not w.any())
-        ):
+        if g is None and w is not None and not w.any():
             g = torch.zeros(shape, dtype=case.dtype)  # autograd's None: a zero gradient
-        dtype = (f64 if case.dtype == f64 else f32) if name == "lse" else case.dtype
-        check_close(f"{backend} {name}", g, w, dtype, forward=name in ("out", "lse"))
+        check_close(f"{backend} {name}", g, w, **bounds[name])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -528,8 +529,8 @@ def test_out(backend, request):
         assert out.data_ptr() == target.data_ptr() and out.shape == target.shape, f"{backend}: out is not the target"
         outside = _outside(buf.detach(), layout, case.Dv)
         assert outside.isnan().all(), f"{backend}: wrote outside the out= target"
-        want = run_reference(case, inp, go, gl, False)
-        check_close(f"{backend} out", target.detach(), want["out"], case.dtype, forward=True)
+        want, bounds = expected(case, inp, False)
+        check_close(f"{backend} out", target.detach(), want["out"], **bounds["out"])
         if backend == "emulated" or not (grad or history):
             return
         wrt = [q, k, v, m, w] if grad else [w]
@@ -539,6 +540,6 @@ def test_out(backend, request):
             assert dw is None or (dw == 0).all(), f"{backend}: the overwritten buffer got gradient {dw.abs().max()}"
         if grad:
             for name, g in zip(("dq", "dk", "dv", "dmask"), grads):
-                check_close(f"{backend} {name}", g, want[name], case.dtype, forward=False)
+                check_close(f"{backend} {name}", g, want[name], **bounds[name])
 
     prop()
