@@ -83,10 +83,25 @@ EMPTY_SHAPES = {  # B, Hq, Hkv, Lq, Lk, D, Dv
     "D=0": (1, 2, 1, 3, 5, 0, 8),
     "Dv=0": (1, 2, 1, 3, 5, 8, 0),
 }
+
+
+def _declines(backend: str, shape) -> bool:
+    """Whether ``backend`` declares it does not take this shape (then an error naming the head dim
+    is the right answer: the dispatcher's contract for an explicit backend)."""
+    from mmfast import _dispatch  # noqa: PLC0415
+
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    fn = _dispatch._OPS["cross_attention"].backends["cuda" if backend == "emulated" else backend].reasons
+    return bool(fn(dtype=torch.float32, B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv))
+
+
 for _backend in CPU_BACKENDS:
     for _name, _shape in EMPTY_SHAPES.items():
         _defect = {"Lq=0": "1", "Lk=0": "13"}.get(_name, "")
-        case(f"cross_attention[{_backend}]: {_name}", result_ok=True, defect=_defect)(_empty_case(_backend, _shape))
+        _names = ("head dim",) if _declines(_backend, _shape) else ()
+        case(f"cross_attention[{_backend}]: {_name}", _names, result_ok=True, defect=_defect)(
+            _empty_case(_backend, _shape)
+        )
 
 
 def _nan_scale(backend):
@@ -186,4 +201,5 @@ def _emulated_empty(shape):
 
 
 for _name, _shape in EMPTY_SHAPES.items():
-    case(f"cross_attention[emulated]: {_name}", result_ok=True)(_emulated_empty(_shape))
+    _names = ("head dim",) if _declines("emulated", _shape) else ()
+    case(f"cross_attention[emulated]: {_name}", _names, result_ok=True)(_emulated_empty(_shape))
