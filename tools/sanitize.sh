@@ -60,5 +60,12 @@ if [ "$#" -eq 0 ]; then
 fi
 cd "$TREE"
 export LD_PRELOAD="$LD_PRELOAD_LIBS"
-python -c "import mmfast, json; print('sanitized build:', json.dumps(mmfast.build_info()))"
+# The copy's package and extension, not an installed one (pip install -e . puts the checkout on sys.path).
+python - <<'PY'
+import os, mmfast, mmfast._C
+here = os.path.realpath(".")
+for f in (mmfast.__file__, mmfast._C.__file__):
+    assert os.path.realpath(f).startswith(here + os.sep), f"imported {f}, not the sanitized copy in {here}"
+print("sanitized build:", mmfast._C.__file__, mmfast.build_info())
+PY
 python -m pytest -q "$@"
