@@ -88,10 +88,10 @@ EMPTY_SHAPES = {  # B, Hq, Hkv, Lq, Lk, D, Dv
 def _declines(backend: str, shape) -> bool:
     """Whether ``backend`` declares it does not take this shape (then an error naming the head dim
     is the right answer: the dispatcher's contract for an explicit backend)."""
-    from mmfast import _dispatch  # noqa: PLC0415
+    from mmfast.ops.cross_attention import OP  # noqa: PLC0415
 
     B, Hq, Hkv, Lq, Lk, D, Dv = shape
-    fn = _dispatch._OPS["cross_attention"].backends["cuda" if backend == "emulated" else backend].reasons
+    fn = OP.backends["cuda" if backend == "emulated" else backend].load()[1]
     return bool(fn(dtype=torch.float32, B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv))
 
 

@@ -40,7 +40,7 @@ from strategies import (
 )
 
 import mmfast
-from mmfast import _dispatch
+from mmfast.ops.cross_attention import OP as CROSS_ATTENTION_OP
 from mmfast.reference import attention_probs
 from mmfast.reference import cross_attention as ref_attention
 from mmfast.reference.dropout import draw_seed, keep_mask
@@ -278,7 +278,7 @@ def declared_reasons(backend: str, case: AttnCase) -> list[str]:
     """Why ``backend`` declares it cannot take this case (the dispatcher's contract: an explicit
     backend then raises saying why, and auto picks another); emulated: the cuda backend's."""
     name = "cuda" if backend == "emulated" else backend
-    fn = _dispatch._OPS["cross_attention"].backends[name].reasons
+    fn = CROSS_ATTENTION_OP.backends[name].load()[1]
     return fn(dtype=case.dtype, B=case.B, Hq=case.Hq, Hkv=case.Hkv, Lq=case.Lq, Lk=case.Lk, D=case.D, Dv=case.Dv)
 
 
