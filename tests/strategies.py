@@ -56,9 +56,17 @@ def budget(ci: int, long: int, slow: bool = False) -> settings:
 # Examples tried / passed per test, written as JSON into the folder MMFAST_HYPOTHESIS_TALLY (one
 # file per process) at exit, for the long run's report (tools/hypothesis_tally.py sums them).
 _TALLY: dict[str, list[int]] = {}
-# Long run only: MMFAST_HYPOTHESIS_STOP_AT (Unix time) bounds a run of the slow backends; a property
-# still running then, with no failure so far, is skipped saying how many examples it ran and passed.
+# Long run only, to bound it by time: MMFAST_HYPOTHESIS_STOP_AT (Unix time) for the whole run and
+# MMFAST_HYPOTHESIS_TEST_SECONDS per property. A property still running then, with no failure so far,
+# is skipped saying how many examples it ran and passed (its tally is kept).
 _STOP_AT = float(os.environ.get("MMFAST_HYPOTHESIS_STOP_AT", "inf"))
+_TEST_SECONDS = float(os.environ.get("MMFAST_HYPOTHESIS_TEST_SECONDS", "inf"))
+_STARTED: dict[str, float] = {}
+
+
+def _out_of_time(key: str) -> bool:
+    now = time.time()
+    return now > min(_STOP_AT, _STARTED.setdefault(key, now) + _TEST_SECONDS)
 
 
 def tallied(key: str):
@@ -68,7 +76,7 @@ def tallied(key: str):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             counts = _TALLY.setdefault(key, [0, 0])
-            if time.time() > _STOP_AT and counts[0] == counts[1]:  # never while a failure shrinks
+            if _out_of_time(key) and counts[0] == counts[1]:  # never while a failure shrinks
                 pytest.skip(f"MMFAST_HYPOTHESIS_STOP_AT reached after {counts[0]} examples, all passed")
             counts[0] += 1
             try:
