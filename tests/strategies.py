@@ -8,6 +8,8 @@ Profiles (``MMFAST_HYPOTHESIS_PROFILE``, default ``ci``):
 * ``long``: random examples (hypothesis prints the seed of a failing run and a
   ``@reproduce_failure`` blob; rerun with ``--hypothesis-seed=N``), each test's ``long`` budget
   (>= 5,000 examples per op in total).
+* ``sanitize``: the ``ci`` examples, a third of each budget (tools/sanitize.sh: the ASan + UBSan
+  pass runs the cpu backend's properties as a smoke test of the instrumented kernels).
 
 A case is a small frozen dataclass of plain values (shapes, dtypes, layouts, mask kinds, a seed);
 ``*_inputs`` turn it into tensors drawn from ``torch.Generator(seed)``, so a failing example
@@ -37,9 +39,10 @@ PROFILE = os.environ.get("MMFAST_HYPOTHESIS_PROFILE", "ci")
 _PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
 _COMMON = dict(deadline=None, print_blob=True, suppress_health_check=list(HealthCheck), database=None, phases=_PHASES)
 settings.register_profile("ci", derandomize=True, **_COMMON)
+settings.register_profile("sanitize", derandomize=True, **_COMMON)
 settings.register_profile("long", derandomize=False, **_COMMON)
-if PROFILE not in ("ci", "long"):
-    raise ValueError(f"MMFAST_HYPOTHESIS_PROFILE must be 'ci' or 'long', got {PROFILE!r}")
+if PROFILE not in ("ci", "sanitize", "long"):
+    raise ValueError(f"MMFAST_HYPOTHESIS_PROFILE must be 'ci', 'sanitize' or 'long', got {PROFILE!r}")
 settings.load_profile(PROFILE)
 
 
@@ -50,6 +53,8 @@ def budget(ci: int, long: int, slow: bool = False) -> settings:
     the ci profile is derandomized)."""
     if PROFILE == "long":
         return settings(max_examples=long)
+    if PROFILE == "sanitize":
+        ci = max(ci // 3, 2)
     return settings(max_examples=ci, phases=_PHASES[:-1] if slow else _PHASES)
 
 
