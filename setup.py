@@ -11,6 +11,11 @@ Environment:
   TORCH_CUDA_ARCH_LIST    target archs; default with no GPU visible: "8.0;9.0+PTX".
   MAX_JOBS                parallel compile jobs (ninja).
   MMFAST_DEBUG=1          -O0 -g.
+  MMFAST_SANITIZE=address,undefined
+                          CPU-only build with these -fsanitize= checks (-O1 -g, frame pointers), for the
+                          sanitizer pass (tools/sanitize.sh builds it in a copy of the tree, so the normal
+                          build is not overwritten). Python needs the runtime preloaded:
+                          LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ def read_sources() -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
+SANITIZE = [s for s in os.environ.get("MMFAST_SANITIZE", "").replace(" ", "").split(",") if s]
+
+
 def want_cuda() -> tuple[bool, str | None]:
     flag = os.environ.get("MMFAST_BUILD_CUDA", "").strip()
-    if flag == "0":
+    if flag == "0" or SANITIZE:  # the sanitizer pass checks the CPU kernels; nvcc would not take the flags
         return False, None
     home, why = find_cuda_home(torch.version.cuda)
     if home is None:
@@ -72,6 +80,12 @@ if with_cuda:
 sources = [s for s in read_sources() if with_cuda or not s.endswith(".cu")]
 debug = os.environ.get("MMFAST_DEBUG") == "1"
 opt = ["-O0", "-g"] if debug else ["-O3"]
+link_flags = ["-fopenmp"]
+if SANITIZE:
+    # vptr is left out: RTTI of torch/pybind11 types differs across shared objects (false reports).
+    san = ["-fsanitize=" + ",".join(SANITIZE)] + (["-fno-sanitize=vptr"] if "undefined" in SANITIZE else [])
+    opt = ["-O1", "-g", "-fno-omit-frame-pointer", *san]
+    link_flags += san
 archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
 defines = [
     ("MMFAST_VERSION", f'"{VERSION}"'),
@@ -94,7 +108,7 @@ ext = Extension(
     include_dirs=[os.path.join(ROOT, "csrc")],
     define_macros=defines,
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
-    extra_link_args=["-fopenmp"],
+    extra_link_args=link_flags,
 )
 
 
