@@ -10,7 +10,8 @@
 // compared in one sitting (benchmarks/PERFORMANCE.md). The epilogues are replaced by a store of
 // G = U / 1000, so the figures are the products' own.
 //
-//   g++ -O3 -mavx2 -mfma -fopenmp -Icsrc benchmarks/contrastive_tiles.cpp -o /tmp/tiles
+//   g++ -O3 -mavx2 -mfma -fopenmp -Icsrc benchmarks/contrastive_tiles.cpp csrc/common/cpu_gemm_f32.cpp \
+//       -o /tmp/tiles
 //   OMP_NUM_THREADS=2 /tmp/tiles [--n 8192] [--d 512] [--reps 3] [--rowmajor-x] [--small-pages]
 //   /tmp/tiles --check            small shapes against a float64 reference, exit code 1 on mismatch
 //
@@ -217,7 +218,7 @@ int check() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (!mmfast::cpu::has_avx512f()) {
+  if (!__builtin_cpu_supports("avx512f")) {
     std::printf("this CPU has no AVX-512F: nothing to measure\n");
     return 0;
   }

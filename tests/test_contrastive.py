@@ -455,8 +455,18 @@ def test_tiles_tool(tmp_path):
     (benchmarks/PERFORMANCE.md), builds; its products match a float64 reference on odd shapes with
     both x layouts and page sizes; its timing mode runs and rejects bad arguments."""
     exe = tmp_path / "tiles"
-    src = emu_build.ROOT / "benchmarks" / "contrastive_tiles.cpp"
-    cmd = [emu_build.cxx(), "-O2", "-mavx2", "-mfma", "-fopenmp", f"-I{emu_build.CSRC}", str(src), "-o", str(exe)]
+    srcs = [emu_build.ROOT / "benchmarks" / "contrastive_tiles.cpp", emu_build.CSRC / "common" / "cpu_gemm_f32.cpp"]
+    cmd = [
+        emu_build.cxx(),
+        "-O2",
+        "-mavx2",
+        "-mfma",
+        "-fopenmp",
+        f"-I{emu_build.CSRC}",
+        *map(str, srcs),
+        "-o",
+        str(exe),
+    ]
     rc, log = emu_build.run(cmd)
     assert rc == 0, log
     rc, out = emu_build.run([str(exe), "--check"], env={**os.environ, "OMP_NUM_THREADS": "3"})
