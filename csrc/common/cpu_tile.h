@@ -92,4 +92,67 @@ struct StoreBf16 : NoBegin {
   }
 };
 
+// out[c][r] = in[r][c] for an 8 x 8 block of 16-bit values (SSE2 unpacks in three stages).
+inline void transpose8x8_u16(const __m128i in[8], __m128i out[8]) {
+  __m128i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm_unpacklo_epi16(in[2 * i], in[2 * i + 1]);      // rows 2i, 2i+1: columns 0-3
+    t[2 * i + 1] = _mm_unpackhi_epi16(in[2 * i], in[2 * i + 1]);  // columns 4-7
+  }
+  for (int i = 0; i < 2; ++i) {                                     // rows 4i .. 4i+3
+    u[4 * i] = _mm_unpacklo_epi32(t[4 * i], t[4 * i + 2]);          // columns 0, 1
+    u[4 * i + 1] = _mm_unpackhi_epi32(t[4 * i], t[4 * i + 2]);      // columns 2, 3
+    u[4 * i + 2] = _mm_unpacklo_epi32(t[4 * i + 1], t[4 * i + 3]);  // columns 4, 5
+    u[4 * i + 3] = _mm_unpackhi_epi32(t[4 * i + 1], t[4 * i + 3]);  // columns 6, 7
+  }
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = _mm_unpacklo_epi64(u[i], u[4 + i]);
+    out[2 * i + 1] = _mm_unpackhi_epi64(u[i], u[4 + i]);
+  }
+}
+
+// An MR x 32 tile of fp32 values v (lanes past the last column masked off by m0, m1) stored as bf16,
+// rounded to nearest even: rows i .. i + MR - 1, columns j .. of a row-major g (row stride ldg) and,
+// transposed, gt[(j + c) * ldgt + i + r] = v[r][c] (8 x 8 blocks by SSE2 transposes). For an
+// epilogue that hands a tile to two bf16 products, one reading it by rows and one by columns.
+// Needs AVX512_BF16; called (not inlined) from AVX-512F epilogues.
+template <int MR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void store_bf16_tile(
+    const __m512 (&v)[MR][2], __mmask16 m0, __mmask16 m1, int64_t i, int64_t j, uint16_t* g, int64_t ldg,
+    uint16_t* gt, int64_t ldgt) {
+  __m256i h[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    h[r][0] = (__m256i)_mm512_cvtneps_pbh(v[r][0]);
+    h[r][1] = (__m256i)_mm512_cvtneps_pbh(v[r][1]);
+    _mm256_mask_storeu_epi16(g + (i + r) * ldg + j, m0, h[r][0]);
+    _mm256_mask_storeu_epi16(g + (i + r) * ldg + j + 16, m1, h[r][1]);
+  }
+  const uint32_t valid = uint32_t(m0) | uint32_t(m1) << 16;
+  if constexpr (MR == 8) {
+    for (int grp = 0; grp < 4; ++grp) {  // columns 8 grp .. 8 grp + 7
+      if ((valid >> (8 * grp) & 0xFFu) == 0) continue;
+      __m128i in[8], out[8];
+      for (int r = 0; r < 8; ++r) {
+        in[r] = grp % 2 ? _mm256_extracti128_si256(h[r][grp / 2], 1) : _mm256_castsi256_si128(h[r][grp / 2]);
+      }
+      transpose8x8_u16(in, out);
+      for (int t = 0; t < 8; ++t) {
+        const int c = 8 * grp + t;
+        if (valid >> c & 1u) _mm_storeu_si128(reinterpret_cast<__m128i*>(gt + (j + c) * ldgt + i), out[t]);
+      }
+    }
+  } else {
+    uint16_t rows[MR][32];
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows[r]), h[r][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows[r] + 16), h[r][1]);
+    }
+    for (int c = 0; c < 32; ++c) {
+      if (!(valid >> c & 1u)) continue;
+      for (int r = 0; r < MR; ++r) gt[(j + c) * ldgt + i + r] = rows[r][c];
+    }
+  }
+}
+
 }  // namespace mmfast::cpu

@@ -145,12 +145,15 @@ GradSums<acc_t> grad_tile_row(const GradArgs& g, int64_t i, int64_t j0, int64_t 
   return t;
 }
 
-// InfoNCE's gradient tile (grad_tile_row for fp32) computed from the logits GEMM's registers: U is
-// never stored, G (bn x bm, row stride ldg) is. Same formulas and rounding steps as softmax_grad,
-// with 16-lane exps (exp_f32x16). Lanes past the last column are zeroed before they reach Σ G U
-// (their u is 0, but w e^(0 - r) overflows to inf when r is very negative: inf * 0 = NaN).
-// Pointers are offset to the tile: rows by i0, columns by j0.
+// InfoNCE's gradient tile (grad_tile_row) computed from the logits GEMM's registers (the fp32 sums
+// of the fp32 or the bf16 kernel): U is never stored, G (bn x bm, row stride ldg) is, in fp32 or,
+// with kBf16, in bf16 together with Gᵀ (bm x bn, row stride ldgt: grad_y's operand). Same formulas
+// and rounding steps as softmax_grad, with 16-lane exps (exp_f32x16). Lanes past the last column
+// are zeroed before they reach Σ G U (their u is 0, but w e^(0 - r) overflows to inf when r is very
+// negative: inf * 0 = NaN). Pointers are offset to the tile: rows by i0, columns by j0.
+template <bool kBf16>
 struct InfoNceGradTile : cpu::NoBegin {
+  using G_t = std::conditional_t<kBf16, uint16_t, float>;
   float s;
   const float* w;         // a_i
   const float* r;         // row LSE
@@ -159,8 +162,10 @@ struct InfoNceGradTile : cpu::NoBegin {
   const int64_t* labels;  // l_i
   int64_t j0;             // the tile's first column
   const float* ce;        // e_{l_i}: G_{i, l_i} gets a_i (P - 1) + e_{l_i} (Q - 1)
-  float* G;
+  G_t* G;
   int64_t ldg;
+  uint16_t* Gt;                   // with kBf16
+  int64_t ldgt;                   //
   double gu_row = 0, gu_col = 0;  // Σ G U over the tile, row and column terms
 
   template <int MR>
@@ -195,9 +200,14 @@ struct InfoNceGradTile : cpu::NoBegin {
           gcol = _mm512_fmadd_ps(vce, u, gcol);
           v = _mm512_add_ps(v, vce);
         }
-        _mm512_mask_storeu_ps(G + row * ldg + j + 16 * h, mk[h], v);
+        if constexpr (kBf16) {
+          acc[r_][h] = v;  // stored below, rows and columns at once
+        } else {
+          _mm512_mask_storeu_ps(G + row * ldg + j + 16 * h, mk[h], v);
+        }
       }
     }
+    if constexpr (kBf16) cpu::store_bf16_tile<MR>(acc, m0, m1, i, j, G, ldg, Gt, ldgt);
     gu_row += static_cast<double>(_mm512_reduce_add_ps(grow));
     gu_col += static_cast<double>(_mm512_reduce_add_ps(gcol));
   }
@@ -240,27 +250,31 @@ TileGrads tile_grads_t(const at::Tensor& x, const at::Tensor& y, const GradArgs&
     row_tmp[c].resize(tl.bm);
   }
   acc_t* dx_ptr = dx.data_ptr<acc_t>();
-  // fp32 InfoNCE on the AVX-512 kernel: G straight from the logits' registers.
-  const bool fused = std::is_same_v<scalar_t, float> && tp.avx512() && !g.siglip;
+  // InfoNCE on the fp32 AVX-512 or the bf16 vdpbf16ps kernel: G straight from the logits' registers.
+  const bool fused = tp.fused() && !g.siglip;
   acc_t* dy_ptr = dy.data_ptr<acc_t>();
   for_each_tile_phased<scalar_t>(
       N, M, tl, [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* U) {
         scalar_t* Gout = in_place ? reinterpret_cast<scalar_t*>(U) : gbuf[c].data();
         scalar_t* Gt = gtbuf[c].data();
         if (fused) {
-          if constexpr (std::is_same_v<scalar_t, float>) {
+          if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+            constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+            using G_t = typename InfoNceGradTile<kBf16>::G_t;
             const float* e = static_cast<const float*>(g.col_w);
-            InfoNceGradTile epi{{},
-                                static_cast<float>(g.s),
-                                static_cast<const float*>(g.row_w) + i0,
-                                static_cast<const float*>(g.row_lse) + i0,
-                                e != nullptr ? e + j0 : nullptr,
-                                e != nullptr ? static_cast<const float*>(g.col_lse) + j0 : nullptr,
-                                g.labels + i0,
-                                j0,
-                                e != nullptr ? static_cast<const float*>(g.target_e) + i0 : nullptr,
-                                U,
-                                tl.bm};
+            InfoNceGradTile<kBf16> epi{{},
+                                       static_cast<float>(g.s),
+                                       static_cast<const float*>(g.row_w) + i0,
+                                       static_cast<const float*>(g.row_lse) + i0,
+                                       e != nullptr ? e + j0 : nullptr,
+                                       e != nullptr ? static_cast<const float*>(g.col_lse) + j0 : nullptr,
+                                       g.labels + i0,
+                                       j0,
+                                       e != nullptr ? static_cast<const float*>(g.target_e) + i0 : nullptr,
+                                       reinterpret_cast<G_t*>(Gout),
+                                       tl.bm,
+                                       reinterpret_cast<uint16_t*>(Gt),
+                                       tl.bn};
             tp.logits_epilogue(i0, bn, j0, bm, epi);
             sums[c].gu_row += epi.gu_row;
             sums[c].gu_col += epi.gu_col;

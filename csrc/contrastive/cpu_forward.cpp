@@ -118,12 +118,12 @@ void lse_tile(acc_t* S, int64_t ld, int64_t bn, int64_t bm, acc_t s, acc_t* row_
   for (int64_t r = 0; r < bn; ++r) add_exp(S + r * ld, col_m, col_l, bm);
 }
 
-// The same online LSE from the logits GEMM's registers (fp32, AVX-512), S never stored. Rows keep
-// 16 lanes of state (lane t: the row's columns j ≡ t mod 16, each lane its own max and sum),
-// reduced to one (max, log Σ) per row after the row block's last tile (row_lanes_done); columns
-// keep the per-chunk (max, sum) as lse_tile does, updated once per 8-row register tile. A lane's
-// rescale exp runs only when its max grew. Pointers are offset to the tile (rows by i0, columns
-// by j0; the row state is the block's).
+// The same online LSE from the logits GEMM's registers (the fp32 sums of the fp32 or the bf16
+// kernel, AVX-512), S never stored. Rows keep 16 lanes of state (lane t: the row's columns
+// j ≡ t mod 16, each lane its own max and sum), reduced to one (max, log Σ) per row after the row
+// block's last tile (row_lanes_done); columns keep the per-chunk (max, sum) as lse_tile does,
+// updated once per 8-row register tile. A lane's rescale exp runs only when its max grew. Pointers
+// are offset to the tile (rows by i0, columns by j0; the row state is the block's).
 struct InfoNceLseTile : cpu::NoBegin {
   float s;
   float* rm;  // (block rows x 16) lane maxima
@@ -217,8 +217,9 @@ LseParts info_nce_lse_t(const at::Tensor& x, const at::Tensor& y, const at::Tens
   acc_t* rmax = row_stat.data_ptr<acc_t>();
   acc_t* rlog = rmax + N;
   const TileProducts<scalar_t> tp(x, y, /*backward=*/false);
-  // fp32 on the AVX-512 kernel: the statistics straight from the logits' registers.
-  const bool fused = std::is_same_v<scalar_t, float> && tp.avx512();
+  // fp32 on the AVX-512 kernel, bf16 on the vdpbf16ps kernel: the statistics straight from the
+  // logits' registers (fp32 sums in both).
+  const bool fused = tp.fused();
   std::vector<std::vector<float>> lane_m(fused ? tl.chunks : 0), lane_l(fused ? tl.chunks : 0);
   for (size_t c = 0; c < lane_m.size(); ++c) {
     lane_m[c].assign(tl.bn * 16, -std::numeric_limits<float>::infinity());
@@ -229,7 +230,7 @@ LseParts info_nce_lse_t(const at::Tensor& x, const at::Tensor& y, const at::Tens
       [&](int64_t c, int64_t i0, int64_t bn, int64_t j0, int64_t bm, acc_t* S) {
         acc_t* cm = cols ? col_m[c].data_ptr<acc_t>() + j0 : nullptr;
         acc_t* cl = cols ? col_l[c].data_ptr<acc_t>() + j0 : nullptr;
-        if constexpr (std::is_same_v<scalar_t, float>) {
+        if constexpr (std::is_same_v<acc_t, float>) {
           if (fused) {
             InfoNceLseTile epi{
                 {},      static_cast<float>(scale), lane_m[c].data(), lane_l[c].data(), cm, cl, lab + i0, j0,
@@ -246,7 +247,7 @@ LseParts info_nce_lse_t(const at::Tensor& x, const at::Tensor& y, const at::Tens
         }
       },
       [&](int64_t c, int64_t i0, int64_t bn) {
-        if constexpr (std::is_same_v<scalar_t, float>) {
+        if constexpr (std::is_same_v<acc_t, float>) {
           if (fused) {
             for (int64_t r = 0; r < bn; ++r)
               std::tie(rmax[i0 + r], rlog[i0 + r]) = row_lanes_done(&lane_m[c][r * 16], &lane_l[c][r * 16]);

@@ -84,25 +84,6 @@ void pack_block_pairs(const T* src, int64_t n, int64_t Mb, u16* dst) {
   }
 }
 
-// dst[c * 8 + r] = rows[r][c] for an 8 x 8 block of 16-bit values (SSE2 unpacks in three stages).
-inline void transpose8x8_u16(const __m128i in[8], __m128i out[8]) {
-  __m128i t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm_unpacklo_epi16(in[2 * i], in[2 * i + 1]);      // rows 2i, 2i+1: columns 0-3
-    t[2 * i + 1] = _mm_unpackhi_epi16(in[2 * i], in[2 * i + 1]);  // columns 4-7
-  }
-  for (int i = 0; i < 2; ++i) {                                     // rows 4i .. 4i+3
-    u[4 * i] = _mm_unpacklo_epi32(t[4 * i], t[4 * i + 2]);          // columns 0, 1
-    u[4 * i + 1] = _mm_unpackhi_epi32(t[4 * i], t[4 * i + 2]);      // columns 2, 3
-    u[4 * i + 2] = _mm_unpacklo_epi32(t[4 * i + 1], t[4 * i + 3]);  // columns 4, 5
-    u[4 * i + 3] = _mm_unpackhi_epi32(t[4 * i + 1], t[4 * i + 3]);  // columns 6, 7
-  }
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = _mm_unpacklo_epi64(u[i], u[4 + i]);
-    out[2 * i + 1] = _mm_unpackhi_epi64(u[i], u[4 + i]);
-  }
-}
-
 // dst (d x n, row stride ldd) = x^T of a row-major block x (n rows of d, row stride ldx).
 void transpose_u16(const u16* x, int64_t ldx, int64_t n, int64_t d, u16* dst, int64_t ldd) {
   const int64_t n8 = n / 8 * 8, d8 = d / 8 * 8;
@@ -111,7 +92,7 @@ void transpose_u16(const u16* x, int64_t ldx, int64_t n, int64_t d, u16* dst, in
       __m128i in[8], out[8];
       for (int r = 0; r < 8; ++r)
         in[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (j + r) * ldx + c));
-      transpose8x8_u16(in, out);
+      cpu::transpose8x8_u16(in, out);
       for (int r = 0; r < 8; ++r)
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (c + r) * ldd + j), out[r]);
     }
