@@ -16,9 +16,22 @@ void pack_f32(const float* b, int64_t sk, int64_t sn, int64_t K, int64_t N, floa
   }
 }
 
+// Elements of a B small enough to stay in L1 (16 KB) beside a row tile of A and C.
+constexpr int64_t kSmallB = 4096;
+
 void gemm_f32(int64_t m, int64_t n, int64_t K, float alpha, const float* a, int64_t lda, int64_t ka,
               const float* b, int64_t ks, int64_t ps, float* c, int64_t ldc, bool accumulate, bool stream) {
   constexpr int64_t kc = 256;
+  if (K * n <= kSmallB) {  // B stays in L1: A row tile by row tile (each read once), across the panels
+    StoreC epi{c, ldc, alpha, accumulate, stream};
+    for (int64_t i = 0; i < m; i += 8) {
+      for (int64_t j = 0; j < n; j += kF32Cols) {
+        detail::f32_panel(std::min<int64_t>(8, m - i), std::min<int64_t>(kF32Cols, n - j), K, a + i * lda,
+                          lda, ka, b + (j / kF32Cols) * ps, ks, j, epi, i);
+      }
+    }
+    return;
+  }
   for (int64_t j = 0; j < n; j += kF32Cols) {
     const float* bp = b + (j / kF32Cols) * ps;
     for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kc) {  // K = 0 still writes C

@@ -12,7 +12,8 @@
 // k. Tails: rows by 4, 2, 1; a last panel of at most 16 columns runs a 16-column tile, and one
 // narrower than its tile uses masked loads and stores, so neither operand is read outside its m x K
 // / K x n block. gemm_f32 splits K in chunks of 256 (a chunk of a B panel, 32 KB, is reused from
-// L1/L2 by every row of A) and writes C; gemm_f32_epilogue runs the whole K and hands each finished
+// L1/L2 by every row of A; where all of B fits in L1, each row tile of A runs across every panel
+// instead, so A is read once) and writes C; gemm_f32_epilogue runs the whole K and hands each finished
 // register tile to a caller's epilogue instead (the contrastive loss computes its softmax statistics
 // and gradient tile there, never storing the logits). Call only where the CPU has AVX-512.
 //
@@ -96,13 +97,14 @@ inline void f32_rows(int64_t m, int64_t K, const float* a, int64_t lda, int64_t 
   }
 }
 
-// Rows [0, m) of one panel of cols <= 32 columns: a 16-column tile where that is enough.
+// Rows [i0, i0 + m) of one panel of cols <= 32 columns (a points at row i0): a 16-column tile where
+// that is enough.
 template <typename Epi>
 inline void f32_panel(int64_t m, int64_t cols, int64_t K, const float* a, int64_t lda, int64_t ka,
-                      const float* b, int64_t ks, int64_t j, Epi& epi) {
+                      const float* b, int64_t ks, int64_t j, Epi& epi, int64_t i0 = 0) {
   const auto [m0, m1] = col_masks(cols);
-  if (cols <= 16) return f32_rows<8, 1>(m, K, a, lda, ka, b, ks, 0, j, m0, m1, epi);
-  f32_rows<8, 2>(m, K, a, lda, ka, b, ks, 0, j, m0, m1, epi);
+  if (cols <= 16) return f32_rows<8, 1>(m, K, a, lda, ka, b, ks, i0, j, m0, m1, epi);
+  f32_rows<8, 2>(m, K, a, lda, ka, b, ks, i0, j, m0, m1, epi);
 }
 
 }  // namespace detail
