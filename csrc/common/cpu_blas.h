@@ -18,6 +18,7 @@
 #include <limits>
 
 #include "common/cpu_exp.h"
+#include "common/cpu_isa.h"
 
 extern "C" {
 // C (col-major) = alpha * op(A) op(B) + beta * C, LP64 (int) dimensions.
@@ -120,12 +121,46 @@ inline void to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
   for (; c < n; ++c) dst[c] = static_cast<at::BFloat16>(src[c]);
 }
 
-// max(init, s[0..n)).
+#if defined(__AVX2__) && defined(__FMA__)
+// The float forms of row_max and exp_sub_sum with AVX-512 (16 lanes, masked tail), taken where the
+// CPU has it: the generic kernel's softmax is a large share of its time where its products run on
+// AMX tiles.
+__attribute__((target("avx512f"))) inline float row_max_z(const float* s, int64_t n, float init) {
+  __m512 m = _mm512_set1_ps(init);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + c));
+  if (c < n) {
+    const __mmask16 k = __mmask16((1u << (n - c)) - 1);
+    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, s + c));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+__attribute__((target("avx512f"))) inline float exp_sub_sum_z(float* s, int64_t n, float m) {
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m512 e = exp_f32x16(_mm512_sub_ps(_mm512_loadu_ps(s + c), vm));
+    _mm512_storeu_ps(s + c, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (c < n) {
+    const __mmask16 k = __mmask16((1u << (n - c)) - 1);
+    const __m512 e = exp_f32x16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + c), vm));
+    _mm512_mask_storeu_ps(s + c, k, e);
+    acc = _mm512_mask_add_ps(acc, k, acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+// max(init, s[0..n)). (A NaN element may be dropped here: exp_sub_sum carries it into the sum.)
 template <typename A>
 inline A row_max(const A* s, int64_t n, A init) {
   int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<A, float>) {
+    if (isa().avx512) return row_max_z(s, n, init);
     __m256 m = _mm256_set1_ps(init);
     for (; c + 8 <= n; c += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + c));
     init = hmax8(m);
@@ -142,6 +177,7 @@ inline A exp_sub_sum(A* s, int64_t n, A m) {
   A sum = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<A, float>) {
+    if (isa().avx512) return exp_sub_sum_z(s, n, m);
     const __m256 vm = _mm256_set1_ps(m);
     __m256 acc = _mm256_setzero_ps();
     for (; c + 8 <= n; c += 8) {
