@@ -64,7 +64,7 @@ TORCH_LIBRARY_FRAGMENT(mmfast, m) {
       "dattn_mask)");
 }
 
-namespace mmfast::xattn {
+namespace mmfast::cross_attention {
 namespace {
 
 // Rows must be contiguous and their stride a valid GEMM leading dimension (>= D); otherwise copy.
@@ -265,10 +265,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }
 
 }  // namespace
-}  // namespace mmfast::xattn
+}  // namespace mmfast::cross_attention
 
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
-  m.impl("cross_attention_forward", &mmfast::xattn::forward_cpu);
-  m.impl("cross_attention_forward_out", &mmfast::xattn::forward_out_cpu);
-  m.impl("cross_attention_backward", &mmfast::xattn::backward_cpu);
+  m.impl("cross_attention_forward", &mmfast::cross_attention::forward_cpu);
+  m.impl("cross_attention_forward_out", &mmfast::cross_attention::forward_out_cpu);
+  m.impl("cross_attention_backward", &mmfast::cross_attention::backward_cpu);
 }

@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-namespace mmfast::xattn {
+namespace mmfast::cross_attention {
 
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kMaxWholeRow = 1024;  // longest key row the generic kernel scores as one block
@@ -81,4 +81,4 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dlse,
                         const Masking& mk, double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
 
-}  // namespace mmfast::xattn
+}  // namespace mmfast::cross_attention

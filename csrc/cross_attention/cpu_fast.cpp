@@ -19,7 +19,7 @@
 #include "common/cpu_gemm_f32.h"
 #include "common/cpu_isa.h"
 
-namespace mmfast::xattn {
+namespace mmfast::cross_attention {
 
 int64_t fast_forward_block_rows(int64_t B, int64_t Hq, int64_t Lq) {
   int64_t Mb = 32;
@@ -384,4 +384,4 @@ void backward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, cons
 
 #endif
 
-}  // namespace mmfast::xattn
+}  // namespace mmfast::cross_attention

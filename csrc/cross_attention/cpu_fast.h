@@ -17,7 +17,7 @@
 #include "common/cpu_exp.h"
 #include "cross_attention/cpu.h"
 
-namespace mmfast::xattn {
+namespace mmfast::cross_attention {
 
 constexpr int64_t kMaxFastKeys = 16384;  // S^T and dP^T of a block: 2 x Lk x 32 floats per thread
 using cpu::kLog2e;
@@ -65,4 +65,4 @@ void mask_transposed(const Masking& mk, int64_t b, int64_t i0, int64_t Mb, int64
 // once; otherwise e^, 8 AVX2 lanes at a time. A lane with no allowed key: m = -inf, l = 0.
 void softmax_cols(float* st, int64_t cols, int64_t Mb, bool base2, float* m, float* l);
 
-}  // namespace mmfast::xattn
+}  // namespace mmfast::cross_attention

@@ -26,7 +26,7 @@
 #include "common/cpu_isa.h"
 #include "cross_attention/cpu_fast.h"
 
-namespace mmfast::xattn {
+namespace mmfast::cross_attention {
 
 #if defined(__AVX2__) && defined(__FMA__)
 
@@ -439,4 +439,4 @@ void backward_fast_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 
 #endif
 
-}  // namespace mmfast::xattn
+}  // namespace mmfast::cross_attention

@@ -28,7 +28,7 @@
 #include "common/cpu_blas.h"
 #include "cross_attention/cpu.h"
 
-namespace mmfast::xattn {
+namespace mmfast::cross_attention {
 namespace {
 
 using namespace mmfast::cpu;  // gemm, acc_type, fast_exp, row_max, exp_sub_sum, to_bf16, dropout_hash
@@ -351,4 +351,4 @@ void backward_generic(const at::Tensor& dout, const at::Tensor& q, const at::Ten
   });
 }
 
-}  // namespace mmfast::xattn
+}  // namespace mmfast::cross_attention
