@@ -54,6 +54,40 @@ struct Masking {
   }
 };
 
+// The operands of one backward call that every task reads, whatever the kernel: shapes, input
+// views, the saved LSE and its gradient, the scale and the masks. T: element type, A: accumulation
+// type (the LSE's). Mb: query rows per block.
+template <typename T, typename A>
+struct BackwardInputs {
+  int64_t Hq, Lq, D, Lk, Dv, Mb;
+  View4<T> Q, K, V, O, dO;
+  const A* lse;   // B x Hq x Lq, contiguous
+  const A* dlse;  // B x Hq x Lq, contiguous, or null (the LSE got no gradient; else D_i -= dlse_i)
+  A scale;
+  const Masking& mk;
+};
+
+template <typename T, typename A>
+BackwardInputs<T, A> backward_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const at::Tensor& dlse, const Masking& mk, double scale, int64_t Mb) {
+  return {q.size(1),
+          q.size(2),
+          q.size(3),
+          k.size(2),
+          v.size(3),
+          Mb,
+          view4<T>(q),
+          view4<T>(k),
+          view4<T>(v),
+          view4<T>(out),
+          view4<T>(dout),
+          lse.data_ptr<A>(),
+          dlse.defined() ? dlse.data_ptr<A>() : nullptr,
+          static_cast<A>(scale),
+          mk};
+}
+
 // The kernels. Inputs have rows ready (contiguous, valid leading dimension), D, Dv >= 1, Lk >= 1;
 // out, dq, dk, dv are written whole; lse (B x Hq x Lq, contiguous) in the accumulation dtype.
 void forward_generic(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Masking& mk,

@@ -204,13 +204,7 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 namespace {
 
 // Shapes and views shared by every task of one fast backward call.
-struct FastArgs {
-  int64_t Hq, Lq, D, Lk, Dv, Mb;
-  View4<float> Q, K, V, O, dO;
-  const float* lse;   // B x Hq x Lq, contiguous
-  const float* dlse;  // B x Hq x Lq, contiguous, or null (the LSE's gradient: D_i -= dlse_i)
-  float scale;
-  const Masking& mk;
+struct FastArgs : BackwardInputs<float, float> {
   View4<float> dK, dV;  // fp32 outputs: the (b, g) task accumulates into them directly
   bool avx512;          // AVX-512 tiles (else AVX2)
   bool z;               // AVX-512 base-2 exponentials (softmax_base2)
@@ -322,26 +316,13 @@ void backward_fast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
   const int64_t Mb = fast_backward_block_rows(Lq);
   const bool avx512 = cpu::gemm_for(at::kFloat) == cpu::Gemm::kAvx512;
-  const FastArgs a{Hq,
-                   Lq,
-                   D,
-                   Lk,
-                   Dv,
-                   Mb,
-                   view4<float>(q),
-                   view4<float>(k),
-                   view4<float>(v),
-                   view4<float>(out),
-                   view4<float>(dout),
-                   lse.data_ptr<float>(),
-                   dlse.defined() ? dlse.data_ptr<float>() : nullptr,
-                   static_cast<float>(scale),
-                   mk,
+  const bool z = softmax_base2(Mb, avx512);
+  const FastArgs a{backward_inputs<float, float>(dout, q, k, v, out, lse, dlse, mk, scale, Mb),
                    view4<float>(dk),
                    view4<float>(dv),
                    avx512,
-                   softmax_base2(Mb, avx512),
-                   softmax_base2(Mb, avx512) ? kLog2e : 1.f};
+                   z,
+                   z ? kLog2e : 1.f};
   const View4<float> dQ = view4<float>(dq);
   auto init = [&] { return FastBackwardScratch(Mb, D, Dv, Lk); };
   parallel_tasks(B * Hkv, init, [&](FastBackwardScratch& w, int64_t t) {

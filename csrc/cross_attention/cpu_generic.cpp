@@ -197,15 +197,9 @@ struct BackwardScratch {
 
 // Shapes, views and masks shared by every task of one backward call.
 template <typename T>
-struct BackwardArgs {
-  using A = acc_type<T>;
-  int64_t Hq, Lq, D, Lk, Dv, Mb, Nb;
-  View4<T> Q, K, V, O, dO;
-  const A* lse;   // B x Hq x Lq, contiguous
-  const A* dlse;  // B x Hq x Lq, contiguous, or null (the LSE got no gradient)
-  A* dmask;       // B x Hq x Lq x Lk, contiguous, or null
-  A scale;
-  const Masking& mk;
+struct BackwardArgs : BackwardInputs<T, acc_type<T>> {
+  int64_t Nb;          // keys per block
+  acc_type<T>* dmask;  // B x Hq x Lq x Lk, contiguous, or null
 };
 
 // Steps 2-6 for query rows [i0, i0 + rows) of head h against keys [j0, j0 + cols) of kv head g.
@@ -278,23 +272,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), group = Hq / Hkv;
   const int64_t Nb = Lk <= kMaxWholeRow ? std::max<int64_t>(Lk, 1) : kKeyBlock;
   const int64_t Mb = std::min<int64_t>(std::max<int64_t>(Lq, 1), 64);
-  const BackwardArgs<T> a{Hq,
-                          Lq,
-                          D,
-                          Lk,
-                          Dv,
-                          Mb,
-                          Nb,
-                          view4<T>(q),
-                          view4<T>(k),
-                          view4<T>(v),
-                          view4<T>(out),
-                          view4<T>(dout),
-                          lse.data_ptr<A>(),
-                          dlse.defined() ? dlse.data_ptr<A>() : nullptr,
-                          dmask.defined() ? dmask.data_ptr<A>() : nullptr,
-                          static_cast<A>(scale),
-                          mk};
+  const BackwardArgs<T> a{backward_inputs<T, A>(dout, q, k, v, out, lse, dlse, mk, scale, Mb), Nb,
+                          dmask.defined() ? dmask.data_ptr<A>() : nullptr};
   const View4<T> dQ = view4<T>(dq), dK = view4<T>(dk), dV = view4<T>(dv);  // contiguous outputs
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
