@@ -70,9 +70,12 @@ void TileProducts<scalar_t>::logits(int64_t i0, int64_t bn, int64_t j0, int64_t 
     }
   }
   if constexpr (kBf16) {
-    if (vnni_) {  // over the whole K, as logits_epilogue: the forward's and the backward's S agree
-      cpu::StoreC epi{U, ldu, 1.f, false};
-      logits_epilogue(i0, bn, j0, bm, epi);
+    // K in L1-sized chunks (gemm_bf16_vnni): over the whole K (logits_epilogue) SigLIP's loss ran
+    // slower. Only SigLIP stores the tile, in its forward and backward alike, so their S agree.
+    if (vnni_) {  // j0 is a multiple of the column block, so of the panel width
+      const int64_t ps = cpu::vnni_panel_stride(D_);
+      cpu::gemm_bf16_vnni(bn, bm, D_, 1.f, raw(x_ + i0 * D_), D_, yt_.get() + j0 / cpu::kVnniCols * ps, ps, U,
+                          ldu, false);
       return;
     }
   }
