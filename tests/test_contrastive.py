@@ -451,17 +451,23 @@ def test_compile_fullgraph(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not has_avx512f(), reason="the fp32 tile kernel needs AVX-512F")
 def test_tiles_tool(tmp_path):
-    """benchmarks/contrastive_tiles.cpp, the per-product timing replay of the fp32 loss's tile loop
-    (benchmarks/PERFORMANCE.md), builds; its products match a float64 reference on odd shapes with
-    both x layouts and page sizes; its timing mode runs and rejects bad arguments."""
+    """benchmarks/contrastive_tiles.cpp, the per-product timing replay of the loss's tile loop
+    (benchmarks/PERFORMANCE.md), builds; its fp32 products (both x layouts and page sizes) and, where
+    the CPU has AVX512_BF16, its bf16 products match a float64 reference on odd shapes; its timing
+    modes run and it rejects bad arguments."""
     exe = tmp_path / "tiles"
-    src = emu_build.ROOT / "benchmarks" / "contrastive_tiles.cpp"
-    cmd = [emu_build.cxx(), "-O2", "-mavx2", "-mfma", "-fopenmp", f"-I{emu_build.CSRC}", str(src), "-o", str(exe)]
-    rc, log = emu_build.run(cmd)
+    srcs = [emu_build.ROOT / "benchmarks" / "contrastive_tiles.cpp"]
+    srcs += [emu_build.CSRC / "common" / f for f in ("cpu_gemm_f32.cpp", "cpu_gemm_bf16.cpp")]
+    cmd = [emu_build.cxx(), "-O2", "-mavx2", "-mfma", "-fopenmp", f"-I{emu_build.CSRC}", *map(str, srcs)]
+    rc, log = emu_build.run([*cmd, "-o", str(exe)])
     assert rc == 0, log
     rc, out = emu_build.run([str(exe), "--check"], env={**os.environ, "OMP_NUM_THREADS": "3"})
-    assert rc == 0 and out.count(" ok") == 12 and "MISMATCH" not in out, out
+    checks = 12 + (3 if has_avx512_bf16() else 0)
+    assert rc == 0 and out.count(" ok") == checks and "MISMATCH" not in out, out
     rc, out = emu_build.run([str(exe), "--n", "512", "--d", "64", "--reps", "1", "--rowmajor-x"])
     assert rc == 0 and "grad_y" in out and "row-major" in out, out
+    if has_avx512_bf16():
+        rc, out = emu_build.run([str(exe), "--n", "512", "--d", "64", "--reps", "1", "--bf16"])
+        assert rc == 0 and "grad_y" in out and "bf16" in out, out
     rc, out = emu_build.run([str(exe), "--n", "0"])
     assert rc == 2 and "usage" in out, out

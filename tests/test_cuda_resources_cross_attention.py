@@ -27,11 +27,12 @@ def _translation_unit(configs) -> str:
         '#include "cross_attention/kernel_fwd.cuh"',
         "using namespace mmfast::port;",
     ]
+    ns = "mmfast::cross_attention"
     for dtype, hd in configs:
         for k in KERNELS:
-            lines.append(f"template __global__ void mmfast::xattn::{k}<{dtype}, {hd}>(mmfast::xattn::Params);")
-    lines.append("template __global__ void mmfast::xattn::combine_kernel<bf16_t>(mmfast::xattn::Params);")
-    lines.append("template __global__ void mmfast::xattn::delta_kernel<bf16_t>(mmfast::xattn::Params);")
+            lines.append(f"template __global__ void {ns}::{k}<{dtype}, {hd}>({ns}::Params);")
+    lines.append(f"template __global__ void {ns}::combine_kernel<bf16_t>({ns}::Params);")
+    lines.append(f"template __global__ void {ns}::delta_kernel<bf16_t>({ns}::Params);")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
 // Small building blocks of the CPU kernels (cross-attention, contrastive): row-major GEMM on raw
-// pointers, a vectorizable exp, and the dropout counter hash shared by every backend.
+// pointers (MKL), row max / exp-sum loops (exps: cpu_exp.h), and the dropout counter hash shared by
+// every backend.
 //
 // GEMM: MKL's Fortran entry points (SGEMM, DGEMM, GEMM_BF16BF16F32, GEMM_F16F16F32) are exported by
 // the libtorch_cpu of MKL builds; calling them on raw pointers costs ~1 us, where at::mm on
@@ -15,6 +16,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+
+#include "common/cpu_exp.h"
+#include "common/cpu_isa.h"
 
 extern "C" {
 // C (col-major) = alpha * op(A) op(B) + beta * C, LP64 (int) dimensions.
@@ -84,52 +88,7 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, A alpha, const T* a
   gemm_fallback<T, A>(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// exp(x) for float, branch-free so loops over it vectorize: x = n ln2 + r, |r| <= ln2/2 (n rounded
-// to nearest by the 1.5 * 2^23 trick), exp(r) by a degree-6 Taylor polynomial (rel. error < 3e-7),
-// 2^n built in the exponent bits. exp(-inf) = 0; inputs below -87.3 flush to 0 (the softmax never
-// needs them: they are below exp(max) * 2^-126); exp(NaN) = NaN (selects, so it stays branch-free).
-inline float fast_exp(float x) {
-  const bool nan = x != x;
-  const bool tiny = x < -87.3f;
-  const float x_in = x;
-  x = tiny || nan ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = std::fma(n, -0.693145751953125f, std::fma(n, -1.428606765330187e-06f, x));
-  float p = 1.f / 720.f;
-  p = std::fma(p, r, 1.f / 120.f);
-  p = std::fma(p, r, 1.f / 24.f);
-  p = std::fma(p, r, 1.f / 6.f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.f);
-  p = std::fma(p, r, 1.f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return nan ? x_in : tiny ? 0.f : p * scale;
-}
-inline double fast_exp(double x) { return std::exp(x); }
-
 #if defined(__AVX2__) && defined(__FMA__)
-// fast_exp on 8 floats (the same steps; _mm256_round_ps rounds to nearest). The clamps take x as
-// their second operand, which min/max return when it is NaN: a NaN lane stays NaN.
-inline __m256 fast_exp8(__m256 x) {
-  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.428606765330187e-06f), x);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145751953125f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720.f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
 inline float hsum8(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -162,12 +121,46 @@ inline void to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
   for (; c < n; ++c) dst[c] = static_cast<at::BFloat16>(src[c]);
 }
 
-// max(init, s[0..n)).
+#if defined(__AVX2__) && defined(__FMA__)
+// The float forms of row_max and exp_sub_sum with AVX-512 (16 lanes, masked tail), taken where the
+// CPU has it: the generic kernel's softmax is a large share of its time where its products run on
+// AMX tiles.
+__attribute__((target("avx512f"))) inline float row_max_z(const float* s, int64_t n, float init) {
+  __m512 m = _mm512_set1_ps(init);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + c));
+  if (c < n) {
+    const __mmask16 k = __mmask16((1u << (n - c)) - 1);
+    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, s + c));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+__attribute__((target("avx512f"))) inline float exp_sub_sum_z(float* s, int64_t n, float m) {
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m512 e = exp_f32x16(_mm512_sub_ps(_mm512_loadu_ps(s + c), vm));
+    _mm512_storeu_ps(s + c, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (c < n) {
+    const __mmask16 k = __mmask16((1u << (n - c)) - 1);
+    const __m512 e = exp_f32x16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + c), vm));
+    _mm512_mask_storeu_ps(s + c, k, e);
+    acc = _mm512_mask_add_ps(acc, k, acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+// max(init, s[0..n)). (A NaN element may be dropped here: exp_sub_sum carries it into the sum.)
 template <typename A>
 inline A row_max(const A* s, int64_t n, A init) {
   int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<A, float>) {
+    if (isa().avx512) return row_max_z(s, n, init);
     __m256 m = _mm256_set1_ps(init);
     for (; c + 8 <= n; c += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + c));
     init = hmax8(m);
@@ -184,6 +177,7 @@ inline A exp_sub_sum(A* s, int64_t n, A m) {
   A sum = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<A, float>) {
+    if (isa().avx512) return exp_sub_sum_z(s, n, m);
     const __m256 vm = _mm256_set1_ps(m);
     __m256 acc = _mm256_setzero_ps();
     for (; c + 8 <= n; c += 8) {

@@ -16,7 +16,6 @@
 #include <string>
 #include <vector>
 
-#include "common/cpu_gemm_bf16.h"
 #include "common/cpu_isa.h"
 
 namespace mmfast::cpu {
@@ -82,9 +81,9 @@ inline double amx_bf16_gemm_gflops() {
 inline double peak_gflops(const std::string& kind, int64_t iters) {
   TORCH_CHECK(kind == "fp32" || kind == "bf16", "peak_gflops: kind must be 'fp32' or 'bf16', got '", kind,
               "'");
-  const bool bf16 = kind == "bf16", avx512 = __builtin_cpu_supports("avx512f");
+  const bool bf16 = kind == "bf16", avx512 = isa().avx512;
   const double amx = bf16 && isa().amx_bf16 ? amx_bf16_gemm_gflops() : 0.0;
-  if (bf16 && !has_avx512_bf16()) return amx;
+  if (bf16 && !isa().avx512_bf16) return amx;
   const double flops_per_iter = bf16 ? 12 * 32 * 2 : 12 * (avx512 ? 16 : 8) * 2;  // per thread
   const int threads = at::get_num_threads();
   std::vector<float> sink(threads);

@@ -9,7 +9,7 @@
 #include "cross_attention/kernel_launch.cuh"
 
 namespace mmfast {
-namespace xattn {
+namespace cross_attention {
 namespace {
 
 // (ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers the build does not need.)
@@ -63,11 +63,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 }
 
 }  // namespace
-}  // namespace xattn
+}  // namespace cross_attention
 }  // namespace mmfast
 
 TORCH_LIBRARY_IMPL(mmfast, CUDA, m) {
-  m.impl("cross_attention_forward", &mmfast::xattn::forward_cuda);
-  m.impl("cross_attention_forward_out", &mmfast::xattn::forward_out_cuda);
-  m.impl("cross_attention_backward", &mmfast::xattn::backward_cuda);
+  m.impl("cross_attention_forward", &mmfast::cross_attention::forward_cuda);
+  m.impl("cross_attention_forward_out", &mmfast::cross_attention::forward_out_cuda);
+  m.impl("cross_attention_backward", &mmfast::cross_attention::backward_cuda);
 }

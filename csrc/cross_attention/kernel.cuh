@@ -29,7 +29,7 @@
 #include "common/portable.cuh"
 
 namespace mmfast {
-namespace xattn {
+namespace cross_attention {
 
 using port::bf16_t;
 using port::half_t;
@@ -42,9 +42,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Launch bounds of the tile kernels: kThreads threads, and at least one block per SM, which lets
 // ptxas use up to 255 registers (for sm_90 it otherwise caps some kernels at 168 and spills).
 #if MMFAST_EMULATION
-#define MMFAST_XATTN_BOUNDS
+#define MMFAST_CROSS_ATTENTION_BOUNDS
 #else
-#define MMFAST_XATTN_BOUNDS __launch_bounds__(::mmfast::xattn::kThreads, 1)
+#define MMFAST_CROSS_ATTENTION_BOUNDS __launch_bounds__(::mmfast::cross_attention::kThreads, 1)
 #endif
 
 enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };
@@ -310,5 +310,5 @@ MMFAST_DEVICE void store_rows(T* g, int64_t ld, int64_t cs, int r0, int L, int n
     }
 }
 
-}  // namespace xattn
+}  // namespace cross_attention
 }  // namespace mmfast

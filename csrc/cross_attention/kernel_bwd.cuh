@@ -10,7 +10,7 @@
 #include "cross_attention/kernel.cuh"
 
 namespace mmfast {
-namespace xattn {
+namespace cross_attention {
 
 template <class T, int HD>
 struct BwdCfg {
@@ -72,7 +72,7 @@ MMFAST_DEVICE float grad_score(const Params& p, int bh, int i, int j, float s2, 
 // rows are keys, columns queries, so s^T = K Q^T and dp^T = V dO^T, then dv += (p z)^T dO and
 // dk += ds^T Q are register-A products.
 template <class T, int HD>
-MMFAST_GLOBAL void MMFAST_XATTN_BOUNDS dkdv_kernel(Params p) {
+MMFAST_GLOBAL void MMFAST_CROSS_ATTENTION_BOUNDS dkdv_kernel(Params p) {
   using C = BwdCfg<T, HD>;
   using TL = Tile<T, HD>;
   constexpr int BN = C::BN, BMq = C::BMq, NQ = BMq / 8, OT = HD / 8;
@@ -165,7 +165,7 @@ MMFAST_GLOBAL void MMFAST_XATTN_BOUNDS dkdv_kernel(Params p) {
 // Grid (B*Hq, ceil(Lq / BM)), kThreads threads, BwdCfg::kSmemQ bytes: s = Q K^T, dp = dO V^T,
 // ds as above, dq += ds K, and dmask[i,j] = ds[i,j] when requested.
 template <class T, int HD>
-MMFAST_GLOBAL void MMFAST_XATTN_BOUNDS dq_kernel(Params p) {
+MMFAST_GLOBAL void MMFAST_CROSS_ATTENTION_BOUNDS dq_kernel(Params p) {
   using C = BwdCfg<T, HD>;
   using TL = Tile<T, HD>;
   constexpr int BM = C::BM, BN = C::BNk, NT = BN / 8, OT = HD / 8;
@@ -247,5 +247,5 @@ MMFAST_GLOBAL void MMFAST_XATTN_BOUNDS dq_kernel(Params p) {
                     p.Lq, p.D, acc_dq, sc);
 }
 
-}  // namespace xattn
+}  // namespace cross_attention
 }  // namespace mmfast

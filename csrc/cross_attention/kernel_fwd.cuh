@@ -5,7 +5,7 @@
 #include "cross_attention/kernel.cuh"
 
 namespace mmfast {
-namespace xattn {
+namespace cross_attention {
 
 // Forward tiles: BM query rows per block (16 per warp), BN keys per step; K and V double-buffered.
 template <class T, int HD>
@@ -66,7 +66,7 @@ MMFAST_DEVICE void online_softmax(const Params& p, int b, int h, int row0, int c
 // Grid (B*Hq, ceil(Lq / BM), n_splits), kThreads threads, FwdCfg::kSmem bytes of shared memory.
 // Writes out and lse, or (n_splits > 1) this split's normalized output and LSE to o_part/lse_part.
 template <class T, int HD>
-MMFAST_GLOBAL void MMFAST_XATTN_BOUNDS fwd_kernel(Params p) {
+MMFAST_GLOBAL void MMFAST_CROSS_ATTENTION_BOUNDS fwd_kernel(Params p) {
   using C = FwdCfg<T, HD>;
   using TL = Tile<T, HD>;
   constexpr int BM = C::BM, BN = C::BN, NT = BN / 8, OT = HD / 8;
@@ -184,5 +184,5 @@ MMFAST_GLOBAL void MMFAST_LAUNCH_BOUNDS(kThreads) combine_kernel(Params p) {
   if (d == 0) p.lse[row] = lse;
 }
 
-}  // namespace xattn
+}  // namespace cross_attention
 }  // namespace mmfast

@@ -16,7 +16,7 @@
 #endif
 
 namespace mmfast {
-namespace xattn {
+namespace cross_attention {
 
 #if MMFAST_EMULATION
 using Stream = int;
@@ -309,5 +309,5 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   return {dq, dk, dv, dmask_out};
 }
 
-}  // namespace xattn
+}  // namespace cross_attention
 }  // namespace mmfast

@@ -8,7 +8,7 @@
 
 namespace {
 
-using mmfast::xattn::Device;
+using mmfast::cross_attention::Device;
 
 // An sm_80-sized device with one SM: the split-KV heuristic never splits unless forced.
 Device emu_device(int64_t splits) { return Device{0, 1, 166912, static_cast<int>(splits)}; }
@@ -24,11 +24,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const c10::optional<at::Tensor>& out, int64_t splits) {
   check_cpu(q);
   if (out.has_value() && out->defined()) {
-    at::Tensor lse = mmfast::xattn::forward_out(q, k, v, kpm, mask, causal, scale, dropout_p, seed, *out,
-                                                emu_device(splits));
+    at::Tensor lse = mmfast::cross_attention::forward_out(q, k, v, kpm, mask, causal, scale, dropout_p, seed,
+                                                          *out, emu_device(splits));
     return {*out, lse};
   }
-  return mmfast::xattn::forward(q, k, v, kpm, mask, causal, scale, dropout_p, seed, emu_device(splits));
+  return mmfast::cross_attention::forward(q, k, v, kpm, mask, causal, scale, dropout_p, seed,
+                                          emu_device(splits));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -37,8 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p, int64_t seed,
     bool attn_mask_grad, const c10::optional<at::Tensor>& grad_lse) {
   check_cpu(q);
-  return mmfast::xattn::backward(grad_out, q, k, v, out, lse, grad_lse, kpm, mask, causal, scale, dropout_p,
-                                 seed, attn_mask_grad, emu_device(0));
+  return mmfast::cross_attention::backward(grad_out, q, k, v, out, lse, grad_lse, kpm, mask, causal, scale,
+                                           dropout_p, seed, attn_mask_grad, emu_device(0));
 }
 
 }  // namespace

@@ -16,7 +16,7 @@
 #include "cross_attention/kernel_fwd.cuh"
 
 using namespace mmfast;
-using namespace mmfast::xattn;
+using namespace mmfast::cross_attention;
 
 namespace {
 

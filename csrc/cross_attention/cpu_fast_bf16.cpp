@@ -1,7 +1,7 @@
 // Fast path of the CPU cross-attention for bf16 without attn_mask or dropout (key padding and causal
 // allowed) on CPUs with AVX512_BF16: every product on the vdpbf16ps kernel of common/cpu_gemm_bf16.h
-// (bf16 x bf16 -> fp32 at twice the fp32 FMA rate), softmax and statistics in fp32. Included by
-// cpu.cpp after cpu_fast.h, whose transposed block layout, masking and softmax it shares.
+// (bf16 x bf16 -> fp32 at twice the fp32 FMA rate), softmax and statistics in fp32. It shares the
+// transposed block layout, masking and softmax of the fp32 path (cpu_fast.h).
 //
 // The kernel's operands: A row-major with contiguous k (read as broadcast bf16 pairs), B packed in
 // k-pairs (cpu::pack_vnni). Per block of Mb <= 32 query rows (S^T: keys x rows, as in cpu_fast.h):
@@ -15,14 +15,22 @@
 //             dq^T = scale K^T dS^T       A = K^T (per (b, g) task), B = dS^T in key pairs
 // P and dS are rounded to bf16 once (as in every bf16 attention kernel); dk, dv accumulate in fp32
 // over the task's heads and blocks and are rounded once at the end.
-#pragma once
+#include <immintrin.h>
 
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common/cpu_blas.h"
 #include "common/cpu_gemm_bf16.h"
+#include "common/cpu_isa.h"
+#include "cross_attention/cpu_fast.h"
 
-namespace mmfast::xattn {
-namespace {
+namespace mmfast::cross_attention {
 
 #if defined(__AVX2__) && defined(__FMA__)
+
+namespace {
 
 using u16 = uint16_t;
 
@@ -76,25 +84,6 @@ void pack_block_pairs(const T* src, int64_t n, int64_t Mb, u16* dst) {
   }
 }
 
-// dst[c * 8 + r] = rows[r][c] for an 8 x 8 block of 16-bit values (SSE2 unpacks in three stages).
-inline void transpose8x8_u16(const __m128i in[8], __m128i out[8]) {
-  __m128i t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm_unpacklo_epi16(in[2 * i], in[2 * i + 1]);      // rows 2i, 2i+1: columns 0-3
-    t[2 * i + 1] = _mm_unpackhi_epi16(in[2 * i], in[2 * i + 1]);  // columns 4-7
-  }
-  for (int i = 0; i < 2; ++i) {                                     // rows 4i .. 4i+3
-    u[4 * i] = _mm_unpacklo_epi32(t[4 * i], t[4 * i + 2]);          // columns 0, 1
-    u[4 * i + 1] = _mm_unpackhi_epi32(t[4 * i], t[4 * i + 2]);      // columns 2, 3
-    u[4 * i + 2] = _mm_unpacklo_epi32(t[4 * i + 1], t[4 * i + 3]);  // columns 4, 5
-    u[4 * i + 3] = _mm_unpackhi_epi32(t[4 * i + 1], t[4 * i + 3]);  // columns 6, 7
-  }
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = _mm_unpacklo_epi64(u[i], u[4 + i]);
-    out[2 * i + 1] = _mm_unpackhi_epi64(u[i], u[4 + i]);
-  }
-}
-
 // dst (d x n, row stride ldd) = x^T of a row-major block x (n rows of d, row stride ldx).
 void transpose_u16(const u16* x, int64_t ldx, int64_t n, int64_t d, u16* dst, int64_t ldd) {
   const int64_t n8 = n / 8 * 8, d8 = d / 8 * 8;
@@ -103,7 +92,7 @@ void transpose_u16(const u16* x, int64_t ldx, int64_t n, int64_t d, u16* dst, in
       __m128i in[8], out[8];
       for (int r = 0; r < 8; ++r)
         in[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (j + r) * ldx + c));
-      transpose8x8_u16(in, out);
+      cpu::transpose8x8_u16(in, out);
       for (int r = 0; r < 8; ++r)
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (c + r) * ldd + j), out[r]);
     }
@@ -166,18 +155,6 @@ float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t n) {
   return sum;
 }
 
-// Whether the bf16 fast path takes these inputs: the bf16 tile path is "avx512_bf16" (this CPU has
-// AVX512_BF16 and no AMX, or it was forced), no attn_mask or dropout. On AMX CPUs bf16 runs the
-// generic kernel, whose products go to MKL's bf16 GEMM on the AMX tiles.
-bool fast_bf16_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask, double dropout_p) {
-  if (q.scalar_type() != at::kBFloat16 || cpu::gemm_for(at::kBFloat16) != cpu::Gemm::kAvx512Bf16)
-    return false;
-  const bool ok = !mask.defined() && dropout_p == 0.0 && q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0 &&
-                  k.size(2) <= kMaxFastKeys;
-  if (ok) g_use_avx512.store(true, std::memory_order_relaxed);  // AVX512_BF16 implies AVX-512: exp2_z
-  return ok;
-}
-
 template <typename T>
 const u16* bits(const T* p) {
   return reinterpret_cast<const u16*>(p);
@@ -197,12 +174,42 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void exp_ds_cols
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
       const int64_t o = jj * Mb + 16 * v;
-      const __m512 pv = exp2_z(_mm512_sub_ps(_mm512_loadu_ps(st + o), vl[v]));
+      const __m512 pv = cpu::exp_f32x16<true>(_mm512_sub_ps(_mm512_loadu_ps(st + o), vl[v]));
       const __m512 ds = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dpt + o), vd[v]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(ptb + o), (__m256i)_mm512_cvtneps_pbh(pv));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dstb + o), (__m256i)_mm512_cvtneps_pbh(ds));
     }
   }
+}
+
+// Per-thread buffers of the bf16 backward.
+struct FastBf16Scratch {
+  FastBf16Scratch(int64_t Mb, int64_t D, int64_t Dv, int64_t Lk)
+      : pt(std::max<int64_t>(Lk, 1) * Mb),
+        dpt(std::max<int64_t>(Lk, 1) * Mb),
+        dqt(D * Mb),
+        dk(Lk * D),
+        dv(Lk * Dv),
+        di(Mb),
+        lse(Mb),
+        ptb(std::max<int64_t>(Lk, 1) * Mb),
+        dstb(std::max<int64_t>(Lk, 1) * Mb),
+        dsp(cpu::vnni_packed_size(std::max<int64_t>(Lk, 1), Mb), 0) {}  // lanes >= Mb stay 0
+  std::vector<float> pt, dpt, dqt, dk, dv, di, lse;
+  std::vector<u16> ptb, dstb, dsp, kt, qt, dot, qr, dor, dqtb = std::vector<u16>(dqt.size());
+};
+
+}  // namespace
+
+// Whether the bf16 fast path takes these inputs: the bf16 tile path is "avx512_bf16" (this CPU has
+// AVX512_BF16 and no AMX, or it was forced), no attn_mask or dropout. On AMX CPUs bf16 runs the
+// generic kernel, whose products go to MKL's bf16 GEMM on the AMX tiles.
+bool fast_bf16_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask, double dropout_p) {
+  if (q.scalar_type() != at::kBFloat16 || cpu::gemm_for(at::kBFloat16) != cpu::Gemm::kAvx512Bf16)
+    return false;
+  const bool ok = !mask.defined() && dropout_p == 0.0 && q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0 &&
+                  k.size(2) <= kMaxFastKeys;
+  return ok;
 }
 
 // Forward, one task per (b, h, block of Mb query rows), as forward_fast.
@@ -218,8 +225,8 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t Mb = fast_forward_block_rows(B, Hq, Lq), nqb = (Lq + Mb - 1) / Mb;
 
   const std::vector<char> unmasked = unmasked_spans(mk, B);
-  const bool z = use_exp2_z(Mb);      // the AVX-512 base-2 softmax of cpu_fast.h
-  const float lg = z ? kLog2e : 1.f;  // scores in log2 units with z
+  const bool z = softmax_base2(Mb, true);  // AVX512_BF16 implies AVX-512
+  const float lg = z ? kLog2e : 1.f;       // scores in log2 units with z
   struct Scratch {
     std::vector<float> st, ot, m, l, inv;
     std::vector<u16> qp, vt, pp, otb;                                        // pp: lanes >= Mb stay 0
@@ -280,23 +287,6 @@ void forward_fast_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   });
 }
 
-// Per-thread buffers of the bf16 backward.
-struct FastBf16Scratch {
-  FastBf16Scratch(int64_t Mb, int64_t D, int64_t Dv, int64_t Lk)
-      : pt(std::max<int64_t>(Lk, 1) * Mb),
-        dpt(std::max<int64_t>(Lk, 1) * Mb),
-        dqt(D * Mb),
-        dk(Lk * D),
-        dv(Lk * Dv),
-        di(Mb),
-        lse(Mb),
-        ptb(std::max<int64_t>(Lk, 1) * Mb),
-        dstb(std::max<int64_t>(Lk, 1) * Mb),
-        dsp(cpu::vnni_packed_size(std::max<int64_t>(Lk, 1), Mb), 0) {}  // lanes >= Mb stay 0
-  std::vector<float> pt, dpt, dqt, dk, dv, di, lse;
-  std::vector<u16> ptb, dstb, dsp, kt, qt, dot, qr, dor, dqtb = std::vector<u16>(dqt.size());
-};
-
 // Backward, one task per (b, g) as backward_fast: the task owns dk, dv of kv head g.
 void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse_t, const at::Tensor& dlse_t,
@@ -314,8 +304,8 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
   const float scale = static_cast<float>(scale_d);
 
   const std::vector<char> unmasked = unmasked_spans(mk, B);
-  const bool z = use_exp2_z(Mb);      // AVX-512 base-2 exponentials of cpu_fast.h
-  const float lg = z ? kLog2e : 1.f;  // scores and lse in log2 units with z
+  const bool z = softmax_base2(Mb, true);  // AVX512_BF16 implies AVX-512
+  const float lg = z ? kLog2e : 1.f;       // scores and lse in log2 units with z
   // One query block per task (Lq <= Mb, no GQA group): dk, dv need no fp32 accumulation.
   const bool single_block = group == 1 && Lq <= Mb;
   auto init = [&] { return FastBf16Scratch(Mb, D, Dv, Lk); };
@@ -375,7 +365,7 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
             const __m256 vd = _mm256_loadu_ps(&w.di[v8]);
             for (int64_t jj = 0; jj < cols; ++jj) {
               float* sp = &w.pt[jj * Mb + v8];
-              const __m256 pv = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), vl));
+              const __m256 pv = cpu::fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sp), vl));
               _mm256_storeu_ps(sp, pv);  // P^T
               float* dp = &w.dpt[jj * Mb + v8];
               _mm256_storeu_ps(dp, _mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(dp), vd)));  // dS^T
@@ -438,14 +428,15 @@ void backward_fast_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
   });
 }
 
-#else
+#else  // built without AVX2: the generic kernel runs everything
+
 bool fast_bf16_ok(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) { return false; }
 void forward_fast_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double,
                        at::Tensor&, at::Tensor&) {}
 void backward_fast_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const Masking&, double,
                         at::Tensor&, at::Tensor&, at::Tensor&) {}
+
 #endif
 
-}  // namespace
-}  // namespace mmfast::xattn
+}  // namespace mmfast::cross_attention
