@@ -197,8 +197,8 @@ def info_nce_case(N=65536, D=768):
     record(name, "inf-cl", infcl, flops)
 
 
-attention_case("xattn bf16 B=16 H=16 L=2048 D=128", 16, 16, 2048, 2048, 128)
-attention_case("xattn bf16 B=64 H=12 Lq=32 Lk=1024 D=64", 64, 12, 32, 1024, 64)
+attention_case("cross_attention bf16 B=16 H=16 L=2048 D=128", 16, 16, 2048, 2048, 128)
+attention_case("cross_attention bf16 B=64 H=12 Lq=32 Lk=1024 D=64", 64, 12, 32, 1024, 64)
 info_nce_case()
 
 write_tables()

@@ -43,7 +43,7 @@ def feats(N=6, M=None, D=8, dtype=torch.float32):
     return x, y
 
 
-def xattn(*args, **kw):
+def attention_call(*args, **kw):
     """Call cross_attention; a result is returned as (out, lse)."""
     kw.setdefault("backend", "cpu")
     return mmfast.cross_attention(*args, **kw)
@@ -123,7 +123,7 @@ WRONG = {
 
 def _wrong(args, kw):
     def fn():
-        return xattn(*args, **kw), None
+        return attention_call(*args, **kw), None
 
     return fn
 
@@ -137,7 +137,7 @@ for _name, (_args, _kw, _names) in WRONG.items():
 @case("cross_attention: out aliases key storage", ("out",))
 def _out_aliases_key():
     big = torch.randn(2, 4, 9, 8)
-    return xattn(q, big, big, out=big[:, :, :5]), None
+    return attention_call(q, big, big, out=big[:, :, :5]), None
 
 
 # ---------------------------------------------------------------------------------------------

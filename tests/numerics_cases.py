@@ -190,7 +190,9 @@ def _emulated_empty(shape):
     def fn():
         from tests import emu_build  # noqa: PLC0415
 
-        emu = emu_build.load_module("xattn_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20"))
+        emu = emu_build.load_module(
+            "cross_attention_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20")
+        )
         q, k, v = qkv(*shape)
         scale = 1.0 if shape[5] == 0 else shape[5] ** -0.5
         out, lse = emu.forward(q, k, v, None, None, False, scale, 0.0, 0)

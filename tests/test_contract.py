@@ -92,19 +92,21 @@ def test_cross_attention_dropout_mask_is_shared(backend):
 
 
 @pytest.fixture(scope="module")
-def xattn_emu():
-    return emu_build.load_module("xattn_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20"))
+def cross_attention_emu():
+    return emu_build.load_module(
+        "cross_attention_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20")
+    )
 
 
-def test_cross_attention_emulated_cuda_layout(xattn_emu):
+def test_cross_attention_emulated_cuda_layout(cross_attention_emu):
     """The CUDA kernels (emulated) return the same layout: out in the input dtype, a float32 LSE, and
     take the LSE's gradient."""
     x = attention_inputs(B=1, Hq=2, Lq=5, Lk=9, D=16, dtype=torch.bfloat16)
     q, k, v = x["query"], x["key"], x["value"]
-    out, lse = xattn_emu.forward(q, k, v, None, None, False, 0.25, 0.0, 0)
+    out, lse = cross_attention_emu.forward(q, k, v, None, None, False, 0.25, 0.0, 0)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 2, 5, 16)
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 5)
-    dq, dk, dv, _ = xattn_emu.backward(
+    dq, dk, dv, _ = cross_attention_emu.backward(
         torch.zeros_like(out), q, k, v, out, lse, None, None, False, 0.25, 0.0, 0, False, grad_lse=torch.ones_like(lse)
     )
     assert dq.dtype == torch.bfloat16 and dq.abs().sum() > 0 and (dv == 0).all()  # only the LSE's gradient

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cross_attention_helpers import compare_with_reference
 from utils import FWD_TOL, attention_inputs, poison_
-from xattn_helpers import compare_with_reference
 
 import mmfast
 

@@ -8,8 +8,8 @@ Each path is forced here through mmfast.cpu_options.
 
 import pytest
 import torch
+from cross_attention_helpers import compare_with_reference
 from utils import attention_inputs, has_avx512_bf16, has_avx512f
-from xattn_helpers import compare_with_reference
 
 import mmfast
 

@@ -27,7 +27,9 @@ DTYPES_FP16_SLOW = [torch.float32, torch.bfloat16, pytest.param(torch.float16, m
 @pytest.fixture(scope="module")
 def emu():
     # torch's headers need C++20 (emu_build's default flags say C++17; the later flag wins).
-    return emu_build.load_module("xattn_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20"))
+    return emu_build.load_module(
+        "cross_attention_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20")
+    )
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, layout="bhld"):

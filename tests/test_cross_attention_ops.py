@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cross_attention_helpers import compare_with_reference
 from utils import attention_inputs
-from xattn_helpers import compare_with_reference
 
 import mmfast
 from mmfast.reference.dropout import draw_seed, keep_mask

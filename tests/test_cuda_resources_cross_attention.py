@@ -49,7 +49,7 @@ def _ptxas_report(nvcc: str, src, arch: str, tmp_path) -> subprocess.Popen:
         f"-I{emu_build.CSRC}",
         str(src),
         "-o",
-        str(tmp_path / f"xattn_{arch}.cubin"),
+        str(tmp_path / f"cross_attention_{arch}.cubin"),
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -77,7 +77,7 @@ def _check_resources(configs, tmp_path):
     nvcc = emu_build.nvcc()
     if nvcc is None:
         pytest.skip("no nvcc (CUDA toolkit) on this machine")
-    src = tmp_path / "xattn_kernels.cu"
+    src = tmp_path / "cross_attention_kernels.cu"
     src.write_text(_translation_unit(configs))
     procs = {arch: _ptxas_report(nvcc, src, arch, tmp_path) for arch in ("sm_80", "sm_90")}  # in parallel
     expected = len(configs) * len(KERNELS) + 2

@@ -36,7 +36,9 @@ BIG = 1e300  # stands for a large finite garbage value of the input's dtype (_ga
 def emu():
     from tests import emu_build  # noqa: PLC0415
 
-    return emu_build.load_module("xattn_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20"))
+    return emu_build.load_module(
+        "cross_attention_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20")
+    )
 
 
 def _case(dtype, **kw) -> AttnCase:

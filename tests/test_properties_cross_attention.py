@@ -71,7 +71,9 @@ BUDGET = {
 def emu():
     from tests import emu_build  # noqa: PLC0415 - builds a torch extension (cached under build/emu)
 
-    return emu_build.load_module("xattn_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20"))
+    return emu_build.load_module(
+        "cross_attention_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +388,9 @@ def _probe_one(backend: str, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int
         if backend == "emulated":
             from tests import emu_build
 
-            emu = emu_build.load_module("xattn_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20"))
+            emu = emu_build.load_module(
+                "cross_attention_emu", "emu/cross_attention_emu.cpp", extra_cflags=("-O2", "-std=c++20")
+            )
             q, k, v = q.detach(), k.detach(), v.detach()
             o, lse = emu.forward(q, k, v, None, None, False, 0.5, 0.0, 0)
             emu.backward(torch.ones_like(o), q, k, v, o, lse, None, None, False, 0.5, 0.0, 0, False)
