@@ -148,3 +148,35 @@ def test_no_diary_wording_in_code_or_tests():
                 if not gradcache:
                     bad.append(f"{p.relative_to(ROOT)}:{i}: {m.group(0)}")
     assert bad == []
+
+
+def test_contrastive_codes_agree_between_python_and_cpp():
+    """The schemas' int codes: the position of a name in LOSSES / DIRECTIONS / REDUCTIONS
+    (mmfast/ops/contrastive.py) equals the value csrc/contrastive/codes.h gives its C++ name, and
+    no other file defines them again."""
+    from mmfast.ops import contrastive as ops
+
+    header = (ROOT / "csrc" / "contrastive" / "codes.h").read_text()
+    enums = {
+        name: {k: int(v) for k, v in re.findall(r"(k\w+) = (\d+)", body)}
+        for name, body in re.findall(r"enum (\w+) \{([^}]*)\}", header)
+    }
+    cpp_names = {
+        "Loss": {"info_nce": "kInfoNCE", "siglip": "kSigLIP"},
+        "Direction": {"both": "kBoth", "image": "kImage", "text": "kText"},
+        "Reduction": {"mean": "kMean", "sum": "kSum", "none": "kNone"},
+    }
+    choices = {"Loss": ops.LOSSES, "Direction": ops.DIRECTIONS, "Reduction": ops.REDUCTIONS}
+    for enum, names in cpp_names.items():
+        assert set(names) == set(choices[enum])
+        assert {names[n]: i for i, n in enumerate(choices[enum])} == enums[enum], enum
+        assert all(ops.CODES[n] == i for i, n in enumerate(choices[enum]))
+    again = [
+        str(p.relative_to(ROOT))
+        for p in tracked("csrc", "mmfast")
+        if p.suffix in (".py", ".cpp", ".h", ".cu", ".cuh") and p.name != "codes.h"
+        for line in p.read_text().splitlines()
+        if re.search(r"enum \w+ ?(: ?\w+ ?)?\{ ?k(InfoNCE|Both|Mean)\b", line)
+        or re.search(r"\{\s*\"both\": 0|\{\s*\"info_nce\": 0|\{\s*\"mean\": 0", line)
+    ]
+    assert again == []

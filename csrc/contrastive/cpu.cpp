@@ -10,6 +10,8 @@
 #include <tuple>
 #include <utility>
 
+#include "contrastive/codes.h"
+
 // loss: 0 = InfoNCE, 1 = SigLIP; direction: 0 = both, 1 = image, 2 = text;
 // reduction: 0 = mean, 1 = sum, 2 = none. scale, bias: 0-dim floating tensors (bias unused by
 // InfoNCE). labels: (N,) int64 ((M,) for direction text) or absent (arange); SigLIP: each image's
@@ -50,10 +52,6 @@ TORCH_LIBRARY_FRAGMENT(mmfast, m) {
 namespace mmfast::contrastive {
 namespace {
 
-enum Loss : int64_t { kInfoNce = 0, kSigLip = 1 };
-enum Direction : int64_t { kBoth = 0, kImage = 1, kText = 2 };
-enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
-
 // ---------------------------------------------------------------------------------------------
 // Entry points.
 // ---------------------------------------------------------------------------------------------
@@ -81,12 +79,12 @@ void check_labels(const std::optional<at::Tensor>& labels, int64_t rows) {
 void check_inputs(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels,
                   int64_t loss, int64_t direction, int64_t reduction) {
   check_features(x, y);
-  TORCH_CHECK(loss == kInfoNce || loss == kSigLip, "contrastive: loss must be 0 or 1, got ", loss);
+  TORCH_CHECK(loss == kInfoNCE || loss == kSigLIP, "contrastive: loss must be 0 or 1, got ", loss);
   TORCH_CHECK(direction >= kBoth && direction <= kText, "contrastive: direction must be 0, 1 or 2");
   TORCH_CHECK(reduction >= kMean && reduction <= kNone, "contrastive: reduction must be 0, 1 or 2");
-  TORCH_CHECK((direction == kImage && loss == kInfoNce) || x.size(0) == y.size(0) || direction == kText,
+  TORCH_CHECK((direction == kImage && loss == kInfoNCE) || x.size(0) == y.size(0) || direction == kText,
               "contrastive: this loss and direction need N == M, got ", x.size(0), " and ", y.size(0));
-  check_labels(labels, loss == kInfoNce && direction == kText ? y.size(0) : x.size(0));
+  check_labels(labels, loss == kInfoNCE && direction == kText ? y.size(0) : x.size(0));
 }
 
 // Each row's target column (default arange), checked to lie in [lo, classes): lo = 0 for InfoNCE's
@@ -159,13 +157,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& bias,
     const std::optional<at::Tensor>& labels, int64_t loss, int64_t direction, int64_t reduction) {
   check_inputs(x_in, y_in, labels, loss, direction, reduction);
-  const bool swap = loss == kInfoNce && direction == kText;  // "text" = "image" with x and y swapped
+  const bool swap = loss == kInfoNCE && direction == kText;  // "text" = "image" with x and y swapped
   const at::Tensor x = (swap ? y_in : x_in).contiguous();
   const at::Tensor y = (swap ? x_in : y_in).contiguous();
   const double s = scale.item<double>();
   const auto acc = acc_dtype(x);
   const at::Tensor empty = at::empty({0}, x.options().dtype(acc));
-  if (loss == kSigLip) {
+  if (loss == kSigLIP) {
     const at::Tensor tgt = targets(labels, x.size(0), y.size(0), x, -1);
     const at::Tensor rows = siglip_rows(x, y, tgt, s, bias.item<double>());
     return {reduce(rows, reduction, x.size(0)), empty, empty.clone()};
@@ -186,12 +184,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& bias, const std::optional<at::Tensor>& labels, const at::Tensor& row_stat,
     const at::Tensor& col_stat, int64_t loss, int64_t direction, int64_t reduction) {
   check_inputs(x_in, y_in, labels, loss, direction, reduction);
-  const bool swap = loss == kInfoNce && direction == kText;
+  const bool swap = loss == kInfoNCE && direction == kText;
   const at::Tensor x = (swap ? y_in : x_in).contiguous();
   const at::Tensor y = (swap ? x_in : y_in).contiguous();
   const int64_t N = x.size(0), M = y.size(0);
   const auto acc = acc_dtype(x);
-  const bool nce = loss == kInfoNce, both = nce && direction == kBoth;
+  const bool nce = loss == kInfoNCE, both = nce && direction == kBoth;
   // Per-row weights: a_i (and e_j for "both"; each direction counts half), or SigLIP's w_i.
   const at::Tensor row_w = row_weights(grad_loss, N, reduction, both ? 0.5 : 1.0, acc);
   const at::Tensor col_w = both ? row_w : at::Tensor();
@@ -218,12 +216,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_block_forward(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& bias,
     const std::optional<at::Tensor>& labels, int64_t loss) {
   check_features(x_in, y_in);
-  TORCH_CHECK(loss == kInfoNce || loss == kSigLip, "contrastive: loss must be 0 or 1, got ", loss);
+  TORCH_CHECK(loss == kInfoNCE || loss == kSigLIP, "contrastive: loss must be 0 or 1, got ", loss);
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
   const at::Tensor tgt = block_targets(labels, x, y.size(0));
   const double s = scale.item<double>();
   const at::Tensor empty = at::empty({0}, x.options().dtype(acc_dtype(x)));
-  if (loss == kSigLip) {
+  if (loss == kSigLIP) {
     return {siglip_rows(x, y, tgt, s, bias.item<double>()), empty, empty.clone()};
   }
   const LseParts p = info_nce_lse(x, y, tgt, s, true);
@@ -235,11 +233,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_block_bac
     const std::optional<at::Tensor>& labels, const at::Tensor& row_lse, const at::Tensor& col_lse,
     const at::Tensor& row_weight, const at::Tensor& col_weight, int64_t loss) {
   check_features(x_in, y_in);
-  TORCH_CHECK(loss == kInfoNce || loss == kSigLip, "contrastive: loss must be 0 or 1, got ", loss);
+  TORCH_CHECK(loss == kInfoNCE || loss == kSigLIP, "contrastive: loss must be 0 or 1, got ", loss);
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
   const int64_t n = x.size(0), m = y.size(0);
   const auto acc = acc_dtype(x);
-  const bool nce = loss == kInfoNce, cols = col_weight.numel() > 0;
+  const bool nce = loss == kInfoNCE, cols = col_weight.numel() > 0;
   TORCH_CHECK(nce || !cols, "contrastive: SigLIP blocks take row weights only (col_weight must be empty)");
   const at::Tensor tgt = block_targets(labels, x, m);
   const at::Tensor row_w = stat(row_weight, n, acc, "row_weight");

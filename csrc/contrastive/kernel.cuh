@@ -43,15 +43,12 @@
 #include <type_traits>
 
 #include "common/portable.cuh"
+#include "contrastive/codes.h"
 
 namespace mmfast {
 namespace contrastive {
 
 using namespace ::mmfast::port;
-
-enum Loss { kInfoNCE = 0, kSigLIP = 1 };
-enum Direction { kBoth = 0, kImage = 1, kText = 2 };
-enum Reduction { kMean = 0, kSum = 1, kNone = 2 };
 
 constexpr int kThreads = 128;  // 4 warps; warp w owns tile rows 16w..16w+15
 constexpr int kBM = 64;        // tile rows (own side)

@@ -27,9 +27,13 @@ from mmfast import reference as _ref
 from mmfast.ops._validate import check_choice, check_same, check_scalar, check_tensor
 from mmfast.reference import contrastive as _ref_blocks
 
+# The choices of the public arguments, defined once. The custom ops' schemas take an argument's
+# position in its tuple (``int loss, int direction, int reduction``: CODES); the C++ kernels name the
+# same codes in csrc/contrastive/codes.h (tests/test_structure.py checks that the two agree).
+LOSSES = ("info_nce", "siglip")
 DIRECTIONS = ("both", "image", "text")
 REDUCTIONS = ("mean", "sum", "none")
-LOSSES = ("info_nce", "siglip")
+CODES = {name: i for choices in (LOSSES, DIRECTIONS, REDUCTIONS) for i, name in enumerate(choices)}
 
 
 def _compiling() -> bool:
@@ -300,9 +304,9 @@ def block_backward(
 # backends built on them (the same ops; the dispatcher picks the device's kernel).
 # --------------------------------------------------------------------------------------------
 
-_LOSS = {"info_nce": 0, "siglip": 1}
-_DIRECTION = {"both": 0, "image": 1, "text": 2}
-_REDUCTION = {"mean": 0, "sum": 1, "none": 2}
+_LOSS = {n: CODES[n] for n in LOSSES}
+_DIRECTION = {n: CODES[n] for n in DIRECTIONS}
+_REDUCTION = {n: CODES[n] for n in REDUCTIONS}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

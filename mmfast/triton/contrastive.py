@@ -32,13 +32,14 @@ import torch
 import triton
 from torch import Tensor
 
-from mmfast.ops.contrastive import no_double_backward, stat_shapes
+from mmfast.ops.contrastive import CODES, no_double_backward, stat_shapes
 from mmfast.triton import INTERPRET
 from mmfast.triton import contrastive_kernels as K
 
-INFO_NCE, SIGLIP = 0, 1
-DIRECTIONS = {"both": 0, "image": 1, "text": 2}
-REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+# The ops' argument codes (one definition: mmfast.ops.contrastive.CODES).
+INFO_NCE, SIGLIP = CODES["info_nce"], CODES["siglip"]
+BOTH, TEXT = CODES["both"], CODES["text"]
+MEAN, SUM, NONE = CODES["mean"], CODES["sum"], CODES["none"]
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # --------------------------------------------------------------------------------------------
@@ -189,9 +190,9 @@ def _lse_merge(part: Tensor) -> Tensor:
 
 
 def _reduce(rows: Tensor, reduction: int, divisor: int) -> Tensor:
-    if reduction == 0:
+    if reduction == MEAN:
         return rows.sum() / divisor
-    return rows.sum() if reduction == 1 else rows
+    return rows.sum() if reduction == SUM else rows
 
 
 def _inverse(labels: Tensor) -> Tensor:
@@ -206,7 +207,7 @@ def _empty(like: Tensor) -> Tensor:
 
 def _oriented(x: Tensor, y: Tensor, direction: int) -> tuple[Tensor, Tensor]:
     """direction "text" is direction "image" with the roles of the features swapped."""
-    return (y, x) if direction == 2 else (x, y)
+    return (y, x) if direction == TEXT else (x, y)
 
 
 def _checked_labels(labels: Tensor | None, n: int, lo: int, classes: int) -> Tensor | None:
@@ -238,7 +239,7 @@ def contrastive_forward(
     a, c = _oriented(_indexable(x), _indexable(y), direction)
     lo = -1 if loss == SIGLIP else 0
     labels = _checked_labels(labels, a.shape[0], lo, c.shape[0])
-    col_stats = loss == INFO_NCE and direction == 0
+    col_stats = loss == INFO_NCE and direction == BOTH
     row_part, tgt_part, col_part = _partials(a, c, scale, bias, labels, loss, col_stats)
     if loss == SIGLIP:
         return _reduce(row_part.sum(0), reduction, a.shape[0]), _empty(a), _empty(a)
@@ -253,13 +254,13 @@ def contrastive_forward(
         col_lse = _lse_merge(col_part)
         rows = 0.5 * (rows + (col_lse - (tgt if inv is None else tgt[inv])))
     out = _reduce(rows, reduction, a.shape[0])
-    return (out, _empty(a), row_lse) if direction == 2 else (out, row_lse, col_lse)
+    return (out, _empty(a), row_lse) if direction == TEXT else (out, row_lse, col_lse)
 
 
 @contrastive_forward.register_fake
 def _(x, y, scale, bias, labels, loss, direction, reduction):
     a, _c = _oriented(x, y, direction)
-    out = x.new_empty(() if reduction != 2 else (a.shape[0],), dtype=torch.float32)
+    out = x.new_empty(() if reduction != NONE else (a.shape[0],), dtype=torch.float32)
     r, c = stat_shapes(x.shape[0], y.shape[0], loss, direction)
     return out, x.new_empty(r, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
 
@@ -273,10 +274,10 @@ def _weights(grad: Tensor, n: int, loss: int, direction: int, reduction: int) ->
     """∂L/∂(row loss i), fp32 contiguous (n,). For "both", output row i is (l_img_i + l_txt_i) / 2,
     so the image-row weight g_i and the text-column weight h_i are the same: half of it."""
     w = grad.float()
-    if reduction == 0:
+    if reduction == MEAN:
         w = w / n
     w = w.expand(n).contiguous() if w.dim() == 0 else w.contiguous()
-    return 0.5 * w if loss == INFO_NCE and direction == 0 else w
+    return 0.5 * w if loss == INFO_NCE and direction == BOTH else w
 
 
 @torch.library.custom_op("mmfast::contrastive_backward_triton", mutates_args=())
@@ -296,9 +297,9 @@ def contrastive_backward(
     """grad: () or per-row -> (dx (N, D) like x, dy (M, D) like y, dscale (), dbias ()) fp32 scalars."""
     a, c = _oriented(_indexable(x), _indexable(y), direction)
     labels = _checked_labels(labels, a.shape[0], -1 if loss == SIGLIP else 0, c.shape[0])
-    col_stats = loss == INFO_NCE and direction == 0
+    col_stats = loss == INFO_NCE and direction == BOTH
     g = _weights(grad, a.shape[0], loss, direction, reduction)
-    rlse = (col_stat if direction == 2 else row_stat) if loss == INFO_NCE else None
+    rlse = (col_stat if direction == TEXT else row_stat) if loss == INFO_NCE else None
     da, dc, ds, db = _grads(
         a, c, scale, bias, labels, g, g if col_stats else None, rlse, col_stat, loss, a.dtype, False
     )
@@ -392,7 +393,7 @@ def info_nce(
     scale, bias = _scalar(logit_scale, dev), torch.zeros((), device=dev, dtype=torch.float32)
     labels = labels.long().contiguous() if labels is not None else None
     out, _, _ = contrastive_forward(
-        image_features, text_features, scale, bias, labels, INFO_NCE, DIRECTIONS[direction], REDUCTIONS[reduction]
+        image_features, text_features, scale, bias, labels, INFO_NCE, CODES[direction], CODES[reduction]
     )
     return out
 
@@ -408,7 +409,7 @@ def siglip_loss(
     """SigLIP on (N, D) and (N, D) features; see ``mmfast.siglip_loss``."""
     dev = image_features.device
     scale, bias = _scalar(logit_scale, dev), _scalar(logit_bias, dev)
-    out, _, _ = contrastive_forward(image_features, text_features, scale, bias, None, SIGLIP, 0, REDUCTIONS[reduction])
+    out, _, _ = contrastive_forward(image_features, text_features, scale, bias, None, SIGLIP, BOTH, CODES[reduction])
     return out
 
 
