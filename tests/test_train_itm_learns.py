@@ -47,8 +47,17 @@ def planted_tokens(n: int, codebook: torch.Tensor, gen: torch.Generator):
     return image, text, padding, codes
 
 
-@pytest.mark.parametrize("attn", ["mmfast", "sdpa"])
-def test_fusion_learns_planted_matching_through_itm_loss(attn):
+@pytest.fixture
+def one_thread():
+    """Small tensors: one thread takes ~3 s here, two under a loaded machine's contention ~50 s."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_fusion_learns_planted_matching_through_itm_loss(one_thread, attn="mmfast"):
+    """(The default attention; test_train_itm.py checks that "sdpa" computes the same.)"""
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED + 1)
     codebook = torch.nn.functional.normalize(torch.randn(CODES, WIDTH, generator=gen), dim=-1) * WIDTH**0.5
