@@ -105,6 +105,13 @@ def _add_itm(p: argparse.ArgumentParser) -> None:
         help="the fusion encoder's attention: mmfast.nn.CrossAttention (fused kernels) or torch.nn.MultiheadAttention "
         "(PyTorch SDPA); the same weights either way (default: %(default)s)",
     )
+    g.add_argument(
+        "--fusion-pool",
+        choices=("eos", "bos"),
+        default="eos",
+        help="the text token the matching head reads: the caption's last real token (<eos>) or the first (<bos>) "
+        "(default: %(default)s)",
+    )
     g.add_argument("--itm-weight", type=float, default=1.0, help="loss = ITC + w * ITM (default: %(default)s)")
     g.add_argument(
         "--itm-chunk-size", type=int, default=512, help="pairs per fusion-encoder call (default: %(default)s)"
@@ -121,6 +128,16 @@ def _add_itm(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="synthetic data: the share of images whose negative caption is their own with one attribute changed "
         "(the others' is mined; 0: mined only) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--itm-easy-steps",
+        type=int,
+        default=0,
+        help="the first N steps draw ITM negatives uniformly from the batch's non-matching items, without "
+        "edits, before the hard ones (default: %(default)s)",
+    )
+    g.add_argument(
+        "--fusion-lr", type=float, default=None, help="peak learning rate of the fusion encoder (default: --lr)"
     )
     g.add_argument("--rerank-k", type=int, default=16, help="ITC candidates re-ranked by ITM in evaluation")
 

@@ -16,6 +16,10 @@ Per step, on the rank's local batch of n pairs (ALBEF's recipe, https://arxiv.or
    is the mean cross-entropy over those pairs.
 5. loss = ITC + weight * ITM.
 
+With ``easy_steps`` = K > 0, steps 0 .. K - 1 draw both negatives uniformly among the batch's
+non-matching items (the mining at scale 0) and edit no caption: a warm-up on easy negatives before
+the hard ones.
+
 How ITM fits GradCache (the chunked step): GradCache's pass 1 caches the towers' outputs for the
 whole batch, tokens included; this objective is its ``loss_fn``. The fusion encoder runs over the
 pairs in chunks of ``chunk_size``, pairs sorted by caption length (a chunk runs at its longest
@@ -71,6 +75,7 @@ class ItcItmObjective:
             attribute changed, when the batch has synthetic scene attributes (0: mined only).
         negatives: "sample" (ALBEF: drawn by contrastive similarity) or "hardest" (the argmax).
         block: tile side of the mining sweep.
+        easy_steps: the first ``easy_steps`` steps use uniform negatives and no edits (see above).
         seed, rank: with the step number, they fix the step's draws (edits and negatives), so a
             resumed run draws what the uninterrupted one did and ranks draw differently.
     """
@@ -86,6 +91,7 @@ class ItcItmObjective:
         edit_fraction: float = 0.5,
         negatives: str = "sample",
         block: int = 1024,
+        easy_steps: int = 0,
         seed: int = 0,
         rank: int = 0,
     ) -> None:
@@ -97,10 +103,13 @@ class ItcItmObjective:
             raise ValueError(f"--itm-edit-fraction must be in [0, 1], got {edit_fraction}")
         if chunk_size < 1:
             raise ValueError(f"--itm-chunk-size must be >= 1, got {chunk_size}")
+        if easy_steps < 0:
+            raise ValueError(f"--itm-easy-steps must be >= 0, got {easy_steps}")
         self.contrastive, self.model, self.tokenizer = contrastive, model, tokenizer
         self.weight, self.chunk_size, self.negatives = float(weight), chunk_size, negatives
         self.edit_fraction = float(edit_fraction)
         self.block, self.seed, self.rank = block, int(seed), int(rank)
+        self.easy_steps, self._easy = int(easy_steps), False
         self.last_parts: dict[str, float] = {}
         self._generator: torch.Generator | None = None
         self._keys: Tensor | None = None
@@ -114,9 +123,10 @@ class ItcItmObjective:
         self.contrastive.begin_step(batch, step)
         seed = int(np.random.SeedSequence((self.seed, int(step), self.rank)).generate_state(1, np.uint64)[0] >> 2)
         self._generator = torch.Generator().manual_seed(seed)
+        self._easy = int(step) < self.easy_steps
         self._keys = torch.stack([batch.indices.long(), _caption_ids(list(batch.captions))], 1)
         self._edited, rows = [], []
-        if self.edit_fraction > 0 and batch.attrs is not None and "bg" in batch.attrs:
+        if self.edit_fraction > 0 and not self._easy and batch.attrs is not None and "bg" in batch.attrs:
             rng = np.random.default_rng(seed)
             rows = np.flatnonzero(rng.random(len(batch.captions)) < self.edit_fraction).tolist()
             for i in rows:
@@ -143,11 +153,12 @@ class ItcItmObjective:
         keys = torch.arange(n)[:, None] if self._keys is None else self._keys
         if keys.shape[0] != n:
             raise ValueError(f"begin_step saw {keys.shape[0]} pairs but the towers returned {n}")
-        gen = self._generator if self.negatives == "sample" else None
-        if gen is None and self.negatives == "sample":
+        gen = self._generator if self.negatives == "sample" or self._easy else None
+        if gen is None and (self.negatives == "sample" or self._easy):
             gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        scale = 0.0 if self._easy else self.model.scale().detach()  # 0: uniform over the non-matches
         neg_t, neg_i = mine_negatives(
-            image_emb, text_emb, self.model.scale().detach(), x_keys=keys, y_keys=keys, generator=gen, block=self.block
+            image_emb, text_emb, scale, x_keys=keys, y_keys=keys, generator=gen, block=self.block
         )
         neg_t[edit_rows] = n + torch.arange(edit_rows.numel())
         ar = torch.arange(n)

@@ -167,7 +167,9 @@ class ClipModel(nn.Module):
             self.logit_scale.fill_(math.log(init_scale))
         self.spec["logit_bias"] = True
 
-    def add_fusion(self, *, layers: int = 2, heads: int = 4, mlp_ratio: int = 4, attn: str = "mmfast") -> None:
+    def add_fusion(
+        self, *, layers: int = 2, heads: int = 4, mlp_ratio: int = 4, attn: str = "mmfast", pool: str = "eos"
+    ) -> None:
         """Give the model an ITM fusion encoder (``fusion.FusionEncoder``) over its towers' token
         widths, recorded in ``spec``; ``attn`` ("mmfast" | "sdpa") is a runtime choice, not recorded."""
         from mmfast.train.fusion import FusionEncoder  # noqa: PLC0415
@@ -177,7 +179,9 @@ class ClipModel(nn.Module):
                              "reads the towers' tokens")  # fmt: skip
         text_dim = self.text_tower.backbone.config.hidden_size
         image_dim = self.image_tower.backbone.config.hidden_size
-        self.fusion = FusionEncoder(text_dim, image_dim, layers=layers, heads=heads, mlp_ratio=mlp_ratio, attn=attn)
+        self.fusion = FusionEncoder(
+            text_dim, image_dim, layers=layers, heads=heads, mlp_ratio=mlp_ratio, attn=attn, pool=pool
+        )
         self.spec["fusion"] = dict(self.fusion.config)
 
     def fusion_parameters(self) -> list[nn.Parameter]:
@@ -387,5 +391,5 @@ def model_from_spec(spec: dict[str, Any], attn: str = "mmfast", fusion_attn: str
     if spec.get("logit_bias"):
         model.add_logit_bias()
     if spec.get("fusion"):
-        model.add_fusion(**spec["fusion"], attn=fusion_attn)
+        model.add_fusion(**{"pool": "bos", **spec["fusion"]}, attn=fusion_attn)  # before "pool": the first token
     return model

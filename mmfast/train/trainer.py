@@ -50,12 +50,20 @@ def peak_rss_mb() -> float:
 
 def make_optimizer(model: ClipModel, args: Namespace) -> torch.optim.Optimizer:
     """AdamW; no weight decay on gains, biases, embeddings' 1-D params and the head (as open_clip)."""
-    decay, no_decay = [], []
+    decay, no_decay, fusion_decay, fusion_no_decay = [], [], [], []
     head = {id(p) for p in model.head_parameters()}
+    fusion = {id(p) for p in model.fusion_parameters()}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or id(p) in head else decay).append(p)
+            lists = (fusion_decay, fusion_no_decay) if id(p) in fusion else (decay, no_decay)
+            lists[p.ndim < 2 or id(p) in head].append(p)
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if fusion:
+        fusion_lr = getattr(args, "fusion_lr", None) or args.lr
+        groups += [
+            {"params": fusion_decay, "weight_decay": args.wd, "lr": fusion_lr},
+            {"params": fusion_no_decay, "weight_decay": 0.0, "lr": fusion_lr},
+        ]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
 
 
@@ -99,6 +107,7 @@ def itm_options(args: Namespace) -> dict[str, Any] | None:
         "chunk_size": args.itm_chunk_size,
         "edit_fraction": args.itm_edit_fraction,
         "negatives": args.itm_negatives,
+        "easy_steps": args.itm_easy_steps,
         "seed": args.seed,
     }
 
@@ -148,7 +157,9 @@ def _setup(args: Namespace, d: Dist) -> dict[str, Any]:
         model.add_logit_bias()
     itm = itm_options(args)
     if itm is not None:
-        model.add_fusion(layers=args.fusion_layers, heads=args.fusion_heads, attn=args.fusion_attn)
+        model.add_fusion(
+            layers=args.fusion_layers, heads=args.fusion_heads, attn=args.fusion_attn, pool=args.fusion_pool
+        )
         itm["tokenizer"] = tokenizer
     model.to(d.device).train()  # from_pretrained returns a model in eval mode
     batches, evalset = make_data(args, model, tokenizer, d)
@@ -185,6 +196,8 @@ def _step(s: dict[str, Any], batch: Any, args: Namespace, d: Dist, autocast: Any
         else:
             loss = s["gradcache"].step(images, texts)
     average_gradients(model.head_parameters() + model.fusion_parameters(), d.world_size)
+    fusion_grads = [p.grad for p in model.fusion_parameters() if p.grad is not None]
+    fusion_norm = {"fusion_grad_norm": float(torch.nn.utils.get_total_norm(fusion_grads))} if fusion_grads else {}
     grad_norm = clip_gradients(list(model.parameters()), args.grad_clip_norm)
     optimizer.step()
     s["scheduler"].step()
@@ -195,6 +208,7 @@ def _step(s: dict[str, Any], batch: Any, args: Namespace, d: Dist, autocast: Any
         "loss": float(mean_over_ranks(loss.float(), d.world_size)),
         **{k: float(mean_over_ranks(torch.tensor(v), d.world_size)) for k, v in parts.items()},
         "grad_norm": grad_norm,
+        **fusion_norm,
         "lr": optimizer.param_groups[0]["lr"],
         "logit_scale": float(model.scale().detach()),
     }
