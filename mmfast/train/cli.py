@@ -361,6 +361,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch.distributed as dist  # noqa: PLC0415
 
     if dist.is_initialized():
+        # Every rank reaches this point before any tears its process group down: a rank that
+        # destroyed its group while a peer's last collective was still in flight made gloo abort
+        # the peer under load ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     if int(os.environ.get("RANK", "0") or 0) == 0:
         print(format_summary(summary))
