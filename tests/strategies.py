@@ -121,6 +121,17 @@ f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float1
 
 # cpu code paths, forced through mmfast.cpu_options (those this CPU has): the tile-product path of
 # each dtype ("auto" is what the backend picks), and the output allocator without huge pages.
+# The backends the property tests run (the CUDA kernels under emulation), the dtypes each takes, and
+# the slow ones (interpreter, emulation: smaller budgets, no shrinking under the ci profile).
+BACKENDS = ["cpu", "reference", "triton", "emulated"]
+DTYPES = {
+    "cpu": (f32, bf16, f16, f64),
+    "reference": (f32, bf16, f16, f64),
+    "triton": (f32, f16),
+    "emulated": (f32, bf16, f16),
+}
+SLOW = ("triton", "emulated")
+
 CPU_PATHS = {
     "auto": dict(gemm="auto"),
     "avx512": dict(gemm="avx512"),

@@ -25,14 +25,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prop_checks import check_close, logit_error, max_err
 from strategies import (
+    BACKENDS,
     CPU_PATHS,
+    DTYPES,
+    SLOW,
     ContrastiveCase,
-    bf16,
     budget,
     contrastive_cases,
     contrastive_inputs,
     cpu_paths,
-    f16,
     f32,
     f64,
     tallied,
@@ -41,15 +42,7 @@ from strategies import (
 import mmfast
 from mmfast import reference as ref
 
-BACKENDS = ["cpu", "reference", "triton", "emulated"]
-DTYPES = {
-    "cpu": (f32, bf16, f16, f64),
-    "reference": (f32, bf16, f16, f64),
-    "triton": (f32, f16),
-    "emulated": (f32, bf16, f16),
-}
 MAX_ROWS = {"cpu": 97, "reference": 97, "triton": 70, "emulated": 70}
-SLOW = ("triton", "emulated")
 # (ci, long) examples of test_loss; test_empty runs half. Long: >= 5,000 per loss and backend (the
 # slow backends are bounded by time in the long run: MMFAST_HYPOTHESIS_TEST_SECONDS).
 BUDGET = {"cpu": (100, 3400), "reference": (10, 3400), "triton": (10, 3400), "emulated": (6, 3400)}

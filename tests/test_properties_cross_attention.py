@@ -26,14 +26,15 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from prop_checks import check_close, logit_error, max_err
 from strategies import (
+    BACKENDS,
     CPU_PATHS,
+    DTYPES,
+    SLOW,
     AttnCase,
     attention_cases,
     attention_inputs,
-    bf16,
     budget,
     cpu_paths,
-    f16,
     f32,
     f64,
     tallied,
@@ -45,18 +46,10 @@ from mmfast.reference import attention_probs
 from mmfast.reference import cross_attention as ref_attention
 from mmfast.reference.dropout import draw_seed, keep_mask
 
-BACKENDS = ["cpu", "reference", "triton", "emulated"]
-DTYPES = {
-    "cpu": (f32, bf16, f16, f64),
-    "reference": (f32, bf16, f16, f64),
-    "triton": (f32, f16),
-    "emulated": (f32, bf16, f16),
-}
 MAX_HEAD_DIM = {"cpu": 256, "reference": 256, "triton": 256, "emulated": 128}  # the kernels' limits
 # The emulation runs a thread per CUDA thread: keep its cases small.
 MAX_LEN = {"cpu": 97, "reference": 97, "triton": 33, "emulated": 33}
 # Examples per backend and category (5 categories): (ci, long). ci: 240 for the op, long: 5,250.
-SLOW = ("triton", "emulated")
 # (ci, long) examples per property: long gives >= 5,000 per backend over the five properties (the
 # slow backends are bounded by time in the long run: MMFAST_HYPOTHESIS_TEST_SECONDS).
 BUDGET = {

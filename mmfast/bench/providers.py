@@ -21,7 +21,7 @@ from torch import Tensor
 
 import mmfast
 from mmfast import _dispatch
-from mmfast.bench.cases import CONTRASTIVE_OPS, Case, reference_forward
+from mmfast.bench.cases import CONTRASTIVE_OPS, OPS, Case, reference_forward
 
 # The PyTorch baseline each op's speed-up is quoted against.
 BASELINE = {"info_nce": "torch-naive", "siglip_loss": "torch-naive", "cross_attention": "torch-sdpa"}
@@ -120,7 +120,7 @@ def cpu_path_providers() -> list[Provider]:
         out.append(
             Provider(
                 f"mmfast-cpu:{path}",
-                OPS_WITH_CPU_PATHS,
+                OPS,
                 _cpu_path_build(path),
                 ("cpu",),
                 default=False,
@@ -129,9 +129,6 @@ def cpu_path_providers() -> list[Provider]:
             )
         )
     return out
-
-
-OPS_WITH_CPU_PATHS = (*CONTRASTIVE_OPS, "cross_attention")
 
 
 # --------------------------------------------------------------------------------------------

@@ -304,10 +304,6 @@ def block_backward(
 # backends built on them (the same ops; the dispatcher picks the device's kernel).
 # --------------------------------------------------------------------------------------------
 
-_LOSS = {n: CODES[n] for n in LOSSES}
-_DIRECTION = {n: CODES[n] for n in DIRECTIONS}
-_REDUCTION = {n: CODES[n] for n in REDUCTIONS}
-
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -316,18 +312,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def stat_shapes(N: int, M: int, loss: int, direction: int) -> tuple[int, int]:
     """Lengths of (row_stat, col_stat): the rows' (columns') log-sum-exp where the direction reads
     them, else 0. The same on every backend."""
-    if loss != _LOSS["info_nce"]:
+    if loss != CODES["info_nce"]:
         return 0, 0
-    return (0 if direction == _DIRECTION["text"] else N), (0 if direction == _DIRECTION["image"] else M)
+    return (0 if direction == CODES["text"] else N), (0 if direction == CODES["image"] else M)
 
 
 def _forward_fake(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None, loss: int, direction: int, reduction: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = _acc_dtype(x.dtype)
-    text = loss == _LOSS["info_nce"] and direction == _DIRECTION["text"]
+    text = loss == CODES["info_nce"] and direction == CODES["text"]
     rows = y.shape[0] if text else x.shape[0]
-    out = x.new_empty((rows,) if reduction == _REDUCTION["none"] else (), dtype=acc)
+    out = x.new_empty((rows,) if reduction == CODES["none"] else (), dtype=acc)
     r, c = stat_shapes(x.shape[0], y.shape[0], loss, direction)
     return out, x.new_empty((r,), dtype=acc), x.new_empty((c,), dtype=acc)
 
@@ -338,7 +334,7 @@ def _backward_fake(grad_loss, x, y, scale, bias, labels, row_stat, col_stat, los
 
 def _block_forward_fake(x, y, scale, bias, labels, loss):  # noqa: ANN001, ANN202 - the op's schema
     acc = _acc_dtype(x.dtype)
-    nce = loss == _LOSS["info_nce"]
+    nce = loss == CODES["info_nce"]
     n, m = x.shape[0], y.shape[0]
     return (
         x.new_empty((n,), dtype=acc),
@@ -428,9 +424,9 @@ def _kernel_info_nce(
         scale,
         bias,
         labels,
-        _LOSS["info_nce"],
-        _DIRECTION[direction],
-        _REDUCTION[reduction],
+        CODES["info_nce"],
+        CODES[direction],
+        CODES[reduction],
     )
     return loss
 
@@ -447,7 +443,7 @@ def _kernel_siglip(
     scale = _scalar_tensor(logit_scale, acc, device)
     bias = _scalar_tensor(logit_bias, acc, device)
     loss, _, _ = torch.ops.mmfast.contrastive_forward(
-        image_features, text_features, scale, bias, None, _LOSS["siglip"], _DIRECTION["both"], _REDUCTION[reduction]
+        image_features, text_features, scale, bias, None, CODES["siglip"], CODES["both"], CODES[reduction]
     )
     return loss
 
@@ -456,7 +452,7 @@ def _kernel_block_forward(x: Tensor, y: Tensor, logit_scale, logit_bias, *, labe
     acc = _acc_dtype(x.dtype)
     scale, bias = (_scalar_tensor(v, acc, x.device).detach() for v in (logit_scale, logit_bias))
     lab = None if labels is None else labels.contiguous()
-    return torch.ops.mmfast.contrastive_block_forward(x, y, scale, bias, lab, _LOSS[loss])
+    return torch.ops.mmfast.contrastive_block_forward(x, y, scale, bias, lab, CODES[loss])
 
 
 def _kernel_block_backward(x: Tensor, y: Tensor, logit_scale, logit_bias, *, labels, loss, **stats) -> tuple:  # noqa: ANN001
@@ -466,7 +462,7 @@ def _kernel_block_backward(x: Tensor, y: Tensor, logit_scale, logit_bias, *, lab
     empty = x.new_empty(0, dtype=acc)
     row_lse, col_lse, col_w = (empty if stats[k] is None else stats[k] for k in ("row_lse", "col_lse", "col_weight"))
     return torch.ops.mmfast.contrastive_block_backward(
-        x, y, scale, bias, lab, row_lse, col_lse, stats["row_weight"], col_w, _LOSS[loss]
+        x, y, scale, bias, lab, row_lse, col_lse, stats["row_weight"], col_w, CODES[loss]
     )
 
 
