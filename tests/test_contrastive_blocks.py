@@ -240,7 +240,7 @@ def test_loss_statistics_layout(backend, direction, dtype, request):
     inp = contrastive_inputs(N=N, M=M, D=16, dtype=dtype)
     x, y = inp["image_features"], inp["text_features"]
     s, b = torch.tensor(7.0), torch.tensor(0.0)
-    code = C._DIRECTION[direction]
+    code = C.CODES[direction]
     if backend == "emu":
         _, row, col = request.getfixturevalue("emu").forward(x, y, s, b, None, 0, code, 0, 2)
     elif backend == "triton":
