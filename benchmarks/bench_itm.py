@@ -46,14 +46,15 @@ def mm_gflops(n: int = 1024, reps: int = 5) -> float:
 
 def make_trainer(attn: str, precision: str, batch: int, extra: list[str]) -> dict[str, Any]:
     """A trainer's state (``trainer._setup``) for the CLI arguments, its step's batch and autocast."""
-    from mmfast.train.cli import build_parser
+    from mmfast.train.cli import parse_train_args
     from mmfast.train.distributed import Dist
     from mmfast.train.gradcache import GradCache
     from mmfast.train.trainer import _autocast, _setup
 
     argv = ["--objective", "itc+itm", "--fusion-attn", attn, "--precision", precision, "--batch-size", str(batch)]
-    argv += ["--workers", "0", "--val-samples", "0", "--zeroshot-images", "0", "--out", "/tmp/bench-itm", *extra]
-    args = build_parser().parse_args(argv)
+    argv += ["--workers", "0", "--val-samples", "0", "--zeroshot-images", "0", "--out", "/tmp/bench-itm"]
+    argv += ["--itm-detach-steps", "0", *extra]  # the timed step (step 0) backpropagates ITM into the towers
+    args = parse_train_args(argv)
     d = Dist()
     s = _setup(args, d)
     s["gradcache"] = GradCache(s["image_fn"], s["text_fn"], s["objective"], args.chunk_size)

@@ -323,6 +323,39 @@ def test_itm_gradient_reaches_fusion_and_both_towers():
     assert not any(reached("image_tower.projection").values())
 
 
+@pytest.mark.parametrize("gradcache", [True, False])
+def test_itm_detach_steps_stop_the_gradient_at_the_towers(gradcache):
+    """Steps before ``detach_steps``: ITM trains the fusion encoder only (its gradient there equals the
+    undetached step's) and no tower parameter gets any ITM gradient; from ``detach_steps`` on the
+    towers get it again."""
+    model, tok = tiny_itm_model()
+    batch = scene_batch(tok, 6)
+
+    def step(detach_steps, at):
+        model.zero_grad(set_to_none=True)
+        obj = ItcItmObjective(_NoItc(), model, tok, chunk_size=5, detach_steps=detach_steps)
+        obj.begin_step(batch, step=at)
+        images, texts = obj.inputs(batch, CPU)
+        if gradcache:
+            loss = GradCache(model.image_tower, model.text_tower, obj, chunk_size=4).step(images, texts)
+        else:
+            loss = obj(call_model(model.image_tower, images), call_model(model.text_tower, texts))
+            loss.backward()
+        towers = [p.grad for k, p in model.named_parameters() if not k.startswith("fusion.")]
+        return loss.detach(), grads(model), any(g is not None and bool(g.abs().sum() > 0) for g in towers)
+
+    loss0, ref, reached = step(0, at=3)
+    assert reached
+    loss1, got, reached = step(4, at=3)
+    assert not reached
+    torch.testing.assert_close(loss1, loss0)
+    for name in (k for k in ref if k.startswith("fusion.")):
+        torch.testing.assert_close(got[name], ref[name], msg=name)
+    assert step(4, at=4)[2]
+    with pytest.raises(ValueError, match="--itm-detach-steps"):
+        ItcItmObjective(_NoItc(), model, tok, detach_steps=-1)
+
+
 @pytest.mark.parametrize("attn", ["mmfast", "sdpa"])
 def test_itm_step_under_bf16_autocast(attn):
     """--precision bf16: the GradCache step runs (mining in fp32), its loss is near fp32's and
@@ -422,18 +455,24 @@ def brute_recall(sim, itm, owner, k):
     return out
 
 
+@pytest.mark.parametrize("itc_scale", [0.0, 2.5])
 @pytest.mark.parametrize("k", [1, 3, 16])
-def test_rerank_matches_brute_force(k):
+def test_rerank_matches_brute_force(k, itc_scale):
+    """ITC recall, re-ranked by ITM + itc_scale * ITC similarity (``rerank_*``) and by ITM alone
+    (``rerank_itm_*``), each against sorting every query's candidates in Python."""
     N, M = 13, 20
     owner = torch.cat([torch.arange(N), torch.randint(0, N, (M - N,))])
     img, txt = F.normalize(torch.randn(N, 8), dim=-1), F.normalize(torch.randn(M, 8), dim=-1)
     itm = torch.randint(0, 3, (N, M)).float()  # many ties: re-ranking must keep ITC order among them
-    out, ranks = rerank(img, txt, owner, lambda i, j: itm[i, j], k=k)
-    want_itc = brute_recall(img @ txt.T, torch.zeros(N, M), owner, 0)
-    want = brute_recall(img @ txt.T, itm, owner, k)
-    for name in want:
+    out, ranks = rerank(img, txt, owner, lambda i, j: itm[i, j], k=k, itc_scale=itc_scale)
+    sim = img @ txt.T
+    want_itc = brute_recall(sim, torch.zeros(N, M), owner, 0)
+    want_both = brute_recall(sim, itm + itc_scale * sim, owner, k)
+    want_itm = brute_recall(sim, itm, owner, k)
+    for name in want_itc:
         assert out[name] == pytest.approx(want_itc[name]), name
-        assert out[f"rerank_{name}"] == pytest.approx(want[name]), name
+        assert out[f"rerank_{name}"] == pytest.approx(want_both[name]), name
+        assert out[f"rerank_itm_{name}"] == pytest.approx(want_itm[name]), name
     assert ranks["top_t"].shape == (N, max(k, 10))
 
 
@@ -474,8 +513,11 @@ def test_evaluate_itm_matches_brute_force():
         i, j = torch.arange(N).repeat_interleave(M), torch.arange(M).repeat(N)
         itm = FusionEncoder.match_score(model.fusion(txt_tok[j], txt_pad[j], img_tok[i])).view(N, M)
     sim = img_emb @ txt_emb.T
-    for name, v in brute_recall(sim, itm, owner, 4).items():
+    scale = float(model.scale())
+    for name, v in brute_recall(sim, itm + scale * sim, owner, 4).items():
         assert out[f"rerank_{name}"] == pytest.approx(v), name
+    for name, v in brute_recall(sim, itm, owner, 4).items():
+        assert out[f"rerank_itm_{name}"] == pytest.approx(v), name
     for name, v in brute_recall(sim, torch.zeros(N, M), owner, 0).items():
         assert out[name] == pytest.approx(v), name
     own = owner[None, :] == torch.arange(N)[:, None]  # (N, M): caption j belongs to image i

@@ -17,7 +17,7 @@ from tests.test_train_itm_data import write_pairs
 
 ITM = ["--objective", "itc+itm", "--itm-chunk-size", "20", "--rerank-k", "12", "--fusion-layers", "1"]
 ITM_KEYS = {"itm_acc", "itm_acc_pos", "itm_acc_neg", "itm_edit_acc", "itc_edit_acc", "rerank_k"}
-ITM_KEYS |= {f"rerank_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+ITM_KEYS |= {f"rerank{m}_{d}_r{k}" for m in ("", "_itm") for d in ("i2t", "t2i") for k in (1, 5, 10)}
 
 
 def run(out, *extra) -> dict:
@@ -34,7 +34,12 @@ def test_itm_run_summary_table_and_checkpoint_eval(tmp_path, capsys):
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 3 and all(r["loss"] == pytest.approx(r["itc"] + r["itm"], rel=1e-5) for r in steps)
     table = capsys.readouterr().out
-    assert "re-ranked by ITM" in table and "ITM accuracy (balanced)" in table and "one-attribute edit" in table
+    assert (
+        "re-ranked by ITM + ITC" in table
+        and "by ITM alone" in table
+        and "ITM accuracy (balanced)" in table
+        and "one-attribute edit" in table
+    )
     assert format_summary(summary).count("|") == table.split("wrote")[0].count("|")
     ckpt = tmp_path / "checkpoints" / "step_00000003.pt"
     for attn in ("mmfast", "sdpa"):

@@ -92,6 +92,7 @@ class ItcItmObjective:
         negatives: str = "sample",
         block: int = 1024,
         easy_steps: int = 0,
+        detach_steps: int = 0,
         seed: int = 0,
         rank: int = 0,
     ) -> None:
@@ -105,11 +106,14 @@ class ItcItmObjective:
             raise ValueError(f"--itm-chunk-size must be >= 1, got {chunk_size}")
         if easy_steps < 0:
             raise ValueError(f"--itm-easy-steps must be >= 0, got {easy_steps}")
+        if detach_steps < 0:
+            raise ValueError(f"--itm-detach-steps must be >= 0, got {detach_steps}")
         self.contrastive, self.model, self.tokenizer = contrastive, model, tokenizer
         self.weight, self.chunk_size, self.negatives = float(weight), chunk_size, negatives
         self.edit_fraction = float(edit_fraction)
         self.block, self.seed, self.rank = block, int(seed), int(rank)
         self.easy_steps, self._easy = int(easy_steps), False
+        self.detach_steps, self._detach = int(detach_steps), False
         self.last_parts: dict[str, float] = {}
         self._generator: torch.Generator | None = None
         self._keys: Tensor | None = None
@@ -124,6 +128,7 @@ class ItcItmObjective:
         seed = int(np.random.SeedSequence((self.seed, int(step), self.rank)).generate_state(1, np.uint64)[0] >> 2)
         self._generator = torch.Generator().manual_seed(seed)
         self._easy = int(step) < self.easy_steps
+        self._detach = int(step) < self.detach_steps
         self._keys = torch.stack([batch.indices.long(), _caption_ids(list(batch.captions))], 1)
         self._edited, rows = [], []
         if self.edit_fraction > 0 and not self._easy and batch.attrs is not None and "bg" in batch.attrs:
@@ -172,7 +177,7 @@ class ItcItmObjective:
         """Mean ITM cross-entropy over ``pairs``, chunk by chunk (see the module doc for the gradient)."""
         img_rows, txt_rows, labels = (t.to(image_tokens.device) for t in pairs)
         P, fusion = labels.numel(), self.model.fusion
-        grad = torch.is_grad_enabled()
+        grad = torch.is_grad_enabled() and not self._detach
         leaves = [t.detach().requires_grad_(grad and t.requires_grad) for t in (image_tokens, text_tokens)]
         total = torch.zeros((), device=image_tokens.device)
         order = by_caption_length(text_padding, txt_rows)

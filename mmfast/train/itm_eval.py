@@ -1,10 +1,13 @@
 """ITM evaluation: matching accuracy on held-out pairs, and ITC retrieval re-ranked by the ITM head.
 
-* **Re-ranked retrieval** (ALBEF's inference): for each image the top ``rerank_k`` captions by ITC
-  similarity (``blocked_topk``: the N x M similarity is never whole) are re-ordered by the fusion
-  encoder's match score (log-odds), ties kept in ITC order; captions below rank ``rerank_k`` keep
-  their ITC order. The same for each caption's images. Recall@1/5/10 of that order is reported
-  beside ITC's (``rerank_i2t_r1`` ... next to ``i2t_r1`` ...).
+* **Re-ranked retrieval**: for each image the top ``rerank_k`` captions by ITC similarity
+  (``blocked_topk``: the N x M similarity is never whole) are re-ordered by a new score, ties kept in
+  ITC order; captions below rank ``rerank_k`` keep their ITC order. The same for each caption's
+  images. Two scores, both reported beside ITC's recall@1/5/10: the fusion encoder's match log-odds
+  plus the ITC logit s_ij = scale * <x_i, y_j> (``rerank_i2t_r1`` ...; BLIP adds the two as well, Li et al.
+  2022, https://arxiv.org/abs/2201.12086: the ITC logit is log p_itc(j | i) up to a per-query
+  constant, so the sum ranks by the product of the two models' odds), and the log-odds alone
+  (``rerank_itm_i2t_r1`` ...; ALBEF's).
 * **ITM accuracy** on held-out positives (every caption with its image) and hard negatives (each
   image with its most ITC-similar caption of another image, each caption with its most similar
   other image): ``itm_acc_pos``, ``itm_acc_neg`` (score > 0 means "match") and their mean
@@ -117,28 +120,45 @@ def _reorder(top: Tensor, scores: Tensor, k: int) -> Tensor:
 
 
 def rerank(
-    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, score: Callable[[Tensor, Tensor], Tensor], *, k: int
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    score: Callable[[Tensor, Tensor], Tensor],
+    *,
+    k: int,
+    itc_scale: float = 0.0,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """Recall@1/5/10 from ITC alone and with the top ``k`` re-ranked by ``score``.
+    """Recall@1/5/10 from ITC alone and with the top ``k`` re-ranked, two ways.
 
     Args:
         image_emb (N, D), text_emb (M, D): ITC embeddings; text_to_image (M,): each caption's image.
         score: (image rows (P,), text rows (P,)) -> (P,) ITM scores (higher = better match).
         k: candidates re-ranked per query.
+        itc_scale: the contrastive logit multiplier; the ``rerank_*`` order is by
+            score + itc_scale * <image, text> (ITM log-odds plus the ITC logit), the
+            ``rerank_itm_*`` order by the ITM score alone.
 
     Returns:
-        ({"i2t_r1", ..., "rerank_i2t_r1", ...}, {"top_t": (N, kk), "top_i": (M, kk)} the ITC rankings).
+        ({"i2t_r1", ..., "rerank_i2t_r1", ..., "rerank_itm_i2t_r1", ...},
+         {"top_t": (N, kk), "top_i": (M, kk)} the ITC rankings).
     """
     kk = max(k, *KS)
     top_t = blocked_topk(image_emb, text_emb, kk)  # (N, kk') texts per image
     top_i = blocked_topk(text_emb, image_emb, kk)  # (M, kk') images per text
     kt, ki = min(k, top_t.shape[1]), min(k, top_i.shape[1])
     N, M = top_t.shape[0], top_i.shape[0]
-    s_t = score(torch.arange(N).repeat_interleave(kt), top_t[:, :kt].reshape(-1)).view(N, kt)
-    s_i = score(top_i[:, :ki].reshape(-1), torch.arange(M).repeat_interleave(ki)).view(M, ki)
+    pairs_t = (torch.arange(N).repeat_interleave(kt), top_t[:, :kt].reshape(-1))
+    pairs_i = (top_i[:, :ki].reshape(-1), torch.arange(M).repeat_interleave(ki))
+    s_t, s_i = score(*pairs_t).view(N, kt), score(*pairs_i).view(M, ki)
+
+    def itc(rows: tuple[Tensor, Tensor], shape: tuple[int, int]) -> Tensor:
+        return itc_scale * (image_emb[rows[0]].float() * text_emb[rows[1]].float()).sum(-1).view(shape)
+
     out = recall_from_rankings(top_t, top_i, text_to_image)
-    reranked = recall_from_rankings(_reorder(top_t, s_t, kt), _reorder(top_i, s_i, ki), text_to_image)
-    out.update({f"rerank_{name}": v for name, v in reranked.items()})
+    both = (s_t + itc(pairs_t, (N, kt)), s_i + itc(pairs_i, (M, ki)))
+    for prefix, (st, si) in (("rerank_", both), ("rerank_itm_", (s_t, s_i))):
+        reranked = recall_from_rankings(_reorder(top_t, st, kt), _reorder(top_i, si, ki), text_to_image)
+        out.update({f"{prefix}{name}": v for name, v in reranked.items()})
     return out, {"top_t": top_t, "top_i": top_i}
 
 
@@ -210,7 +230,8 @@ def evaluate_itm(
             autocast=autocast, rank=rank, world_size=world,
         )  # fmt: skip
 
-    out, ranks = rerank(g_img_emb, g_txt_emb, owner, score, k=rerank_k)
+    itc_scale = float(model.scale().detach())
+    out, ranks = rerank(g_img_emb, g_txt_emb, owner, score, k=rerank_k, itc_scale=itc_scale)
     N, M = g_img_emb.shape[0], g_txt_emb.shape[0]
     neg_t = first_other(ranks["top_t"], owner, torch.arange(N))  # per image: a caption of another image
     neg_i = first_other(ranks["top_i"], torch.arange(N), owner)  # per caption: another image

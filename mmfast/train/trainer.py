@@ -108,6 +108,7 @@ def itm_options(args: Namespace) -> dict[str, Any] | None:
         "edit_fraction": args.itm_edit_fraction,
         "negatives": args.itm_negatives,
         "easy_steps": args.itm_easy_steps,
+        "detach_steps": getattr(args, "itm_detach_steps", 0),
         "seed": args.seed,
     }
 
