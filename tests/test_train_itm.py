@@ -513,7 +513,7 @@ def test_evaluate_itm_matches_brute_force():
         i, j = torch.arange(N).repeat_interleave(M), torch.arange(M).repeat(N)
         itm = FusionEncoder.match_score(model.fusion(txt_tok[j], txt_pad[j], img_tok[i])).view(N, M)
     sim = img_emb @ txt_emb.T
-    scale = float(model.scale())
+    scale = float(model.scale().detach())
     for name, v in brute_recall(sim, itm + scale * sim, owner, 4).items():
         assert out[f"rerank_{name}"] == pytest.approx(v), name
     for name, v in brute_recall(sim, itm, owner, 4).items():

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from mmfast.train.cli import format_summary, main
+from mmfast.train.cli import format_summary, main, parse_train_args
 from tests.test_train_cli import SMALL, losses
 from tests.test_train_itm_data import write_pairs
 
@@ -105,3 +105,25 @@ def test_curves_show_reranked_recall_and_itm_accuracy(tmp_path):
     (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     plot_curves(str(tmp_path / "log.jsonl"), str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "argv,steps,detach",
+    [
+        ([], 150, 37),
+        (["--objective", "itc+itm"], 300, 75),
+        (["--objective", "itc+itm", "--steps", "40"], 40, 10),
+        (["--objective", "itc+itm", "--itm-detach-steps", "0"], 300, 0),
+        (["--steps", "3", "--itm-detach-steps", "9"], 3, 9),
+    ],
+)
+def test_steps_and_detach_steps_defaults(argv, steps, detach):
+    """--steps defaults by objective, --itm-detach-steps to a quarter of --steps; explicit values win."""
+    args = parse_train_args(argv)
+    assert (args.steps, args.itm_detach_steps) == (steps, detach)
+
+
+@pytest.mark.parametrize("flag", ["--itm-detach-steps", "--itm-easy-steps"])
+def test_negative_itm_step_counts_are_refused(flag):
+    with pytest.raises(SystemExit, match=flag):
+        parse_train_args(["--objective", "itc+itm", flag, "-1"])
