@@ -23,9 +23,11 @@ TIMEOUT_S = 240
 def torchrun(out, *extra) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "mmfast.train", "--out", str(out), *ARGS, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    # PYTHONFAULTHANDLER: a rank killed by a signal (e.g. an abort in gloo's teardown) prints every
+    # thread's Python stack to its stderr, which the failure message shows.
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return json.loads((out / "summary.json").read_text())
 
 
