@@ -1,13 +1,14 @@
 """ITM evaluation: matching accuracy on held-out pairs, and ITC retrieval re-ranked by the ITM head.
 
 * **Re-ranked retrieval**: for each image the top ``rerank_k`` captions by ITC similarity
-  (``blocked_topk``: the N x M similarity is never whole) are re-ordered by a new score, ties kept in
-  ITC order; captions below rank ``rerank_k`` keep their ITC order. The same for each caption's
-  images. Two scores, both reported beside ITC's recall@1/5/10: the fusion encoder's match log-odds
-  plus the ITC logit s_ij = scale * <x_i, y_j> (``rerank_i2t_r1`` ...; BLIP adds the two as well, Li et al.
-  2022, https://arxiv.org/abs/2201.12086: the ITC logit is log p_itc(j | i) up to a per-query
-  constant, so the sum ranks by the product of the two models' odds), and the log-odds alone
-  (``rerank_itm_i2t_r1`` ...; ALBEF's).
+  (``blocked_topk``: the N x M similarity is never whole) are re-ordered by a new score, ties kept
+  in ITC order; captions below rank ``rerank_k`` keep their ITC order. The same for each caption's
+  images. Two scores, both reported beside ITC's recall@1/5/10:
+  - the fusion encoder's match log-odds plus the ITC logit s_ij = scale * <x_i, y_j>
+    (``rerank_i2t_r1`` ...). With CLIP's loss s_ij is log p_itc(j | i) up to a per-query
+    constant, with SigLIP's the match log-odds up to its bias, so the sum ranks by the product of
+    the two models' odds (BLIP, https://arxiv.org/abs/2201.12086, also adds the two);
+  - the log-odds alone (``rerank_itm_i2t_r1`` ...; ALBEF's).
 * **ITM accuracy** on held-out positives (every caption with its image) and hard negatives (each
   image with its most ITC-similar caption of another image, each caption with its most similar
   other image): ``itm_acc_pos``, ``itm_acc_neg`` (score > 0 means "match") and their mean
