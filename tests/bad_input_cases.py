@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():  # as tests/conftest.py: triton runs on CPU tensors in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from subproc import Case  # noqa: E402
+from subproc import Case, registrar  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mmfast  # noqa: E402
@@ -52,12 +52,7 @@ def attention_call(*args, **kw):
 CASES: dict[str, Case] = {}
 
 
-def case(name: str, names=(), **kw):
-    def add(fn):
-        CASES[name] = Case(fn, tuple(names) if not isinstance(names, str) else (names,), **kw)
-        return fn
-
-    return add
+case = registrar(CASES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +354,16 @@ def _mha_pair(dtype=torch.float32):
     return mha, mmfast.nn.CrossAttention.from_multihead_attention(mha, backend="cpu").eval()
 
 
+def _kpm_as(dtype: torch.dtype):
+    """CrossAttention with the key padding mask as ``dtype`` against the same mask as bool."""
+    mha, ca = _mha_pair()
+    x, kv = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 2:] = True
+    with torch.no_grad():
+        return ca(x, kv, kv, key_padding_mask=pad.to(dtype))[0], ca(x, kv, kv, key_padding_mask=pad)[0]
+
+
 @case(
     "nn: CrossAttention uint8 key_padding_mask (as bool, or rejected)",
     ("key_padding_mask",),
@@ -366,12 +371,7 @@ def _mha_pair(dtype=torch.float32):
     defect="8",
 )
 def _uint8_kpm():
-    mha, ca = _mha_pair()
-    x, kv = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
-    pad = torch.zeros(2, 5, dtype=torch.bool)
-    pad[1, 2:] = True
-    with torch.no_grad():
-        return ca(x, kv, kv, key_padding_mask=pad.to(torch.uint8))[0], ca(x, kv, kv, key_padding_mask=pad)[0]
+    return _kpm_as(torch.uint8)
 
 
 @case(
@@ -381,12 +381,7 @@ def _uint8_kpm():
     defect="8",
 )
 def _int_kpm():
-    mha, ca = _mha_pair()
-    x, kv = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
-    pad = torch.zeros(2, 5, dtype=torch.bool)
-    pad[1, 2:] = True
-    with torch.no_grad():
-        return ca(x, kv, kv, key_padding_mask=pad.long())[0], ca(x, kv, kv, key_padding_mask=pad)[0]
+    return _kpm_as(torch.int64)
 
 
 @case("nn: CrossAttention empty query sequence", result_ok=True, defect="1")

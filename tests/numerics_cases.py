@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # as tests/conftest.py: triton runs on CPU te
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bad_input_cases import _attn64, feats, qkv  # noqa: E402
-from subproc import Case  # noqa: E402
+from subproc import Case, registrar  # noqa: E402
 
 import mmfast  # noqa: E402
 
@@ -24,12 +24,7 @@ CPU_BACKENDS = ("cpu", "reference", "triton")
 CASES: dict[str, Case] = {}
 
 
-def case(name: str, names=(), **kw):
-    def add(fn):
-        CASES[name] = Case(fn, tuple(names) if not isinstance(names, str) else (names,), **kw)
-        return fn
-
-    return add
+case = registrar(CASES)
 
 
 # ---------------------------------------------------------------------------------------------

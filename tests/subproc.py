@@ -41,6 +41,20 @@ class Case:
     defect: str = ""  # issue 17's class this case covers, if any
 
 
+def registrar(cases: dict[str, Case]) -> Callable:
+    """A decorator factory ``case(name, names=(), **Case fields)`` that adds the decorated function
+    to ``cases`` as a Case (``names``: the argument names its error must mention, a str or a tuple)."""
+
+    def case(name: str, names=(), **kw) -> Callable:
+        def add(fn: Callable[[], object]) -> Callable[[], object]:
+            cases[name] = Case(fn, tuple(names) if not isinstance(names, str) else (names,), **kw)
+            return fn
+
+        return add
+
+    return case
+
+
 @dataclass
 class Outcome:
     status: str  # "raised" | "returned" | "died" | "timeout"

@@ -18,7 +18,7 @@ import mmfast
 from mmfast import _dispatch
 from mmfast import reference as ref
 from tests import emu_build
-from tests.utils import BWD_TOL, FWD_TOL, contrastive_inputs, has_avx512_bf16, has_avx512f
+from tests.utils import BWD_TOL, FWD_TOL, contrastive_inputs, dense_info_nce, has_avx512_bf16, has_avx512f
 
 pytestmark = pytest.mark.skipif(_dispatch.availability("cpu") is not None, reason="mmfast._C not built")
 
@@ -45,19 +45,7 @@ def _naive_low(x, y, s, b=None, *, siglip=False, **kw):
         z = 2 * torch.eye(x.shape[0], dtype=x.dtype) - 1
         rows = -F.logsigmoid(z * logits).sum(1)
         return rows.sum() / x.shape[0] if kw["reduction"] == "mean" else rows
-    labels, direction = kw.get("labels"), kw["direction"]
-    tgt = torch.arange(x.shape[0] if direction != "text" else y.shape[0]) if labels is None else labels
-    if direction == "image":
-        rows = F.cross_entropy(logits, tgt, reduction="none")
-    elif direction == "text":
-        rows = F.cross_entropy(logits.t(), tgt, reduction="none")
-    else:
-        inv = torch.empty_like(tgt)
-        inv[tgt] = torch.arange(tgt.numel())
-        rows = 0.5 * (
-            F.cross_entropy(logits, tgt, reduction="none") + F.cross_entropy(logits.t(), inv, reduction="none")
-        )
-    return {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[kw["reduction"]]
+    return dense_info_nce(logits, kw.get("labels"), kw["direction"], kw["reduction"])
 
 
 def _check(dtype: torch.dtype, got: list[Tensor], want: list[Tensor], torch_low: list[Tensor] | None = None) -> None:

@@ -38,6 +38,7 @@ from strategies import (
     f64,
     tallied,
 )
+from utils import dense_info_nce
 
 import mmfast
 from mmfast import reference as ref
@@ -169,19 +170,7 @@ def _naive(case: ContrastiveCase, x, y, s, b, labels):
 
 
 def _ce(case: ContrastiveCase, logits, labels):
-    n = logits.shape[1] if case.direction == "text" else logits.shape[0]
-    tgt = torch.arange(n) if labels is None else labels
-    if case.direction == "image":
-        rows = F.cross_entropy(logits, tgt, reduction="none")
-    elif case.direction == "text":
-        rows = F.cross_entropy(logits.t(), tgt, reduction="none")
-    else:
-        inv = torch.empty_like(tgt)
-        inv[tgt] = torch.arange(tgt.numel())
-        rows = 0.5 * (
-            F.cross_entropy(logits, tgt, reduction="none") + F.cross_entropy(logits.t(), inv, reduction="none")
-        )
-    return {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[case.reduction]
+    return dense_info_nce(logits, labels, case.direction, case.reduction)
 
 
 def naturals(case: ContrastiveCase, inp: dict, w: torch.Tensor) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Absolute/relative tolerances against the reference computed in float64.
@@ -114,3 +115,22 @@ def contrastive_inputs(
     s = torch.tensor(scale, device=device, dtype=torch.float32, requires_grad=requires_grad)
     b = torch.tensor(bias, device=device, dtype=torch.float32, requires_grad=requires_grad)
     return dict(image_features=make(N), text_features=make(M), logit_scale=s, logit_bias=b)
+
+
+def dense_info_nce(logits: Tensor, labels: Tensor | None, direction: str, reduction: str) -> Tensor:
+    """InfoNCE from a whole (N, M) logits matrix, by F.cross_entropy: the dense oracle of the tiled
+    loss. labels (N,) (or (M,) for "text"): each row's positive column (None: the diagonal);
+    direction "image" (rows), "text" (columns) or "both" (their mean; labels a permutation)."""
+    n = logits.shape[1] if direction == "text" else logits.shape[0]
+    tgt = torch.arange(n) if labels is None else labels
+    if direction == "image":
+        rows = F.cross_entropy(logits, tgt, reduction="none")
+    elif direction == "text":
+        rows = F.cross_entropy(logits.t(), tgt, reduction="none")
+    else:
+        inv = torch.empty_like(tgt)
+        inv[tgt] = torch.arange(tgt.numel())
+        rows = 0.5 * (
+            F.cross_entropy(logits, tgt, reduction="none") + F.cross_entropy(logits.t(), inv, reduction="none")
+        )
+    return {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
