@@ -164,4 +164,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mmfast.train.distributed import finish_process
+
+    finish_process(main)  # leaves with os._exit: no gloo thread meets a finalizing interpreter

@@ -1,5 +1,9 @@
 """Multi-process tests on torch.distributed (gloo on 127.0.0.1): a free port, and a bounded spawn
-that fails the test, never hangs it, when a rank does not finish."""
+that fails the test, never hangs it, when a rank does not finish.
+
+Every spawned rank ends through ``mmfast.train.distributed.finish_process``: its group is torn down
+and it leaves with ``os._exit``, never finalizing the interpreter while a gloo worker thread may
+still free the last collective's tensors (that aborted ranks which had passed, under load)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_main(rank: int, fn: Callable[..., None], args: tuple) -> None:
+    from mmfast.train.distributed import finish_process  # noqa: PLC0415
+
+    finish_process(lambda: fn(rank, *args))
+
+
 def spawn_bounded(
     fn: Callable[..., None],
     world: int,
@@ -28,7 +38,8 @@ def spawn_bounded(
     wait_for: tuple[int, ...] | None = None,
 ) -> None:
     """Run ``fn(rank, *args)`` in ``world`` spawned processes (one OpenMP thread each, gloo on the
-    loopback device). The ranks in ``wait_for`` (default: all) must exit 0, or with the code
+    loopback device, every rank ending through ``finish_process``: exit 0 when ``fn`` returns, 1 on
+    an exception, the code of a ``SystemExit``). The ranks in ``wait_for`` (default: all) must exit 0, or with the code
     ``expect`` gives them, within ``deadline_s``; ranks still alive then are terminated, and the
     test fails naming ``what`` if a waited-for rank had not finished. The parent's environment is
     restored afterwards."""
@@ -37,7 +48,7 @@ def spawn_bounded(
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+        ctx = mp.start_processes(_rank_main, args=(fn, args), nprocs=world, join=False, start_method="spawn")
     finally:
         for k, v in saved.items():
             if v is None:

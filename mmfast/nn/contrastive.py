@@ -42,10 +42,33 @@ DIST_IMPLS = ("gather", "ring")
 SIGLIP_DIST_IMPLS = {"bidir": "ring", "shift": "ring", "reduce": "gather", "gather": "gather", "ring": "ring"}
 
 
-def _all_gather_with_grad(x: Tensor, group: Any = None) -> list[Tensor]:
-    import torch.distributed.nn as dist_nn  # noqa: PLC0415 - only needed with world_size > 1
+class _AllGatherWithGrad(torch.autograd.Function):
+    """(world, *x.shape): every rank's ``x`` (same shape on all ranks), differentiable.
 
-    return list(dist_nn.all_gather(x, group=group) if group is not None else dist_nn.all_gather(x))
+    The gradient of a rank's ``x`` is the sum over ranks of their gradients for its slice (a
+    reduce-scatter), as torch.distributed.nn's all_gather gives. Written here on the public
+    collectives (all_gather_into_tensor / reduce_scatter_tensor, gloo and NCCL) because that one is
+    deprecated (a FutureWarning on every call) and, imported after ``init_process_group``, keeps
+    the default group alive through its default arguments."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        world = dist.get_world_size(group)
+        out = x.new_empty(world * x.numel())  # flat: gloo gathers along dim 0 only
+        dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
+        return out.view((world,) + tuple(x.shape))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        gx = grad.new_empty(grad[0].numel())
+        dist.reduce_scatter_tensor(gx, grad.contiguous().view(-1), op=dist.ReduceOp.SUM, group=ctx.group)
+        return gx.view(grad.shape[1:]), None
+
+
+def _all_gather_with_grad(x: Tensor, group: Any = None) -> list[Tensor]:
+    """Every rank's ``x``, in rank order, with gradients flowing back to each rank's ``x``."""
+    return list(_AllGatherWithGrad.apply(x, group).unbind(0))
 
 
 def _require_dist(world_size: int) -> None:

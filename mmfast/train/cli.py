@@ -385,24 +385,30 @@ def run_eval(argv: Sequence[str]) -> dict[str, Any]:
     return summary
 
 
+def _end_group() -> None:
+    """Barrier, then destroy the process group ``init_distributed`` started (if any)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Entry point; returns the summary dict (also written to OUT/summary.json)."""
+    """Entry point; returns the summary dict (also written to OUT/summary.json). A process group it
+    started is torn down before it returns; ``python -m mmfast.train`` under a launcher then leaves
+    through ``distributed.finish_process`` (no interpreter finalization with gloo threads alive)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     if argv[:1] == ["eval"]:
-        return run_eval(argv[1:])
+        summary = run_eval(argv[1:])
+        _end_group()
+        return summary
     args = parse_train_args(argv)
     from mmfast.train.trainer import train  # noqa: PLC0415 - keep --help fast
 
     summary = train(args)
-    import torch.distributed as dist  # noqa: PLC0415
-
-    if dist.is_initialized():
-        # Every rank reaches this point before any tears its process group down: a rank that
-        # destroyed its group while a peer's last collective was still in flight made gloo abort
-        # the peer under load ("terminate called without an active exception").
-        dist.barrier()
-        dist.destroy_process_group()
+    _end_group()
     if int(os.environ.get("RANK", "0") or 0) == 0:
         print(format_summary(summary))
         print(f"wrote {os.path.join(args.out, 'summary.json')}")

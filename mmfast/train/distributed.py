@@ -9,13 +9,21 @@ The towers are wrapped separately (``wrap_towers``): each in its own DDP (so Gra
 on its last replayed chunk) or, with ``--fsdp``, sharded with FSDP2 (``fully_shard`` on every
 block of a tower's ModuleLists, then on the tower). The head (logit scale / bias) stays outside
 both: its gradient is averaged over ranks explicitly (``average_gradients``), as DDP would.
+
+A launched process ends with ``finish_process``: once its body has torn the group down, it leaves
+with ``os._exit`` instead of finalizing the interpreter (why: ``exit_process``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -24,6 +32,8 @@ from torch import Tensor, nn
 __all__ = [
     "Dist",
     "average_gradients",
+    "exit_process",
+    "finish_process",
     "init_distributed",
     "launcher_world_size",
     "mean_over_ranks",
@@ -134,3 +144,52 @@ def mean_over_ranks(x: Tensor, world_size: int) -> Tensor:
         dist.all_reduce(x)
         x /= world_size
     return x
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """Flush stdio and logging, then leave with ``os._exit(code)``, skipping interpreter finalization.
+
+    Why a process that used a gloo group must not finalize: when a synchronous collective returns,
+    gloo's worker thread still holds the finished work, and with it the collective's tensors, for a
+    moment; dropping them frees their Python objects, which takes the GIL. If the main thread has
+    meanwhile reached interpreter finalization, CPython ends the worker thread with pthread_exit,
+    whose unwinding through gloo's loop calls std::terminate: a rank that finished everything dies
+    with SIGABRT ("terminate called without an active exception"), the more often the busier the
+    machine. A barrier does not close that window (the worker may still hold the barrier's
+    predecessor), and ``destroy_process_group`` joins gloo's threads only when nothing else holds the
+    group, which torch does not guarantee (``torch.distributed.nn`` imported after
+    ``init_process_group`` keeps it as default arguments; FSDP2's DTensor caches keep its mesh).
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken stream: nothing more can be said
+            pass
+    os._exit(code)
+
+
+def _exit_code(e: SystemExit) -> int:
+    """The status ``sys.exit(e.code)`` would give, printing a message code as Python does."""
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def finish_process(fn: Callable[[], object]) -> NoReturn:
+    """Run ``fn()`` as a launched process's whole body, then leave through ``exit_process``: status 0
+    when it returns, 1 (after printing the traceback) when it raises, a ``SystemExit``'s own code.
+    ``fn`` tears its process group down itself (``cli.main`` does: a barrier, then
+    ``destroy_process_group``), so a rank that caught a broken group can still leave at once."""
+    try:
+        fn()
+        code = 0
+    except SystemExit as e:
+        code = _exit_code(e)
+    except BaseException:  # noqa: BLE001 - reported through the traceback and the exit status
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
