@@ -1,9 +1,10 @@
 """Multi-process tests on torch.distributed (gloo on 127.0.0.1): a free port, and a bounded spawn
 that fails the test, never hangs it, when a rank does not finish.
 
-Every spawned rank ends through ``mmfast.train.distributed.finish_process``: its group is torn down
-and it leaves with ``os._exit``, never finalizing the interpreter while a gloo worker thread may
-still free the last collective's tensors (that aborted ranks which had passed, under load)."""
+Every spawned rank ends through ``mmfast.train.distributed.finish_process``: once its body returns
+(having destroyed its group, or left a broken one alone) it leaves with ``os._exit``, never
+finalizing the interpreter while a gloo worker thread may still free the last collective's tensors
+(that aborted ranks which had passed, under load)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ def spawn_bounded(
 ) -> None:
     """Run ``fn(rank, *args)`` in ``world`` spawned processes (one OpenMP thread each, gloo on the
     loopback device, every rank ending through ``finish_process``: exit 0 when ``fn`` returns, 1 on
-    an exception, the code of a ``SystemExit``). The ranks in ``wait_for`` (default: all) must exit 0, or with the code
-    ``expect`` gives them, within ``deadline_s``; ranks still alive then are terminated, and the
-    test fails naming ``what`` if a waited-for rank had not finished. The parent's environment is
+    an exception, the code of a ``SystemExit``). The ranks in ``wait_for`` (default: all) must exit
+    0, or with the code ``expect`` gives them, within ``deadline_s``; ranks still alive then are
+    terminated, and the test fails naming ``what`` if a waited-for rank had not finished. The parent's environment is
     restored afterwards."""
     ranks = tuple(range(world)) if wait_for is None else wait_for
     saved = {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS")}
